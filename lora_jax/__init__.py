@@ -1,0 +1,53 @@
+"""lora_jax: LoRA as a pure transformation over JAX parameter pytrees.
+
+>>> import jax, jax.numpy as jnp, lora_jax as lj
+>>> params = {"dense": {"kernel": jnp.ones((16, 16))}}
+>>> config = lj.LoraConfig(rank=4, alpha=8, targets=r".*/kernel")
+>>> adapters = lj.init(params, config, key=jax.random.key(0))
+>>> lj.summary(params, adapters).trainable
+128
+"""
+
+from lora_jax._config import INITS as INITS
+from lora_jax._config import Layout as Layout
+from lora_jax._config import LoraConfig as LoraConfig
+from lora_jax._config import LoraWarning as LoraWarning
+from lora_jax._init import init as init
+from lora_jax._merge import delta as delta
+from lora_jax._merge import merge as merge
+from lora_jax._merge import unmerge as unmerge
+from lora_jax._optim import make_train_step as make_train_step
+from lora_jax._optim import optimizer as optimizer
+from lora_jax._optim import trainable_labels as trainable_labels
+from lora_jax._paths import LeafSpec as LeafSpec
+from lora_jax._paths import path_str as path_str
+from lora_jax._report import Description as Description
+from lora_jax._report import Summary as Summary
+from lora_jax._report import describe as describe
+from lora_jax._report import summary as summary
+from lora_jax._weights import LoraWeights as LoraWeights
+from lora_jax._weights import is_lora as is_lora
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "INITS",
+    "Description",
+    "Layout",
+    "LeafSpec",
+    "LoraConfig",
+    "LoraWarning",
+    "LoraWeights",
+    "Summary",
+    "delta",
+    "describe",
+    "init",
+    "is_lora",
+    "make_train_step",
+    "merge",
+    "optimizer",
+    "path_str",
+    "summary",
+    "trainable_labels",
+    "unmerge",
+]

@@ -1,0 +1,326 @@
+"""`LoraConfig`: what to adapt, at which rank, with which scale.
+
+The config is a frozen, keyword-only, hashable dataclass, so it can be a
+static argument of `jax.jit` and a dictionary key. Every field is validated
+on construction; a bad value raises naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Union
+
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["LoraConfig", "Layout", "INITS", "LoraWarning"]
+
+
+class LoraWarning(UserWarning):
+    """Category of every warning lora_jax emits (filter it as one)."""
+
+
+class Layout(NamedTuple):
+    """How a weight's axes split into stacked, input and output axes.
+
+    A weight of shape ``(*stacked, *in, *out)`` is adapted as
+    ``a: (*stacked, prod(in), rank)`` and ``b: (*stacked, rank, prod(out))``.
+
+    Attributes:
+      n_stacked: leading axes that index independent copies (layers stacked
+        by ``nn.scan`` or ``vmap``); each copy gets its own A and B.
+      n_in: axes contracted with the layer's input (``x @ W``).
+      n_out: the remaining axes, produced by the layer.
+
+    Example:
+      >>> Layout(n_stacked=0, n_in=1, n_out=2)  # q kernel (d, heads, head_dim)
+      Layout(n_stacked=0, n_in=1, n_out=2)
+    """
+
+    n_stacked: int
+    n_in: int
+    n_out: int
+
+    @property
+    def ndim(self) -> int:
+        return self.n_stacked + self.n_in + self.n_out
+
+
+# Pattern specs accepted for `targets`, `exclude` and `train`.
+PathSpec = Union[str, tuple, Callable[[str, Any], bool], None]
+
+INITS = ("kaiming", "gaussian")
+"""Names accepted by `LoraConfig.init` (A's initialisation; B starts at 0)."""
+
+
+def _field_error(field: str, value: Any, why: str, fix: str) -> ValueError:
+    return ValueError(f"LoraConfig.{field}={value!r} is invalid: {why}. Fix: {fix}.")
+
+
+def _normalize_patterns(field: str, spec: PathSpec, *, allow_none: bool):
+    """Returns a tuple of compiled-checked regex strings, or the callable."""
+    if spec is None:
+        if allow_none:
+            return ()
+        raise _field_error(
+            field, spec, "it is required",
+            f"pass a regex fullmatched against '/'-joined paths, e.g. "
+            f"{field}=r'.*/(query|value)/kernel'")
+    if callable(spec) and not isinstance(spec, str):
+        return spec
+    if isinstance(spec, str):
+        spec = (spec,)
+    if isinstance(spec, (list, tuple)):
+        out = []
+        for p in spec:
+            if not isinstance(p, str):
+                raise _field_error(
+                    field, spec, f"element {p!r} is a {type(p).__name__}, not a str",
+                    "use regex strings, or a single (path, leaf) -> bool callable")
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise _field_error(field, p, f"not a valid regex ({e})",
+                                   "escape special characters, e.g. re.escape(name)") from None
+            out.append(p)
+        if not out and not allow_none:
+            raise _field_error(field, spec, "it is empty", "give at least one pattern")
+        return tuple(out)
+    raise TypeError(
+        f"LoraConfig.{field} must be a regex str, a tuple of them, or a "
+        f"(path, leaf) -> bool callable; got {type(spec).__name__}.")
+
+
+def _normalize_pattern_map(field: str, mapping, check_value) -> tuple:
+    if mapping is None:
+        return ()
+    items = mapping.items() if isinstance(mapping, Mapping) else mapping
+    out = []
+    try:
+        items = list(items)
+    except TypeError:
+        raise TypeError(
+            f"LoraConfig.{field} must be a mapping {{regex: value}} or a sequence of "
+            f"(regex, value) pairs; got {type(mapping).__name__}.") from None
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise _field_error(field, mapping, f"entry {item!r} is not a (regex, value) pair",
+                               "pass a dict such as {r'.*/fc2/kernel': 4}")
+        pattern, value = item
+        if not isinstance(pattern, str):
+            raise _field_error(field, mapping, f"key {pattern!r} is not a str",
+                               "keys are regexes fullmatched against '/'-joined paths")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise _field_error(field, pattern, f"not a valid regex ({e})",
+                               "escape special characters") from None
+        out.append((pattern, check_value(pattern, value)))
+    return tuple(out)
+
+
+def _check_rank(field, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise _field_error(field, value, "the rank must be a positive int",
+                           f"use e.g. {field}=8")
+    return int(value)
+
+
+def _check_alpha(field, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+            or not math.isfinite(float(value)) or float(value) <= 0:
+        raise _field_error(field, value, "alpha must be a finite number > 0",
+                           f"use e.g. {field}=16 (scale = alpha / rank)")
+    return float(value)
+
+
+def _check_layout(pattern, value):
+    if isinstance(value, Layout):
+        lay = value
+    elif isinstance(value, (tuple, list)) and len(value) == 3:
+        lay = Layout(*value)
+    else:
+        raise _field_error(
+            "layouts", {pattern: value}, "a layout is (n_stacked, n_in, n_out)",
+            "use lj.Layout(n_stacked=0, n_in=1, n_out=2) for a (d, heads, head_dim) kernel")
+    for name, v, lo in (("n_stacked", lay.n_stacked, 0), ("n_in", lay.n_in, 1),
+                        ("n_out", lay.n_out, 1)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise _field_error("layouts", {pattern: value}, f"{name}={v!r} must be an int >= {lo}",
+                               "count axes: n_stacked >= 0, n_in >= 1, n_out >= 1")
+    return Layout(int(lay.n_stacked), int(lay.n_in), int(lay.n_out))
+
+
+def _first_match(pairs: tuple, path: str):
+    for pattern, value in pairs:
+        if re.fullmatch(pattern, path):
+            return value
+    return None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """Which weights get LoRA adapters, and how.
+
+    ``scale = alpha / rank`` (or ``alpha / sqrt(rank)`` with ``use_rslora``);
+    the adapted weight is ``W + scale * a @ b`` with ``a: (..., in, rank)``
+    and ``b: (..., rank, out)``.
+
+    Args:
+      targets: which leaves to adapt. A regex fullmatched against each leaf's
+        ``'/'``-joined path (``'params/block_0/q/kernel'``), a tuple of them,
+        or a ``(path, leaf) -> bool`` callable.
+      rank: rank of the update; ``rank_pattern`` overrides it per path.
+      alpha: scale numerator; ``alpha_pattern`` overrides it per path.
+      exclude: paths never adapted even if they match ``targets`` (same forms).
+      rank_pattern: ``{regex: rank}``; the first fullmatching regex wins.
+      alpha_pattern: ``{regex: alpha}``; the first fullmatching regex wins.
+      dropout: dropout rate on the LoRA branch input only, as in PEFT's
+        ``B(A(dropout(x)))``; in ``[0, 1)``.
+      init: how A starts (B always starts at zero): ``"kaiming"`` (uniform in
+        ``+-1/sqrt(in)``, PEFT's default) or ``"gaussian"`` (std ``1/rank``).
+      use_rslora: scale by ``alpha / sqrt(rank)`` (rank-stabilized LoRA).
+      dtype: dtype of A and B (float32 by default, whatever the base dtype).
+      train: leaves trained fully, not through LoRA (a classifier head, norms:
+        PEFT's ``modules_to_save``). Same forms as ``targets``.
+      layouts: ``{regex: Layout}`` axis splits for leaves whose default is
+        wrong: stacked layers, multi-head ``DenseGeneral``/``Einsum`` kernels.
+        Defaults: 2-D ``(in, out)``; N-D ``(*in, out)`` (conv kernels
+        ``(*spatial, in, out)``, out-projections ``(heads, head_dim, d)``).
+
+    Example:
+      >>> import lora_jax as lj
+      >>> cfg = lj.LoraConfig(rank=8, alpha=16, targets=r".*/(q|v)/kernel")
+      >>> cfg.scale_for("params/block_0/q/kernel")
+      2.0
+      >>> lj.LoraConfig(rank=8, alpha=16, targets=".*", use_rslora=True).scale_for("w")
+      5.65685424949238
+    """
+
+    targets: PathSpec = None
+    rank: int = 8
+    alpha: float = 8.0
+    exclude: PathSpec = ()
+    rank_pattern: Any = ()
+    alpha_pattern: Any = ()
+    dropout: float = 0.0
+    init: str = "kaiming"
+    use_rslora: bool = False
+    dtype: Any = np.float32
+    train: PathSpec = ()
+    layouts: Any = ()
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("targets", _normalize_patterns("targets", self.targets, allow_none=False))
+        set_("exclude", _normalize_patterns("exclude", self.exclude, allow_none=True))
+        set_("train", _normalize_patterns("train", self.train, allow_none=True))
+        set_("rank", _check_rank("rank", self.rank))
+        set_("alpha", _check_alpha("alpha", self.alpha))
+        set_("rank_pattern", _normalize_pattern_map(
+            "rank_pattern", self.rank_pattern, lambda p, v: _check_rank(f"rank_pattern[{p!r}]", v)))
+        set_("alpha_pattern", _normalize_pattern_map(
+            "alpha_pattern", self.alpha_pattern,
+            lambda p, v: _check_alpha(f"alpha_pattern[{p!r}]", v)))
+        set_("layouts", _normalize_pattern_map("layouts", self.layouts, _check_layout))
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= float(self.dropout) < 1.0:
+            raise _field_error("dropout", self.dropout, "dropout must be in [0, 1)",
+                               "use e.g. dropout=0.05, or 0.0 for none")
+        set_("dropout", float(self.dropout))
+        if self.init not in INITS:
+            raise _field_error("init", self.init, f"known inits are {INITS}",
+                               'use init="kaiming" (PEFT\'s default) or init="gaussian"')
+        if not isinstance(self.use_rslora, bool):
+            raise _field_error("use_rslora", self.use_rslora, "it must be a bool",
+                               "use use_rslora=True or False")
+        try:
+            dtype = jnp.dtype(self.dtype)
+        except TypeError:
+            raise _field_error("dtype", self.dtype, "not a dtype",
+                               "use jnp.float32 or jnp.bfloat16") from None
+        if not np.issubdtype(dtype, np.floating) and dtype.name != "bfloat16":
+            raise _field_error("dtype", self.dtype, "adapters must be floating point",
+                               "use jnp.float32 (default) or jnp.bfloat16")
+        set_("dtype", dtype)
+
+    # -- per-path resolution ------------------------------------------------
+    def rank_for(self, path: str) -> int:
+        """The rank used for the leaf at ``path`` (``rank_pattern`` first)."""
+        r = _first_match(self.rank_pattern, path)
+        return self.rank if r is None else r
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha used for the leaf at ``path`` (``alpha_pattern`` first)."""
+        a = _first_match(self.alpha_pattern, path)
+        return self.alpha if a is None else a
+
+    def scale_for(self, path: str) -> float:
+        """``alpha / rank`` for ``path`` (``alpha / sqrt(rank)`` with rsLoRA)."""
+        r = self.rank_for(path)
+        return self.alpha_for(path) / (math.sqrt(r) if self.use_rslora else r)
+
+    def layout_for(self, path: str) -> Layout | None:
+        """The explicit ``layouts`` entry for ``path``, or None for the default."""
+        return _first_match(self.layouts, path)
+
+    def replace(self, **changes) -> LoraConfig:
+        """A copy with some fields changed (validated again).
+
+        Example:
+          >>> import lora_jax as lj
+          >>> lj.LoraConfig(targets=".*").replace(rank=4).rank
+          4
+        """
+        return dataclasses.replace(self, **changes)
+
+    # -- serialization --------------------------------------------------------
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (fails for callable path specs, which can't be saved).
+
+        Example:
+          >>> import lora_jax as lj
+          >>> d = lj.LoraConfig(targets=r".*/q/kernel", rank=4).to_dict()
+          >>> d["rank"], d["targets"]
+          (4, ['.*/q/kernel'])
+          >>> lj.LoraConfig.from_dict(d) == lj.LoraConfig(targets=r".*/q/kernel", rank=4)
+          True
+        """
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if callable(v) and not isinstance(v, (str, tuple)):
+                raise ValueError(
+                    f"LoraConfig.{f.name} is a callable ({v!r}), which can't be written "
+                    f"to a file. Fix: express it as regexes, e.g. {f.name}=r'.*/q/kernel'.")
+            if f.name in ("rank_pattern", "alpha_pattern"):
+                v = {p: x for p, x in v}
+            elif f.name == "layouts":
+                v = {p: list(x) for p, x in v}
+            elif f.name == "dtype":
+                v = v.name
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> LoraConfig:
+        """Inverse of `to_dict`; unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(
+                f"LoraConfig.from_dict: unknown fields {unknown}; known fields are "
+                f"{sorted(names)}. Fix: the data was written by a newer lora_jax, or edited; "
+                f"remove the unknown keys or upgrade lora_jax.")
+        kw = dict(data)
+        for name in ("targets", "exclude", "train"):
+            if isinstance(kw.get(name), list):
+                kw[name] = tuple(kw[name])
+        if isinstance(kw.get("layouts"), Mapping):
+            kw["layouts"] = {p: tuple(v) for p, v in kw["layouts"].items()}
+        return cls(**kw)

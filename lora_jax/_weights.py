@@ -1,0 +1,146 @@
+"""The adapter tree: `LoraWeights` nodes mirroring a params tree.
+
+An adapter tree has the structure of ``params`` down to its leaves; at each
+leaf position it holds
+
+* ``LoraWeights(a, b, scale)`` for a LoRA-adapted weight,
+* an array for a leaf trained fully (``LoraConfig.train``), which replaces
+  the frozen value, or
+* ``None`` for a frozen leaf.
+
+``scale`` lives in the tree as a float32 array, not in Python: swapping in
+an adapter with another alpha, or changing alpha, changes data, never the
+compiled program. It is never trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax._paths import LeafSpec, Resolved, path_str, resolve
+
+__all__ = ["LoraWeights", "is_lora", "pair_with_params", "check_adapters"]
+
+
+class LoraWeights(NamedTuple):
+    """Low-rank factors of one adapted weight: ``W + scale * a @ b``.
+
+    Attributes:
+      a: ``(*stacked, in, rank)``, the down-projection (trained).
+      b: ``(*stacked, rank, out)``, the up-projection (trained; starts at 0).
+      scale: float32 array, ``alpha / rank`` (never trained). Scalar for one
+        adapter; a leading adapter axis in an adapter set.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = LoraWeights(jnp.ones((4, 2)), jnp.zeros((2, 3)), jnp.float32(2.0))
+      >>> w.a.shape, w.b.shape, float(w.scale)
+      ((4, 2), (2, 3), 2.0)
+    """
+
+    a: Any
+    b: Any
+    scale: Any
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[-1]
+
+
+def is_lora(x) -> bool:
+    """True for a `LoraWeights` node (use as ``is_leaf=`` in tree maps)."""
+    return isinstance(x, LoraWeights)
+
+
+def _is_node(x) -> bool:
+    return x is None or is_lora(x)
+
+
+def pair_with_params(params, adapters) -> list[tuple[str, Any, Any]]:
+    """``[(path, param_leaf, adapter_node), ...]`` over the leaves of params.
+
+    Raises:
+      ValueError: ``adapters`` does not mirror ``params`` (showing where).
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    try:
+        nodes = treedef.flatten_up_to(adapters)
+    except (ValueError, TypeError) as e:
+        adapter_paths = [path_str(p) for p, _ in
+                         jax.tree_util.tree_flatten_with_path(adapters, is_leaf=_is_node)[0]]
+        param_paths = [path_str(p) for p, _ in flat]
+        missing = sorted(set(param_paths) - set(adapter_paths))[:5]
+        extra = sorted(set(adapter_paths) - set(param_paths))[:5]
+        raise ValueError(
+            "adapters do not mirror params: an adapter tree must have the structure of "
+            "params, with LoraWeights / an array / None at each leaf.\n"
+            f"  params leaves missing from adapters: {missing}\n"
+            f"  adapter entries not in params: {extra}\n"
+            f"  ({e})\n"
+            "Fix: build adapters with lj.init(params, config, key=...) from these params "
+            "(or restore them with the params as the skeleton).") from None
+    return [(path_str(p), x, n) for (p, x), n in zip(flat, nodes)]
+
+
+def _shape(x):
+    return tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape)
+
+
+def check_adapters(params, adapters, config, *, resolved: Resolved | None = None
+                   ) -> list[tuple[str, Any, Any, LeafSpec | None]]:
+    """Validates ``adapters`` against ``params`` and ``config``.
+
+    Returns ``[(path, param_leaf, adapter_node, spec_or_None), ...]``.
+
+    Raises:
+      ValueError: naming the path, for a targeted leaf without LoraWeights, an
+        adapter on a leaf the config doesn't target, or a shape mismatch
+        (both shapes shown).
+    """
+    resolved = resolved or resolve(params, config)
+    train = set(resolved.train)
+    out = []
+    for path, leaf, node in pair_with_params(params, adapters):
+        spec = resolved.targets.get(path)
+        if spec is not None:
+            if not is_lora(node):
+                raise ValueError(
+                    f"{path}: the config targets this leaf but adapters hold "
+                    f"{type(node).__name__} there. Fix: build adapters with lj.init for this "
+                    f"config, or restore them with the config they were saved with.")
+            # An adapter *set* adds one leading axis to a, b and scale.
+            extra = _shape(node.a)[: max(0, len(_shape(node.a)) - len(spec.a_shape))]
+            if _shape(node.a) != (*extra, *spec.a_shape) or \
+                    _shape(node.b) != (*extra, *spec.b_shape):
+                raise ValueError(
+                    f"{path}: adapter shapes do not fit the weight {spec.shape} "
+                    f"(layout {tuple(spec.layout)}, rank {spec.rank}):\n"
+                    f"  expected a {spec.a_shape}, b {spec.b_shape}\n"
+                    f"  got      a {_shape(node.a)}, b {_shape(node.b)}\n"
+                    f"Fix: use the config and base the adapter was created for.")
+        elif path in train:
+            if node is None or is_lora(node):
+                raise ValueError(
+                    f"{path}: LoraConfig.train names this leaf but adapters hold "
+                    f"{type(node).__name__} there. Fix: build adapters with lj.init "
+                    f"for this config.")
+            if _shape(node) != _shape(leaf):
+                raise ValueError(
+                    f"{path}: fully-trained leaf has shape {_shape(node)}, the base has "
+                    f"{_shape(leaf)}. Fix: use adapters made for this base.")
+        elif node is not None:
+            raise ValueError(
+                f"{path}: adapters hold {type(node).__name__} here but the config neither "
+                f"targets nor trains this leaf. Fix: pass the config the adapters were "
+                f"created with.")
+        out.append((path, leaf, node, spec))
+    return out
+
+
+def scale_array(spec: LeafSpec):
+    """The float32 scale of one leaf, as stored in `LoraWeights.scale`."""
+    return jnp.asarray(spec.scale, jnp.float32)

@@ -1,0 +1,45 @@
+"""Shared fixtures. The repository root goes on sys.path so tests can import
+the reference models from ``examples/``."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+
+from examples import gpt  # noqa: E402
+
+# Small enough for 2 CPU cores, shaped like the reference (all six targets).
+SMALL = gpt.GPTConfig(vocab=97, d_model=64, n_heads=4, n_layers=2, d_mlp=128, max_len=16)
+
+
+@pytest.fixture(params=[False, True], ids=["nojit", "jit"])
+def maybe_jit(request):
+    """Runs a test body with and without jax.jit."""
+    return jax.jit if request.param else (lambda f, **kw: f)
+
+
+@pytest.fixture
+def small_gpt():
+    """(model, variables) of a small Linen decoder."""
+    return gpt.init_linen(SMALL, seed=0)
+
+
+# Fresh random inputs on every run; set LORA_JAX_TEST_SEED to replay one.
+SEED = int(os.environ.get("LORA_JAX_TEST_SEED", int.from_bytes(os.urandom(3), "little")))
+
+
+def pytest_report_header(config):
+    return f"lora_jax test seed: LORA_JAX_TEST_SEED={SEED}"
+
+
+@pytest.fixture
+def rng(request):
+    """A PRNG key that differs per test and per run (replay with the seed)."""
+    import zlib
+    return jax.random.fold_in(jax.random.key(SEED), zlib.crc32(request.node.nodeid.encode()))
