@@ -63,3 +63,33 @@ def perturb_b(adapters, *, key, std=0.1):
             node = node._replace(b=b.astype(node.b.dtype))
         out.append(node)
     return jax.tree.unflatten(treedef, out)
+
+
+class CompileCounter:
+    """Counts XLA backend compilations while active (public jax.monitoring).
+
+    Example::
+
+        with CompileCounter() as cc:
+            f(x); f(x)
+        assert cc.count == 1
+    """
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+
+    def _listener(self, name, duration, **kwargs):
+        if name == self.EVENT:
+            self.count += 1
+
+    def __enter__(self):
+        import jax.monitoring
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        import jax.monitoring
+        jax.monitoring.unregister_event_duration_listener(self._listener)
+        return False
