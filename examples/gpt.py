@@ -221,7 +221,7 @@ def init_linen(cfg: GPTConfig = REFERENCE, *, seed: int = 0):
     """``(model, variables)`` for the Linen decoder."""
     model = GPT(cfg)
     tokens = jnp.zeros((1, min(cfg.max_len, 8)), jnp.int32)
-    return model, model.init(jax.random.key(seed), tokens)
+    return model, jax.jit(model.init)(jax.random.key(seed), tokens)
 
 
 def init_nnx(cfg: GPTConfig = REFERENCE, *, seed: int = 0):

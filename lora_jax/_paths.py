@@ -139,6 +139,8 @@ def _sample_paths(paths: list[str], n: int = 8) -> str:
 
 def _no_match_error(field, spec, arrays):
     example = arrays[0][0] if arrays else "params/dense/kernel"
+    if isinstance(spec, tuple) and len(spec) == 1:
+        spec = spec[0]
     return ValueError(
         f"LoraConfig.{field}={spec!r} matched no leaf of params. Patterns are "
         f"regexes fullmatched against '/'-joined paths; some real paths are:\n  "

@@ -52,7 +52,14 @@ class LoraWeights(NamedTuple):
 
 
 def is_lora(x) -> bool:
-    """True for a `LoraWeights` node (use as ``is_leaf=`` in tree maps)."""
+    """True for a `LoraWeights` node (use as ``is_leaf=`` in tree maps).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> ad = {"w": LoraWeights(jnp.ones((4, 2)), jnp.zeros((2, 3)), jnp.float32(1)), "b": None}
+      >>> jax.tree.map(lambda n: n.a.shape if is_lora(n) else n, ad, is_leaf=is_lora)
+      {'b': None, 'w': (4, 2)}
+    """
     return isinstance(x, LoraWeights)
 
 

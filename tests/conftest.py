@@ -24,7 +24,7 @@ def maybe_jit(request):
     return jax.jit if request.param else (lambda f, **kw: f)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def small_gpt():
     """(model, variables) of a small Linen decoder."""
     return gpt.init_linen(SMALL, seed=0)

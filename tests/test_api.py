@@ -1,0 +1,99 @@
+"""The public surface: exports, docstrings, documented arguments, doctests,
+and no dependence on JAX internals."""
+
+import doctest
+import importlib
+import inspect
+import os
+import pkgutil
+import re
+
+import pytest
+
+import lora_jax as lj
+
+PKG_DIR = os.path.dirname(lj.__file__)
+
+
+def _modules():
+    names = ["lora_jax"]
+    for info in pkgutil.walk_packages([PKG_DIR], prefix="lora_jax."):
+        if info.name.endswith("__main__"):
+            continue
+        names.append(info.name)
+    return names
+
+
+def _public_callables():
+    out = []
+    for name in lj.__all__:
+        obj = getattr(lj, name)
+        if inspect.isfunction(obj) or inspect.isclass(obj):
+            out.append((name, obj))
+    return out
+
+
+def test_all_is_consistent():
+    assert len(set(lj.__all__)) == len(lj.__all__)
+    for name in lj.__all__:
+        assert hasattr(lj, name), name
+    assert lj.__version__
+
+
+@pytest.mark.parametrize("name,obj", _public_callables(), ids=lambda x: getattr(x, "__name__", str(x)))
+def test_public_names_have_examples(name, obj):
+    doc = inspect.getdoc(obj) or ""
+    assert doc, f"lj.{name} has no docstring"
+    if inspect.isfunction(obj):   # every public function shows an example
+        assert ">>>" in doc, f"lj.{name}'s docstring has no example"
+
+
+def _documented_args(doc: str):
+    m = re.search(r"^(Args|Arguments):\n(.*?)(?:\n\S|\Z)", doc, re.S | re.M)
+    if not m:
+        return None
+    names = []
+    for line in m.group(2).splitlines():
+        hit = re.match(r"^  (\*{0,2}\w+)(?: \(.*?\))?:", line)
+        if hit:
+            names.append(hit.group(1).lstrip("*"))
+    return names
+
+
+@pytest.mark.parametrize("name,obj", _public_callables(), ids=lambda x: getattr(x, "__name__", str(x)))
+def test_documented_args_match_signature(name, obj):
+    doc = inspect.getdoc(obj) or ""
+    documented = _documented_args(doc)
+    if documented is None:
+        return
+    target = obj.__init__ if inspect.isclass(obj) else obj
+    sig = inspect.signature(target)
+    params = [p for p in sig.parameters if p not in ("self", "cls")]
+    for d in documented:
+        assert d in params, f"lj.{name} documents argument {d!r} that its signature lacks: {params}"
+    for p in params:
+        kind = sig.parameters[p].kind
+        if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        assert p in documented, f"lj.{name} does not document argument {p!r}"
+
+
+@pytest.mark.parametrize("modname", _modules())
+def test_doctests(modname):
+    mod = importlib.import_module(modname)
+    res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+                          verbose=False)
+    assert res.failed == 0, f"{res.failed} doctest(s) failed in {modname}"
+
+
+def test_no_jax_internals():
+    offenders = []
+    for root, _, files in os.walk(PKG_DIR):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(root, f)
+                with open(path, encoding="utf-8") as fh:
+                    text = fh.read()
+                if re.search(r"jax\._src|from jax import _src", text):
+                    offenders.append(os.path.relpath(path, PKG_DIR))
+    assert not offenders, f"lora_jax must use public JAX only; jax._src appears in {offenders}"
