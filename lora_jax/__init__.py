@@ -8,6 +8,13 @@
 128
 """
 
+from lora_jax._analysis import Analysis as Analysis
+from lora_jax._analysis import Extraction as Extraction
+from lora_jax._analysis import Spectrum as Spectrum
+from lora_jax._analysis import Truncation as Truncation
+from lora_jax._analysis import analyze as analyze
+from lora_jax._analysis import extract as extract
+from lora_jax._analysis import truncate as truncate
 from lora_jax._config import INITS as INITS
 from lora_jax._config import Layout as Layout
 from lora_jax._config import LoraConfig as LoraConfig
@@ -31,6 +38,13 @@ from lora_jax._weights import is_lora as is_lora
 __version__ = "0.1.0"
 
 __all__ = [
+    "Analysis",
+    "Extraction",
+    "Spectrum",
+    "Truncation",
+    "analyze",
+    "extract",
+    "truncate",
     "INITS",
     "Description",
     "Layout",
