@@ -28,6 +28,10 @@ from lora_jax._optim import optimizer as optimizer
 from lora_jax._optim import trainable_labels as trainable_labels
 from lora_jax._paths import LeafSpec as LeafSpec
 from lora_jax._paths import path_str as path_str
+from lora_jax._plan import PRESETS as PRESETS
+from lora_jax._plan import Plan as Plan
+from lora_jax._plan import plan as plan
+from lora_jax._plan import preset as preset
 from lora_jax._report import Description as Description
 from lora_jax._report import Summary as Summary
 from lora_jax._report import describe as describe
@@ -38,6 +42,10 @@ from lora_jax._weights import is_lora as is_lora
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRESETS",
+    "Plan",
+    "plan",
+    "preset",
     "Analysis",
     "Extraction",
     "Spectrum",
