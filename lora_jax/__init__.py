@@ -15,10 +15,21 @@ from lora_jax._analysis import Truncation as Truncation
 from lora_jax._analysis import analyze as analyze
 from lora_jax._analysis import extract as extract
 from lora_jax._analysis import truncate as truncate
+from lora_jax._checkpoint import CheckpointError as CheckpointError
+from lora_jax._checkpoint import CheckpointInfo as CheckpointInfo
+from lora_jax._checkpoint import Checkpointer as Checkpointer
+from lora_jax._checkpoint import TrainState as TrainState
+from lora_jax._checkpoint import inspect as inspect
+from lora_jax._checkpoint import restore as restore
+from lora_jax._checkpoint import restore_state as restore_state
+from lora_jax._checkpoint import save as save
 from lora_jax._config import INITS as INITS
 from lora_jax._config import Layout as Layout
 from lora_jax._config import LoraConfig as LoraConfig
 from lora_jax._config import LoraWarning as LoraWarning
+from lora_jax._fingerprint import BaseMismatchError as BaseMismatchError
+from lora_jax._fingerprint import base_fingerprint as base_fingerprint
+from lora_jax._fingerprint import check_base as check_base
 from lora_jax._init import init as init
 from lora_jax._merge import delta as delta
 from lora_jax._merge import merge as merge
@@ -42,6 +53,17 @@ from lora_jax._weights import is_lora as is_lora
 __version__ = "0.1.0"
 
 __all__ = [
+    "BaseMismatchError",
+    "CheckpointError",
+    "CheckpointInfo",
+    "Checkpointer",
+    "TrainState",
+    "base_fingerprint",
+    "check_base",
+    "inspect",
+    "restore",
+    "restore_state",
+    "save",
     "PRESETS",
     "Plan",
     "plan",

@@ -44,7 +44,7 @@ def assert_trees_close(actual, expected, *, rtol=None, exact=False):
             a, e = np.asarray(a), np.asarray(e)
             assert a.dtype == e.dtype, f"{path}: dtype {a.dtype} != {e.dtype}"
             assert a.shape == e.shape, f"{path}: shape {a.shape} != {e.shape}"
-            assert np.array_equal(a.view(np.uint8), e.view(np.uint8)), \
+            assert np.array_equal(a.reshape(-1).view(np.uint8), e.reshape(-1).view(np.uint8)), \
                 f"{path}: not bit-identical (max diff {np.max(np.abs(a.astype(np.float64) - e.astype(np.float64)))})"
         else:
             assert_close(a, e, rtol=rtol, what=path)

@@ -1,0 +1,195 @@
+"""Base fingerprints: which base weights an adapter was trained on.
+
+An adapter is only meaningful on the base it was trained on, and a base of
+the same architecture but different weights (another checkpoint, a merged
+copy, a random init) has the same shapes, so shape checks pass silently.
+A fingerprint records, for each targeted weight, its shape, dtype and the
+content at a fixed set of sampled positions: a sha256 of the samples (for a
+same-dtype comparison, exact) and a few of the sampled values (for a
+comparison across dtypes, e.g. a float32 base fingerprint checked against a
+bfloat16 copy, within that dtype's resolution). Reading a few hundred
+elements per weight keeps it cheap for a 7B model: nothing is hashed in full
+and nothing leaves the device but the samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax._config import LoraConfig, LoraWarning
+from lora_jax._paths import leaves_with_paths, resolve
+
+__all__ = ["base_fingerprint", "check_base", "BaseMismatchError", "FINGERPRINT_VERSION"]
+
+FINGERPRINT_VERSION = 1
+_N_HASHED = 256      # sampled elements per weight that go into the hash
+_N_VALUES = 8        # of those, how many are stored as values (cross-dtype check)
+
+
+class BaseMismatchError(ValueError):
+    """The given base params are not the ones the adapter was trained on."""
+
+
+def _positions(size: int) -> np.ndarray:
+    """Fixed sampled flat positions for a weight of ``size`` elements.
+
+    Depends on the size only, so the same weight in another layout of the
+    tree (or another run) samples the same positions.
+    """
+    if size <= _N_HASHED:
+        return np.arange(size, dtype=np.int64)
+    rng = np.random.default_rng([0x10A5, size])
+    idx = rng.choice(size, _N_HASHED - 2, replace=False)
+    return np.unique(np.concatenate([[0, size - 1], idx]).astype(np.int64))
+
+
+def _samples(leaf) -> np.ndarray:
+    size = math.prod(leaf.shape)
+    pos = _positions(size)
+    if isinstance(leaf, jax.Array):
+        # Gather on the device; only the samples come to the host.
+        coords = np.unravel_index(pos, leaf.shape)
+        return np.asarray(leaf[tuple(jnp.asarray(c) for c in coords)])
+    return np.asarray(leaf).reshape(-1)[pos]
+
+
+def _is_concrete(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
+
+
+def _leaf_record(leaf) -> dict:
+    rec = {"shape": list(leaf.shape), "dtype": jnp.dtype(leaf.dtype).name}
+    if _is_concrete(leaf):
+        s = np.ascontiguousarray(_samples(leaf))
+        rec["sha256"] = hashlib.sha256(s.tobytes()).hexdigest()[:32]
+        rec["values"] = [float(v) for v in s[:_N_VALUES].astype(np.float64)]
+    return rec
+
+
+def base_fingerprint(params, config: LoraConfig) -> dict:
+    """A small JSON-ready record of the base weights ``config`` targets.
+
+    For each targeted leaf: shape, dtype, a sha256 of the values at
+    ``256`` fixed positions, and the first ``8`` of those values. Abstract
+    leaves (``jax.ShapeDtypeStruct``) get shape and dtype only.
+
+    Example:
+      >>> import jax, lora_jax as lj
+      >>> params = {"w": jax.random.normal(jax.random.key(0), (64, 64))}
+      >>> fp = lj.base_fingerprint(params, lj.LoraConfig(rank=4, targets="w"))
+      >>> fp["targets"]["w"]["shape"], len(fp["targets"]["w"]["sha256"])
+      ([64, 64], 32)
+    """
+    resolved = resolve(params, config)
+    leaves = dict(leaves_with_paths(params))
+    return {"version": FINGERPRINT_VERSION,
+            "targets": {p: _leaf_record(leaves[p]) for p in resolved.targets}}
+
+
+def _resolution(*dtypes) -> float:
+    return max(float(jnp.finfo(d).eps) for d in dtypes)
+
+
+def _fmt(values) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values[:3]) + ", ...]"
+
+
+def _compare(path: str, saved: dict, leaf) -> str | None:
+    """Why ``leaf`` differs from its record, or None."""
+    shape = list(leaf.shape)
+    if shape != list(saved["shape"]):
+        return f"{path}: shape {tuple(shape)}, the adapter's base had {tuple(saved['shape'])}"
+    if "sha256" not in saved or not _is_concrete(leaf):
+        return None
+    now = _leaf_record(leaf)
+    if now["dtype"] == saved["dtype"]:
+        if now["sha256"] != saved["sha256"]:
+            return (f"{path}: sampled values differ (e.g. {_fmt(now['values'])} vs the "
+                    f"adapter's base {_fmt(saved['values'])})")
+        return None
+    # Another dtype: compare the stored values within the coarser resolution.
+    tol = 2 * _resolution(now["dtype"], saved["dtype"])
+    a, b = np.asarray(now["values"]), np.asarray(saved["values"])
+    if not np.allclose(a, b, rtol=tol, atol=tol * max(1e-6, float(np.max(np.abs(b)) or 1.0))):
+        return (f"{path}: sampled values differ beyond {now['dtype']}/{saved['dtype']} "
+                f"resolution (e.g. {_fmt(now['values'])} vs {_fmt(saved['values'])})")
+    return None
+
+
+def check_base(params, fingerprint: dict | None, *, on_mismatch: str = "error",
+               what: str = "the adapter") -> list[str]:
+    """Checks ``params`` against a fingerprint from `base_fingerprint`.
+
+    Same dtype: the sampled values must be bit-identical. Another dtype (a
+    bfloat16 copy of a float32 base): they must agree within the coarser
+    dtype's resolution. A fingerprinted path missing from ``params`` counts
+    as a mismatch.
+
+    Args:
+      params: the base params to check.
+      fingerprint: the record, or None (nothing to check).
+      on_mismatch: ``"error"`` (raise `BaseMismatchError`), ``"warn"`` (a
+        `LoraWarning`) or ``"ignore"``.
+      what: how messages name the adapter (e.g. its directory).
+
+    Returns:
+      The list of differences (empty when the base matches).
+
+    Example:
+      >>> import jax, lora_jax as lj
+      >>> cfg = lj.LoraConfig(rank=4, targets="w")
+      >>> base = {"w": jax.random.normal(jax.random.key(0), (64, 64))}
+      >>> fp = lj.base_fingerprint(base, cfg)
+      >>> lj.check_base(base, fp)
+      []
+      >>> other = {"w": jax.random.normal(jax.random.key(1), (64, 64))}
+      >>> lj.check_base(other, fp)  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      BaseMismatchError: ... was trained on a different base ...
+    """
+    if on_mismatch not in ("error", "warn", "ignore"):
+        raise ValueError(f"on_mismatch={on_mismatch!r}; use 'error', 'warn' or 'ignore'.")
+    if not fingerprint or on_mismatch == "ignore":
+        return []
+    version = fingerprint.get("version")
+    if version != FINGERPRINT_VERSION:
+        raise BaseMismatchError(
+            f"{what}: base fingerprint version {version!r} is not one this lora_jax reads "
+            f"({FINGERPRINT_VERSION}). Fix: upgrade lora_jax, or pass "
+            f"on_mismatch='ignore' to skip the base check.")
+    leaves = dict(leaves_with_paths(params))
+    problems = []
+    for path, rec in fingerprint.get("targets", {}).items():
+        if path not in leaves:
+            problems.append(f"{path}: not in the given params")
+            continue
+        why = _compare(path, rec, leaves[path])
+        if why:
+            problems.append(why)
+    if problems:
+        shown = "\n  ".join(problems[:6]) + (
+            f"\n  ... ({len(problems) - 6} more)" if len(problems) > 6 else "")
+        msg = (f"{what} was trained on a different base than the params given:\n  {shown}\n"
+               f"Fix: pass the base params the adapter was trained on (not a merged or "
+               f"re-initialized copy); if you know the base is right, pass "
+               f"on_mismatch='warn' (or 'ignore').")
+        if on_mismatch == "error":
+            raise BaseMismatchError(msg)
+        warnings.warn(msg, LoraWarning, stacklevel=3)
+    return problems
+
+
+def fingerprint_summary(fingerprint: dict | None) -> str:
+    """One line per weight for reports: ``path  shape  dtype  sha256[:12]``."""
+    if not fingerprint:
+        return "base fingerprint: none (saved without params=)"
+    lines = [f"base fingerprint (v{fingerprint.get('version')}, sampled):"]
+    for path, rec in fingerprint.get("targets", {}).items():
+        shape = "x".join(map(str, rec["shape"])) or "()"
+        lines.append(f"  {path}  {shape}  {rec['dtype']}  {rec.get('sha256', '-')[:12]}")
+    return "\n".join(lines)
