@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -48,6 +49,9 @@ __all__ = ["save", "restore", "restore_state", "inspect", "Checkpointer", "Train
 FORMAT = "lora_jax.adapter_checkpoint"
 FORMAT_VERSION = 1
 _ARRAYS, _STATE, _META = "adapters", "state", "lora_jax"
+# Steps pruned by max_to_keep are first renamed here (atomic), then deleted:
+# deleting in place could be killed midway and leave a listed, half-deleted step.
+_TRASH = ".lora_jax-deleted"
 _ITEMS = (_ARRAYS, _STATE, _META)
 _FIELDS = ("a", "b", "scale")
 
@@ -273,10 +277,18 @@ def _manager(directory, *, read_only: bool, async_save: bool = False, max_to_kee
                                             enable_async_checkpointing=False)
     else:
         opts = ocp.CheckpointManagerOptions(
-            create=True, cleanup_tmp_directories=True,
+            create=True, cleanup_tmp_directories=True, todelete_subdir=_TRASH,
             enable_async_checkpointing=async_save,
             preservation_policy=_preservation(max_to_keep, best_fn, best_mode))
     return ocp.CheckpointManager(directory, options=opts, item_names=_ITEMS)
+
+
+def _empty_trash(directory) -> None:
+    """Deletes steps that retention already renamed out of sight."""
+    trash = os.path.join(directory, _TRASH)
+    if os.path.isdir(trash):
+        for name in os.listdir(trash):
+            shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
 
 
 def _pick_step(mngr, step, directory) -> int:
@@ -543,6 +555,8 @@ class Checkpointer:
         self._mngr = _manager(self.directory, read_only=read_only, async_save=async_save,
                               max_to_keep=max_to_keep, best_fn=best_fn, best_mode=best_mode)
         self._fp_cache: tuple[int, LoraConfig, dict] | None = None
+        if not read_only:
+            _empty_trash(self.directory)
 
     # -- context manager / lifecycle
     def __enter__(self):
@@ -554,10 +568,14 @@ class Checkpointer:
     def wait(self) -> None:
         """Blocks until every pending (asynchronous) save is on disk."""
         self._mngr.wait_until_finished()
+        if not self._read_only:
+            _empty_trash(self.directory)
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager."""
         self._mngr.close()
+        if not self._read_only:
+            _empty_trash(self.directory)
 
     @property
     def steps(self) -> list[int]:
@@ -631,6 +649,7 @@ class Checkpointer:
             items[_STATE] = ocp.args.StandardSave(st_arrays)
         self._mngr.save(step, args=ocp.args.Composite(**items),
                         metrics=dict(metrics) if metrics is not None else None, force=True)
+        _empty_trash(self.directory)  # what earlier (finished) saves pruned
         return step
 
     # -- restore

@@ -1,0 +1,197 @@
+"""SIGKILL at random moments of a save: the previous step always survives.
+
+A zygote process imports jax and lora_jax once (without starting a JAX
+backend) and forks one saver per trial, so each trial costs a fork, not a
+Python start. The saver saves steps in a loop (adapters, optimizer state and
+rng, synchronous or asynchronous Orbax writes) until the test SIGKILLs it at
+a random moment. After every kill the test checks that every listed step
+restores bit-exactly (with a verified sha256), that the latest step is at
+least the last one the saver reported finished, and that a half-written
+step is invisible; the next saver then writes over the leftovers.
+"""
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import lora_jax as lj
+from tests.conftest import ROOT, SEED
+
+TRIALS = 30
+BUDGET_S = 45.0
+
+# The saver's data is a pure function of the step, so the test can rebuild it.
+_DATA = textwrap.dedent("""
+    import numpy as np
+
+    N_LAYERS, D, R = 6, 384, 48
+
+    def data_for(step):
+        g = np.random.default_rng(1000 + step)
+        ad = {f"l{i}": {"kernel": (g.standard_normal((D, R), dtype=np.float32),
+                                   g.standard_normal((R, D), dtype=np.float32))}
+              for i in range(N_LAYERS)}
+        opt = {"mu": g.standard_normal((N_LAYERS, D, R), dtype=np.float32),
+               "count": np.asarray(step, np.int32)}
+        return ad, opt, np.asarray([step, 7], np.uint32)
+""")
+
+_ZYGOTE = _DATA + textwrap.dedent(f"""
+    import json, os, signal, sys, time
+    sys.path.insert(0, {ROOT!r})
+    import jax                    # imported, but no backend starts before fork
+    import lora_jax as lj
+
+    CFG = lj.LoraConfig(rank=R, alpha=2 * R, targets=r"l\\d+/kernel")
+
+    def adapters(ad):
+        return {{k: {{"kernel": lj.LoraWeights(a, b, np.float32(2.0))}}
+                 for k, v in ad.items() for a, b in [v["kernel"]]}}
+
+    def saver(directory, use_async):
+        with lj.Checkpointer(directory, max_to_keep=2, async_save=use_async) as ck:
+            print(json.dumps({{"ready": os.getpid()}}), flush=True)
+            while True:
+                step = 0 if ck.latest_step is None else ck.latest_step + 1
+                ad, opt, rng = data_for(step)
+                t0 = time.perf_counter()
+                ck.save(step, adapters(ad), CFG, opt_state=opt, rng=rng)
+                ck.wait()
+                print(json.dumps({{"done": step, "pid": os.getpid(),
+                                  "secs": time.perf_counter() - t0}}), flush=True)
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)   # killed savers are reaped at once
+    print(json.dumps({{"zygote": os.getpid()}}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                saver(cmd["dir"], cmd["async"])
+            finally:
+                os._exit(1)
+        print(json.dumps({{"forked": pid}}), flush=True)
+""")
+
+exec(_DATA)  # noqa: S102 - data_for, shared with the zygote
+
+
+def _reader(stream, q):
+    for line in stream:
+        try:
+            q.put(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+
+
+def _next(q, key, timeout=60.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            msg = q.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if key in msg:
+            return msg
+        if "done" in msg:
+            _next.done.append(msg)
+    raise AssertionError(f"no {key!r} message from the zygote within {timeout}s")
+
+
+_next.done = []
+
+
+def _gone(pid, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"killed saver {pid} did not go away")
+
+
+def _check_directory(directory, last_done):
+    """Every listed step restores bit-exactly; the partial one is invisible."""
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    partial = [n for n in names if "orbax-checkpoint-tmp" in n]
+    if last_done < 0:
+        try:
+            info = lj.inspect(directory)
+        except lj.CheckpointError:
+            return partial, None
+    else:
+        info = lj.inspect(directory)
+    assert info.steps[-1] >= last_done, (info.steps, last_done)
+    for p in partial:
+        assert int(p.split(".")[0]) not in info.steps
+    for step in info.steps:
+        ad, _ = lj.restore(directory, step=step)      # flat form, sha256-verified
+        want, opt, rng = data_for(step)
+        for name, layer in want.items():
+            a, b = layer["kernel"]
+            got = ad[f"{name}/kernel"]
+            assert np.array_equal(np.asarray(got.a), a) and np.array_equal(np.asarray(got.b), b)
+    return partial, info.steps
+
+
+@pytest.mark.slow
+def test_sigkill_during_save_never_loses_the_previous_step(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    zygote = subprocess.Popen([sys.executable, "-c", _ZYGOTE], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env=env)
+    q: queue.Queue = queue.Queue()
+    threading.Thread(target=_reader, args=(zygote.stdout, q), daemon=True).start()
+    gen = np.random.default_rng(SEED)
+    directory = str(tmp_path / "ckpt")
+    last_done, trials, mid_save, save_secs = -1, 0, 0, []
+    t_start = time.time()
+    try:
+        _next(q, "zygote")
+        while trials < TRIALS and time.time() - t_start < BUDGET_S:
+            zygote.stdin.write(json.dumps({"dir": directory, "async": trials % 2 == 1}) + "\n")
+            zygote.stdin.flush()
+            pid = _next(q, "forked")["forked"]
+            _next(q, "ready")
+            # Kill anywhere within about three saves (first trials: a guess).
+            horizon = 3 * float(np.median(save_secs)) if save_secs else 0.5
+            time.sleep(gen.uniform(0.0, horizon))
+            os.kill(pid, signal.SIGKILL)
+            _gone(pid)
+            time.sleep(0.05)
+            while True:
+                try:
+                    msg = q.get_nowait()
+                except queue.Empty:
+                    break
+                if "done" in msg:
+                    _next.done.append(msg)
+            for msg in _next.done:
+                last_done = max(last_done, msg["done"])
+                save_secs.append(msg["secs"])
+            _next.done.clear()
+            partial, _ = _check_directory(directory, last_done)
+            mid_save += bool(partial)
+            trials += 1
+    finally:
+        zygote.stdin.close()
+        zygote.kill()
+        zygote.wait()
+    print(f"\nkill test: {trials} trials, {mid_save} killed mid-save (partial step "
+          f"left behind), {last_done + 1} steps completed, median save "
+          f"{np.median(save_secs) if save_secs else float('nan'):.3f}s")
+    assert trials >= 12, f"only {trials} trials ran within {BUDGET_S}s"
+    assert mid_save >= 3, f"only {mid_save} of {trials} kills landed during a save"
+    assert last_done >= 3
