@@ -46,7 +46,7 @@ _EXACT_SVD_MAX = 1024
 # ----------------------------------------------------------------------------- report
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)   # holds an array: compare to_dict()s
 class Spectrum:
     """The singular values of one update ``dW`` (one layer of one leaf).
 
@@ -622,3 +622,14 @@ def extract(base_params, tuned_params, config: LoraConfig, *, svd: str = "auto",
             LoraWarning, stacklevel=2)
     adapters = jax.tree.unflatten(jax.tree.structure(base_params), nodes)
     return Extraction(adapters, Analysis(tuple(rows)))
+
+
+def spectra_summary(directory, *, step: int | None = None) -> str:
+    """The per-leaf spectra table of a checkpoint's adapters (``python -m lora_jax
+    inspect`` prints it): restores ``(adapters, config)`` with `lj.restore` (no base
+    needed) and returns ``analyze(adapters, config).summary()``."""
+    from lora_jax._checkpoint import restore
+
+    adapters, config = restore(directory, step=step)
+    return "spectra of s*A@B (energy ranks at 90%/99%; erank: entropy effective rank)\n" + \
+        analyze(adapters, config).summary()

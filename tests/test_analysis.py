@@ -382,3 +382,15 @@ def test_extract_warns_on_untargeted_changes_and_errors(rng):
         lj.extract(base, tuned, cfg, oversample=-1)
     with pytest.raises(ValueError, match="matched no leaf"):
         lj.extract(base, tuned, lj.LoraConfig(rank=1, targets="nope"))
+
+
+def test_spectra_summary_of_a_checkpoint(rng, tmp_path):
+    params, ad = _random_adapters(rng, {"q": (24, 16), "v": (24, 16)}, rank=4)
+    cfg = lj.LoraConfig(rank=4, alpha=6, targets="q|v")
+    lj.save(tmp_path / "ck", ad, cfg, params=params)
+    text = _analysis.spectra_summary(tmp_path / "ck")
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[3:]}
+    assert set(rows) == {"q", "v"}
+    ref = lj.analyze(ad, cfg)
+    for s in ref:
+        assert rows[s.path][4] == f"{s.norm:.3g}" and rows[s.path][7] == f"{s.effective_rank:.2f}"
