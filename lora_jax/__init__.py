@@ -8,6 +8,7 @@
 128
 """
 
+from lora_jax import interop as interop
 from lora_jax._analysis import Analysis as Analysis
 from lora_jax._analysis import Extraction as Extraction
 from lora_jax._analysis import Spectrum as Spectrum
@@ -49,10 +50,15 @@ from lora_jax._report import describe as describe
 from lora_jax._report import summary as summary
 from lora_jax._weights import LoraWeights as LoraWeights
 from lora_jax._weights import is_lora as is_lora
+from lora_jax.interop.peft import export_peft as export_peft
+from lora_jax.interop.peft import import_peft as import_peft
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "export_peft",
+    "import_peft",
+    "interop",
     "BaseMismatchError",
     "CheckpointError",
     "CheckpointInfo",

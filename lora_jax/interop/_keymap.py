@@ -1,0 +1,281 @@
+"""Key maps: lora_jax '/'-paths <-> Hugging Face (PyTorch) parameter names.
+
+A `KeyMap` is an ordered list of rules ``(regex, template, kind)``. The
+first regex that fullmatches a leaf's path wins; the template is expanded
+with its groups (``\\1``), every ``/`` in the result becomes ``.``, and the
+map's ``prefix`` is prepended, giving the torch parameter name. ``kind``
+says how the arrays correspond:
+
+* ``"linear"``: a Flax ``(in, out)`` kernel is the transposed torch
+  ``nn.Linear`` weight ``(out, in)``;
+* ``"conv1d"``: GPT-2's ``Conv1D`` stores ``(in, out)`` like Flax (no
+  transpose; PEFT's ``fan_in_fan_out``);
+* ``"embedding"``: ``(vocab, dim)`` in both;
+* ``"vector"``: 1-D (biases, norm weights), identical.
+
+The reverse direction never parses names: it maps every path of a
+skeleton (the params) forward and inverts that table.
+
+A template may contain ``{i}`` for a leaf with one stacked (``nn.scan``)
+axis: stacked layer ``i`` becomes its own module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax._paths import path_str
+
+__all__ = ["KeyMap", "HFName", "KEY_MAPS", "resolve_key_map", "to_hf_state_dict",
+           "from_hf_state_dict"]
+
+KINDS = ("linear", "conv1d", "embedding", "vector")
+_LEAF_KIND = {"kernel": "linear", "embedding": "embedding"}
+
+
+class HFName(NamedTuple):
+    """Where a leaf lives in a torch model: parameter name and array correspondence."""
+
+    name: str   # e.g. "model.layers.0.self_attn.q_proj.weight" ("{i}" if stacked)
+    kind: str   # one of KINDS
+
+    @property
+    def module(self) -> str:
+        """The module owning the parameter (the name without ``.weight``/``.bias``)."""
+        return self.name.rsplit(".", 1)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyMap:
+    """Rules mapping '/'-paths to Hugging Face parameter names.
+
+    Args:
+      rules: ``((regex, template, kind), ...)``; ``kind`` may be None to
+        infer it from the path's last key (``kernel`` -> ``"linear"``,
+        ``embedding`` -> ``"embedding"``, otherwise ``"vector"``).
+      prefix: prepended to every name (e.g. ``"bert."`` for ``BertFor*``).
+      name: shown in messages.
+
+    Example:
+      >>> km = KeyMap(((r"params/layers_(\\d+)/(\\w+)/kernel", r"model.layers.\\1.\\2.weight", None),))
+      >>> km.lookup("params/layers_3/q_proj/kernel")
+      HFName(name='model.layers.3.q_proj.weight', kind='linear')
+      >>> km.lookup("params/norm/scale") is None
+      True
+    """
+
+    rules: tuple
+    prefix: str = ""
+    name: str = "custom"
+
+    def __post_init__(self):
+        rules = []
+        for rule in self.rules:
+            if not (isinstance(rule, (tuple, list)) and len(rule) in (2, 3)):
+                raise ValueError(f"KeyMap rule {rule!r} must be (regex, template[, kind]).")
+            pattern, template = rule[0], rule[1]
+            kind = rule[2] if len(rule) == 3 else None
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"KeyMap rule regex {pattern!r} is invalid: {e}.") from None
+            if kind is not None and kind not in KINDS:
+                raise ValueError(f"KeyMap rule {rule!r}: kind {kind!r} is not one of {KINDS}.")
+            rules.append((pattern, template, kind))
+        object.__setattr__(self, "rules", tuple(rules))
+
+    def lookup(self, path: str) -> HFName | None:
+        """The HF parameter of ``path``, or None when no rule matches."""
+        for pattern, template, kind in self.rules:
+            m = re.fullmatch(pattern, path)
+            if m:
+                name = m.expand(template).replace("/", ".")
+                if kind is None:
+                    kind = _LEAF_KIND.get(path.rsplit("/", 1)[-1], "vector")
+                return HFName(self.prefix + name, kind)
+        return None
+
+    def with_prefix(self, prefix: str) -> KeyMap:
+        """A copy with another ``prefix`` (e.g. ``"bert."`` for ``BertForSequenceClassification``)."""
+        return dataclasses.replace(self, prefix=prefix)
+
+
+def _vec(pattern, template):
+    return (pattern, template, "vector")
+
+
+KEY_MAPS: dict[str, KeyMap] = {
+    # examples/llama.py <-> transformers LlamaForCausalLM (GQA: narrower k/v_proj).
+    "llama": KeyMap((
+        (r"params/model/embed_tokens/embedding", "model.embed_tokens.weight", "embedding"),
+        (r"params/model/layers_(\d+)/(self_attn|mlp)/(\w+_proj)/kernel",
+         r"model.layers.\1.\2.\3.weight", "linear"),
+        _vec(r"params/model/layers_(\d+)/(self_attn|mlp)/(\w+_proj)/bias",
+             r"model.layers.\1.\2.\3.bias"),
+        _vec(r"params/model/layers_(\d+)/(input_layernorm|post_attention_layernorm)/weight",
+             r"model.layers.\1.\2.weight"),
+        _vec(r"params/model/norm/weight", "model.norm.weight"),
+        (r"params/lm_head/kernel", "lm_head.weight", "linear"),
+    ), name="llama"),
+    # examples/gpt2.py <-> transformers GPT2LMHeadModel (Conv1D: (in, out) weights).
+    "gpt2": KeyMap((
+        (r"params/(wte|wpe)/embedding", r"transformer.\1.weight", "embedding"),
+        (r"params/h_(\d+)/(attn|mlp)/(c_attn|c_proj|c_fc)/kernel",
+         r"transformer.h.\1.\2.\3.weight", "conv1d"),
+        _vec(r"params/h_(\d+)/(attn|mlp)/(c_attn|c_proj|c_fc)/bias",
+             r"transformer.h.\1.\2.\3.bias"),
+        _vec(r"params/h_(\d+)/(ln_1|ln_2)/scale", r"transformer.h.\1.\2.weight"),
+        _vec(r"params/h_(\d+)/(ln_1|ln_2)/bias", r"transformer.h.\1.\2.bias"),
+        _vec(r"params/ln_f/scale", "transformer.ln_f.weight"),
+        _vec(r"params/ln_f/bias", "transformer.ln_f.bias"),
+    ), name="gpt2"),
+    # examples/bert.py <-> transformers BertModel (use .with_prefix("bert.") for BertFor*).
+    "bert": KeyMap((
+        (r"params/embeddings/(word|position|token_type)_embeddings/embedding",
+         r"embeddings.\1_embeddings.weight", "embedding"),
+        _vec(r"params/embeddings/LayerNorm/scale", "embeddings.LayerNorm.weight"),
+        _vec(r"params/embeddings/LayerNorm/bias", "embeddings.LayerNorm.bias"),
+        _vec(r"params/encoder/layer_(\d+)/(.+)/LayerNorm/scale",
+             r"encoder/layer/\1/\2/LayerNorm/weight"),
+        (r"params/encoder/layer_(\d+)/(.+)/kernel", r"encoder/layer/\1/\2/weight", "linear"),
+        _vec(r"params/encoder/layer_(\d+)/(.+)/bias", r"encoder/layer/\1/\2/bias"),
+        (r"params/pooler/dense/kernel", "pooler.dense.weight", "linear"),
+        _vec(r"params/pooler/dense/bias", "pooler.dense.bias"),
+        (r"params/classifier/kernel", "classifier.weight", "linear"),
+        _vec(r"params/classifier/bias", "classifier.bias"),
+    ), name="bert"),
+}
+"""Key maps for the reference models: ``"llama"`` (examples/llama.py),
+``"gpt2"`` (examples/gpt2.py) and ``"bert"`` (examples/bert.py, MiniLM)."""
+
+
+def resolve_key_map(key_map) -> KeyMap | Callable[[str], HFName | None]:
+    """A preset name, a `KeyMap`, ``{regex: template}``, or ``path -> HFName | str | None``."""
+    if isinstance(key_map, KeyMap):
+        return key_map
+    if isinstance(key_map, str):
+        if key_map not in KEY_MAPS:
+            raise ValueError(f"key_map={key_map!r} is not a preset; presets are "
+                             f"{sorted(KEY_MAPS)}. Fix: pass one of those, or a "
+                             f"lj.interop.KeyMap for your model's paths.")
+        return KEY_MAPS[key_map]
+    if isinstance(key_map, Mapping):
+        return KeyMap(tuple((p, t, None) for p, t in key_map.items()))
+    if callable(key_map):
+        def lookup(path, _f=key_map):
+            out = _f(path)
+            if out is None or isinstance(out, HFName):
+                return out
+            if isinstance(out, str):
+                return HFName(out, _LEAF_KIND.get(path.rsplit("/", 1)[-1], "vector"))
+            raise TypeError(f"key_map({path!r}) returned {type(out).__name__}; return an HF "
+                            f"parameter name (str), an HFName, or None.")
+        return lookup
+    raise TypeError(f"key_map must be a preset name {sorted(KEY_MAPS)}, a KeyMap, a "
+                    f"{{regex: template}} dict or a callable; got {type(key_map).__name__}.")
+
+
+def lookup(key_map, path: str) -> HFName | None:
+    return key_map.lookup(path) if isinstance(key_map, KeyMap) else key_map(path)
+
+
+def to_torch_layout(value: np.ndarray, kind: str, name: str) -> np.ndarray:
+    if kind == "linear":
+        if value.ndim != 2:
+            raise ValueError(f"{name}: a 'linear' weight must be 2-D, got shape {value.shape}. "
+                             f"Fix: give this leaf another kind in the key map.")
+        return np.ascontiguousarray(value.T)
+    return np.ascontiguousarray(value)
+
+
+def from_torch_layout(value: np.ndarray, kind: str) -> np.ndarray:
+    return np.ascontiguousarray(value.T) if kind == "linear" else value
+
+
+def to_hf_state_dict(params, key_map, *, strict: bool = True) -> dict[str, np.ndarray]:
+    """Params as a Hugging Face state dict: name -> numpy array (torch layout).
+
+    Args:
+      params: the params tree.
+      key_map: a preset name (``"llama"``, ``"gpt2"``, ``"bert"``) or a `KeyMap`.
+      strict: raise for leaves the key map doesn't cover (else skip them).
+
+    Example:
+      >>> import numpy as np
+      >>> params = {"params": {"lm_head": {"kernel": np.ones((4, 10), np.float32)}}}
+      >>> to_hf_state_dict(params, "llama")["lm_head.weight"].shape
+      (10, 4)
+    """
+    km = resolve_key_map(key_map)
+    out, unmapped = {}, []
+    for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        path = path_str(p)
+        hf = lookup(km, path)
+        if hf is None:
+            unmapped.append(path)
+            continue
+        out[hf.name] = to_torch_layout(np.asarray(leaf), hf.kind, path)
+    if unmapped and strict:
+        raise ValueError(f"to_hf_state_dict: the key map has no rule for {unmapped[:6]}"
+                         f"{' ...' if len(unmapped) > 6 else ''}. Fix: add rules for them, "
+                         f"or pass strict=False to leave them out.")
+    return out
+
+
+def from_hf_state_dict(state: Mapping[str, Any], like, key_map, *, strict: bool = True):
+    """Params in the structure of ``like`` from a Hugging Face state dict.
+
+    Each leaf of ``like`` (arrays or ``jax.ShapeDtypeStruct``) is looked up
+    by its HF name, put into Flax layout, shape-checked and cast to the
+    leaf's dtype.
+
+    Args:
+      state: HF name -> array (numpy, or torch tensors' ``.numpy()``).
+      like: the skeleton, e.g. ``jax.eval_shape(model.init, key, x)``.
+      key_map: a preset name or a `KeyMap`.
+      strict: raise on state entries no leaf uses.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> like = {"params": {"lm_head": {"kernel": jax.ShapeDtypeStruct((4, 10), np.float32)}}}
+      >>> p = from_hf_state_dict({"lm_head.weight": np.zeros((10, 4))}, like, "llama")
+      >>> p["params"]["lm_head"]["kernel"].shape
+      (4, 10)
+    """
+    km = resolve_key_map(key_map)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+    leaves, missing, used = [], [], set()
+    for p, want in flat:
+        path = path_str(p)
+        hf = lookup(km, path)
+        if hf is None:
+            raise ValueError(f"from_hf_state_dict: the key map has no rule for {path}. Fix: "
+                             f"add one (lj.interop.KeyMap).")
+        if hf.name not in state:
+            missing.append(hf.name)
+            leaves.append(None)
+            continue
+        used.add(hf.name)
+        value = from_torch_layout(np.asarray(state[hf.name]), hf.kind)
+        if tuple(value.shape) != tuple(want.shape):
+            raise ValueError(
+                f"from_hf_state_dict: {hf.name} -> {path}: shape {tuple(value.shape)} (Flax "
+                f"layout) != expected {tuple(want.shape)}. Fix: build the model with the "
+                f"checkpoint's dimensions.")
+        leaves.append(jnp.asarray(value, want.dtype))
+    if missing:
+        raise ValueError(f"from_hf_state_dict: {len(missing)} weights missing, e.g. "
+                         f"{missing[:4]}; the state dict has e.g. {sorted(state)[:4]}. Fix: "
+                         f"check the model dimensions and the key map's prefix.")
+    unused = sorted(set(state) - used)
+    if unused and strict:
+        raise ValueError(f"from_hf_state_dict: {len(unused)} entries are not used by the "
+                         f"model, e.g. {unused[:4]}. Fix: pass strict=False to ignore them.")
+    return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -1,0 +1,655 @@
+"""PEFT-format adapters: `export_peft` and `import_peft` (safetensors, never pickle).
+
+The files are what ``peft.PeftModel.save_pretrained`` writes and
+``PeftModel.from_pretrained`` loads::
+
+    <directory>/adapter_config.json          LoraConfig fields (r, lora_alpha, target_modules, ...)
+    <directory>/adapter_model.safetensors    base_model.model.<module>.lora_A.weight  (r, in)
+                                             base_model.model.<module>.lora_B.weight  (out, r)
+    <directory>/<name>/...                   adapters other than "default"
+
+``lora_A.weight`` is ``a.T`` and ``lora_B.weight`` is ``b.T`` for every
+layer kind (PEFT uses the ``nn.Linear`` orientation even for GPT-2's
+``Conv1D``); embeddings use ``lora_embedding_A`` / ``lora_embedding_B``
+with the same transposes. Scaling is not stored: PEFT recomputes it from
+``lora_alpha`` / ``r`` (``/ sqrt(r)`` with ``use_rslora``), per module via
+``rank_pattern`` / ``alpha_pattern``, which the export fills for every
+module whose rank or alpha differs from the defaults. Fully-trained leaves
+(``LoraConfig.train``) become ``modules_to_save``: PEFT stores the whole
+module, so the export needs ``params`` for the module's untrained
+parameters. The mapping between our paths and torch module names is a
+`lora_jax.interop.KeyMap` (presets ``"llama"``, ``"gpt2"``, ``"bert"``).
+
+lora_jax adds, in the safetensors metadata (PEFT ignores it), a sha256 of
+every tensor and the base fingerprint; `import_peft` verifies both when
+present.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax._config import Layout, LoraConfig, LoraWarning
+from lora_jax._fingerprint import base_fingerprint, check_base
+from lora_jax._paths import path_str, resolve
+from lora_jax._weights import LoraWeights, check_adapters, is_lora
+from lora_jax.interop._keymap import HFName, lookup, resolve_key_map, to_torch_layout
+
+__all__ = ["export_peft", "import_peft", "UnsupportedPeftFeature", "CONFIG_NAME",
+           "WEIGHTS_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_PEFT_VERSION = "0.21.2"  # the PEFT release this format was verified against
+_META_SHA = "lora_jax.sha256"
+_META_FP = "lora_jax.base_fingerprint"
+_META_CFG = "lora_jax.config"
+
+# How each layer kind names its factors (PEFT's LoraLayer subclasses).
+_FACTOR_KEYS = {"linear": ("lora_A.weight", "lora_B.weight"),
+                "conv1d": ("lora_A.weight", "lora_B.weight"),
+                "embedding": ("lora_embedding_A", "lora_embedding_B")}
+
+# init_lora_weights values that only change how training starts; the others
+# (pissa, olora, corda, loftq, lora_ga, mica) change the base weights or the
+# forward pass, so the factors alone would mean something else here.
+_SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+# adapter_config.json fields lora_jax does not implement; a non-default value
+# is refused by name.
+_UNSUPPORTED = {
+    "use_dora": "DoRA (weight-decomposed LoRA, lora_magnitude_vector)",
+    "lora_bias": "lora_bias (a trainable bias on lora_B)",
+    "layer_replication": "layer_replication (repeated layers sharing base weights)",
+    "target_parameters": "target_parameters (LoRA on bare nn.Parameters)",
+    "trainable_token_indices": "trainable_token_indices (TrainableTokens)",
+    "alora_invocation_tokens": "aLoRA (alora_invocation_tokens)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "megatron_config": "Megatron tensor-parallel LoRA (megatron_config)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "velora_config": "VeLoRA (velora_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "kasa_config": "KaSA (kasa_config)",
+}
+# Fields that only steer training or module selection (the file's keys say
+# which modules have adapters): accepted and ignored.
+_IGNORED = {
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+    "auto_mapping", "peft_version", "r", "lora_alpha", "target_modules", "exclude_modules",
+    "lora_dropout", "fan_in_fan_out", "bias", "use_rslora", "modules_to_save",
+    "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
+    "alpha_pattern", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+    "megatron_core", "qalora_group_size", "ensure_weight_tying", "runtime_config",
+    *_UNSUPPORTED,
+}
+
+
+class UnsupportedPeftFeature(ValueError):
+    """A PEFT adapter uses a feature lora_jax does not implement."""
+
+
+def _safetensors():
+    try:
+        import safetensors.numpy  # noqa: F401  (imports ml_dtypes-aware numpy support)
+        from safetensors import safe_open
+    except ImportError:
+        raise ImportError(
+            "PEFT-format files need the safetensors package. Fix: pip install "
+            "'lora-jax[interop]' (or pip install safetensors).") from None
+    return safetensors.numpy, safe_open
+
+
+def _folder(directory, adapter_name: str) -> str:
+    if not isinstance(adapter_name, str) or not adapter_name or "/" in adapter_name \
+            or adapter_name in (".", ".."):
+        raise ValueError(f"adapter_name={adapter_name!r}; use a plain name like 'default'.")
+    directory = os.fspath(directory)
+    return directory if adapter_name == "default" else os.path.join(directory, adapter_name)
+
+
+def _sha(x: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Writes via a fsync'd temporary file renamed into place (never half a file)."""
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dfd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _stack_names(hf: HFName, path: str, n_stacked: int, shape) -> list[str]:
+    if n_stacked == 0:
+        if "{i}" in hf.name:
+            raise ValueError(f"{path}: the key map gives {hf.name!r} with '{{i}}' but the leaf "
+                             f"has no stacked axis. Fix: drop '{{i}}' from that rule.")
+        return [hf.name]
+    if n_stacked > 1 or "{i}" not in hf.name:
+        raise ValueError(
+            f"{path}: a leaf with {n_stacked} stacked axes (shape {tuple(shape)}) needs a key map "
+            f"template with '{{i}}' for the layer index (one stacked axis at most), got "
+            f"{hf.name!r}. Fix: e.g. (r'params/layers/(.*)/kernel', "
+            f"r'model.layers.{{i}}.\\1.weight', 'linear').")
+    return [hf.name.replace("{i}", str(i)) for i in range(shape[0])]
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _alpha_for_export(path, config: LoraConfig, r: int, scale: float) -> float:
+    """The lora_alpha giving this module's scale (the config's, unless the scale was changed)."""
+    alpha = config.alpha_for(path)
+    if math.isclose(scale, config.scale_for(path), rel_tol=1e-6):
+        return alpha
+    return scale * (math.sqrt(r) if config.use_rslora else r)
+
+
+def _pattern_key(module: str) -> str:
+    # PEFT matches pattern keys with re.match(rf"(.*\.)?({key})$", module name).
+    return re.escape(module)
+
+
+def _peft_config(config: LoraConfig, modules: dict, saved: list, fan_in_fan_out: bool,
+                 base_model_name_or_path, task_type) -> dict:
+    ranks = [r for r, _ in modules.values()]
+    r0 = config.rank if config.rank in ranks else max(set(ranks), key=ranks.count)
+    alphas = [a for r, a in modules.values() if r == r0] or [a for _, a in modules.values()]
+    a0 = config.alpha if config.alpha in alphas else max(set(alphas), key=alphas.count)
+    rank_pattern = {_pattern_key(m): r for m, (r, _) in sorted(modules.items()) if r != r0}
+    alpha_pattern = {_pattern_key(m): a for m, (_, a) in sorted(modules.items()) if a != a0}
+    return {
+        "peft_type": "LORA", "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path, "revision": None,
+        "inference_mode": True, "auto_mapping": None, "peft_version": _PEFT_VERSION,
+        "r": r0, "lora_alpha": _json_number(a0),
+        "target_modules": sorted(modules), "exclude_modules": None,
+        "lora_dropout": config.dropout, "fan_in_fan_out": fan_in_fan_out, "bias": "none",
+        "use_rslora": config.use_rslora, "modules_to_save": sorted(set(saved)) or None,
+        "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": {k: _json_number(v) for k, v in alpha_pattern.items()},
+        "use_dora": False, "lora_bias": False, "layer_replication": None,
+        "target_parameters": None, "trainable_token_indices": None,
+        "loftq_config": {}, "eva_config": None, "corda_config": None,
+        "megatron_config": None, "megatron_core": "megatron.core",
+        "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
+        "ensure_weight_tying": False,
+    }
+
+
+def _json_number(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def export_peft(directory, adapters, config: LoraConfig, *, key_map, params=None,
+                adapter_name: str = "default", base_model_name_or_path: str | None = None,
+                task_type: str | None = None, overwrite: bool = False) -> str:
+    """Writes adapters in PEFT's format (``PeftModel.from_pretrained`` loads them).
+
+    Args:
+      directory: the output folder (created).
+      adapters: the adapter tree (or a flat ``{path: node}`` dict).
+      config: its `LoraConfig`.
+      key_map: our paths -> torch names: a preset (``"llama"``, ``"gpt2"``,
+        ``"bert"``), a `lora_jax.interop.KeyMap`, ``{regex: template}`` or a
+        callable. Every adapted (and fully-trained) path must be mapped.
+      params: the base params. Checks the adapters against them, records
+        the base fingerprint, and supplies the untrained parameters of
+        ``modules_to_save`` modules (required when ``config.train`` is set).
+      adapter_name: ``"default"`` writes into ``directory``; another name
+        into ``directory/<name>`` (PEFT's layout for extra adapters).
+      base_model_name_or_path: recorded in ``adapter_config.json``.
+      task_type: PEFT's ``task_type`` (e.g. ``"CAUSAL_LM"``), or None.
+      overwrite: replace existing adapter files.
+
+    Returns:
+      The folder written.
+
+    Example:
+      >>> import json, os, tempfile, jax, lora_jax as lj
+      >>> params = {"params": {"lm_head": {"kernel": jax.random.normal(jax.random.key(0), (8, 16))}}}
+      >>> cfg = lj.LoraConfig(rank=2, alpha=4, targets=r".*/lm_head/kernel")
+      >>> ad = lj.init(params, cfg, key=jax.random.key(1))
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     _ = lj.export_peft(d, ad, cfg, key_map="llama")
+      ...     c = json.load(open(os.path.join(d, "adapter_config.json")))
+      >>> c["r"], c["lora_alpha"], c["target_modules"]
+      (2, 4, ['lm_head'])
+    """
+    st_numpy, _ = _safetensors()
+    km = resolve_key_map(key_map)
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a lj.LoraConfig, got {type(config).__name__}.")
+    if params is not None:
+        check_adapters(params, adapters, config)
+    nodes = [(path_str(p), n) for p, n in jax.tree_util.tree_flatten_with_path(
+        adapters, is_leaf=lambda x: x is None or is_lora(x))[0] if n is not None]
+    if not nodes:
+        raise ValueError("adapters hold no LoraWeights and no trained arrays; nothing to "
+                         "export. Fix: pass the tree from lj.init / lj.restore.")
+    unmapped = [p for p, _ in nodes if lookup(km, p) is None]
+    if unmapped:
+        raise ValueError(
+            f"export_peft: the key map leaves {len(unmapped)} adapted/trained paths unmapped, "
+            f"e.g. {unmapped[:6]}. Fix: add rules for them (lj.interop.KeyMap), or use the "
+            f"preset matching your model (presets: llama, gpt2, bert).")
+
+    tensors: dict[str, np.ndarray] = {}
+    modules: dict[str, tuple[int, float]] = {}
+    saved_modules: list[str] = []
+    fan_in_fan_out = False
+    for path, node in nodes:
+        hf = lookup(km, path)
+        if is_lora(node):
+            a, b = np.asarray(node.a), np.asarray(node.b)
+            scale = np.asarray(node.scale, np.float32)
+            if scale.ndim:
+                raise ValueError(
+                    f"{path}: scale has shape {scale.shape}: this is an adapter set (a leading "
+                    f"adapter axis). Fix: export each adapter separately (adapter_name=...).")
+            if hf.kind not in _FACTOR_KEYS:
+                raise ValueError(
+                    f"{path}: the key map says {hf.name!r} is a {hf.kind!r} parameter; LoRA "
+                    f"in PEFT applies to linear, conv1d and embedding layers. Fix: narrow "
+                    f"LoraConfig.targets or correct the key map's kind.")
+            n_stacked = a.ndim - 2
+            names = _stack_names(hf, path, n_stacked, a.shape)
+            key_a, key_b = _FACTOR_KEYS[hf.kind]
+            fan_in_fan_out |= hf.kind == "conv1d"
+            r = a.shape[-1]
+            alpha = _alpha_for_export(path, config, r, float(scale))
+            for i, name in enumerate(names):
+                module = name.rsplit(".", 1)[0]
+                ai, bi = (a[i], b[i]) if n_stacked else (a, b)
+                tensors[f"{_PREFIX}{module}.{key_a}"] = np.ascontiguousarray(ai.T)
+                tensors[f"{_PREFIX}{module}.{key_b}"] = np.ascontiguousarray(bi.T)
+                # DoRA hook: once LoraWeights carries a magnitude, write it here as
+                # f"{_PREFIX}{module}.lora_magnitude_vector" (shape (out,)) and set
+                # use_dora=True in _peft_config.
+                modules[module] = (r, alpha)
+        else:
+            if "{i}" in hf.name:
+                raise ValueError(f"{path}: stacked fully-trained leaves can't be exported as "
+                                 f"modules_to_save. Fix: unstack them first.")
+            tensors[f"{_PREFIX}{hf.name}"] = to_torch_layout(np.asarray(node), hf.kind, path)
+            saved_modules.append(hf.module)
+    if saved_modules:
+        _complete_saved_modules(tensors, saved_modules, params, km, nodes)
+
+    peft_cfg = _peft_config(config, modules, saved_modules, fan_in_fan_out,
+                            base_model_name_or_path, task_type)
+    if not modules:
+        raise ValueError("export_peft: the adapters hold no LoraWeights (only fully-trained "
+                         "leaves); PEFT needs at least one LoRA module. Fix: check the config.")
+    meta = {"format": "pt",
+            _META_SHA: json.dumps({k: _sha(v) for k, v in sorted(tensors.items())}),
+            _META_CFG: json.dumps(_config_dict(config))}
+    if params is not None:
+        meta[_META_FP] = json.dumps(base_fingerprint(params, config))
+
+    folder = _folder(directory, adapter_name)
+    os.makedirs(folder, exist_ok=True)
+    targets = [os.path.join(folder, n) for n in (WEIGHTS_NAME, CONFIG_NAME)]
+    if not overwrite and any(os.path.exists(t) for t in targets):
+        raise ValueError(f"{folder} already holds a PEFT adapter. Fix: pass overwrite=True, "
+                         f"or another directory / adapter_name.")
+    _atomic_write(targets[0], st_numpy.save(tensors, metadata=meta))
+    _atomic_write(targets[1], (json.dumps(peft_cfg, indent=2, sort_keys=True) + "\n").encode())
+    return folder
+
+
+def _config_dict(config: LoraConfig):
+    try:
+        return config.to_dict()
+    except ValueError:
+        return None  # a callable target: not recorded (PEFT's own config is complete)
+
+
+def _complete_saved_modules(tensors, saved_modules, params, km, nodes):
+    """PEFT loads a modules_to_save module whole: add its untrained parameters."""
+    if params is None:
+        raise ValueError(
+            f"export_peft: LoraConfig.train makes {sorted(set(saved_modules))} PEFT "
+            f"modules_to_save, which PEFT stores whole (weight and bias). Fix: pass params= "
+            f"so their untrained parameters can be written too.")
+    trained = {p for p, n in nodes if not is_lora(n)}
+    wanted = set(saved_modules)
+    for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        path = path_str(p)
+        if path in trained:
+            continue
+        hf = lookup(km, path)
+        if hf is not None and hf.module in wanted:
+            tensors[f"{_PREFIX}{hf.name}"] = to_torch_layout(np.asarray(leaf), hf.kind, path)
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def _check_peft_config(cfg: Mapping, where: str) -> None:
+    if cfg.get("peft_type") != "LORA":
+        raise UnsupportedPeftFeature(
+            f"{where}: peft_type={cfg.get('peft_type')!r}; lora_jax imports LoRA adapters "
+            f"only. Fix: use a LoRA adapter (peft_type LORA).")
+    for field, what in _UNSUPPORTED.items():
+        value = cfg.get(field)
+        if value not in (None, False, [], {}, ""):
+            raise UnsupportedPeftFeature(
+                f"{where}: the adapter uses {what}: {field}={value!r}, which lora_jax does not "
+                f"implement; importing only the LoRA factors would give a different model. "
+                f"Fix: use an adapter without it (for DoRA, merge it in PEFT with "
+                f"merge_and_unload and extract a LoRA with lj.extract).")
+    init = cfg.get("init_lora_weights", True)
+    if init not in _SAFE_INITS:
+        raise UnsupportedPeftFeature(
+            f"{where}: init_lora_weights={init!r}: that initialization changes the base "
+            f"weights (or the forward pass), so the factors don't apply to the original base. "
+            f"Fix: convert it to a plain LoRA in PEFT first (save_pretrained(..., "
+            f"path_initial_model_for_weight_conversion=...)).")
+    if cfg.get("bias", "none") != "none":
+        raise UnsupportedPeftFeature(
+            f"{where}: bias={cfg.get('bias')!r} (trained base biases) is not supported. Fix: "
+            f"use an adapter trained with bias='none'.")
+    unknown = sorted(set(cfg) - _IGNORED)
+    if unknown:
+        warnings.warn(f"{where}: unknown adapter_config.json fields {unknown} ignored (written "
+                      f"by a newer PEFT?); check they don't change the adapter's meaning.",
+                      LoraWarning, stacklevel=3)
+
+
+def _pattern_value(patterns: Mapping, module: str, default):
+    # PEFT 0.21: the first key k with re.match(rf"(.*\.)?({k})$", module) wins.
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _read_safetensors(path: str):
+    st_numpy, safe_open = _safetensors()
+    try:
+        with safe_open(path, framework="numpy") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # SafetensorError and OSError: name the file either way
+        raise ValueError(f"{path}: can't read the safetensors file ({type(e).__name__}: {e}). "
+                         f"It is truncated or corrupted. Fix: re-export or re-download it.") from e
+    return tensors, meta
+
+
+def import_peft(directory, params, *, key_map, adapter_name: str = "default", dtype=None,
+                on_base_mismatch: str = "error", check_finite: bool = True):
+    """Reads a PEFT LoRA adapter into ``(adapters, config)`` for ``params``.
+
+    The adapter tree mirrors ``params``; the returned `LoraConfig` targets
+    exactly the imported paths, with PEFT's per-module ranks and alphas
+    (``rank_pattern`` / ``alpha_pattern``) and ``use_rslora``;
+    ``modules_to_save`` become fully-trained leaves (``train``).
+    Features lora_jax doesn't implement are refused by name
+    (`UnsupportedPeftFeature`).
+
+    Args:
+      directory: the folder ``save_pretrained`` wrote.
+      params: the base params the adapter is for (the skeleton).
+      key_map: our paths -> torch names (as in `export_peft`).
+      adapter_name: ``"default"`` reads ``directory``; another name
+        ``directory/<name>``.
+      dtype: convert A and B to this dtype (default: as stored; a file whose
+        factors mix dtypes needs it).
+      on_base_mismatch: ``"error"``, ``"warn"`` or ``"ignore"`` when the file
+        carries a lora_jax base fingerprint that ``params`` don't match.
+      check_finite: raise on NaN/Inf factors.
+
+    Raises:
+      UnsupportedPeftFeature: DoRA, lora_bias, trained biases, base-modifying
+        inits (PiSSA, OLoRA, LoftQ...), layer replication and others.
+      ValueError: missing files (and ``.bin`` pickles, never loaded),
+        corrupted files, keys the key map can't place, factor shapes that
+        don't fit the base, NaN/Inf values.
+
+    Example:
+      >>> import tempfile, jax, lora_jax as lj
+      >>> params = {"params": {"lm_head": {"kernel": jax.random.normal(jax.random.key(0), (8, 16))}}}
+      >>> cfg = lj.LoraConfig(rank=2, alpha=4, targets=r".*/lm_head/kernel")
+      >>> ad = lj.init(params, cfg, key=jax.random.key(1))
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     _ = lj.export_peft(d, ad, cfg, key_map="llama")
+      ...     back, cfg2 = lj.import_peft(d, params, key_map="llama")
+      >>> bool((back["params"]["lm_head"]["kernel"].a == ad["params"]["lm_head"]["kernel"].a).all())
+      True
+      >>> cfg2.targets, cfg2.rank, cfg2.alpha
+      (('params/lm_head/kernel',), 2, 4.0)
+    """
+    km = resolve_key_map(key_map)
+    folder = _folder(directory, adapter_name)
+    cfg_path, st_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"{folder}: no {CONFIG_NAME}. Fix: point at the folder "
+                         f"save_pretrained / lj.export_peft wrote (extra adapters are in "
+                         f"sub-folders: pass adapter_name=).")
+    if not os.path.isfile(st_path):
+        pickled = [n for n in ("adapter_model.bin", "adapter_model.pt")
+                   if os.path.exists(os.path.join(folder, n))]
+        why = (f" ({pickled[0]} is a pickle, which lora_jax never loads: unpickling runs "
+               f"code)") if pickled else ""
+        raise ValueError(f"{folder}: no {WEIGHTS_NAME}{why}. Fix: save the adapter with "
+                         f"safetensors (save_pretrained(..., safe_serialization=True)).")
+    try:
+        with open(cfg_path) as fh:
+            pcfg = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e}). Fix: re-export the adapter.") from e
+    _check_peft_config(pcfg, folder)
+    tensors, meta = _read_safetensors(st_path)
+    if _META_SHA in meta:
+        sums = json.loads(meta[_META_SHA])
+        for k, v in tensors.items():
+            if sums.get(k) != _sha(v):
+                raise ValueError(f"{st_path}: tensor {k} does not match the sha256 recorded "
+                                 f"when it was exported: the file is corrupted. Fix: re-export "
+                                 f"it.")
+
+    # Forward-map every path of the skeleton, then invert (names are never parsed).
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    by_module: dict[str, tuple[str, HFName, int | None]] = {}
+    by_param: dict[str, tuple[str, HFName]] = {}
+    for p, leaf in flat:
+        path = path_str(p)
+        hf = lookup(km, path)
+        if hf is None:
+            continue
+        if "{i}" in hf.name:
+            for i in range(leaf.shape[0]):
+                name = hf.name.replace("{i}", str(i))
+                by_module[name.rsplit(".", 1)[0]] = (path, hf, i)
+        else:
+            by_module[hf.module] = (path, hf, None)
+            by_param[hf.name] = (path, hf)
+
+    factors: dict[str, dict] = {}   # module -> {"A": array, "B": array}
+    trained: dict[str, np.ndarray] = {}
+    unplaced = []
+    saved = set(pcfg.get("modules_to_save") or [])
+    for key, value in tensors.items():
+        if not key.startswith(_PREFIX):
+            unplaced.append(key)
+            continue
+        rest = key[len(_PREFIX):]
+        if rest.endswith(".lora_magnitude_vector"):
+            raise UnsupportedPeftFeature(f"{st_path}: {key} is a DoRA magnitude; DoRA is not "
+                                         f"implemented in lora_jax.")
+        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|"
+                         r"lora_embedding_B|lora_B\.bias)", rest)
+        if m:
+            module, which = m.groups()
+            if which == "lora_B.bias":
+                raise UnsupportedPeftFeature(f"{st_path}: {key}: lora_bias is not supported.")
+            if module not in by_module:
+                unplaced.append(key)
+                continue
+            kind = by_module[module][1].kind
+            if (which.startswith("lora_embedding")) != (kind == "embedding"):
+                raise ValueError(f"{st_path}: {key} is a {which} factor but the key map says "
+                                 f"{module} is a {kind} layer. Fix: correct the key map's kind.")
+            if kind == "linear" and pcfg.get("fan_in_fan_out"):
+                raise UnsupportedPeftFeature(
+                    f"{folder}: fan_in_fan_out=true, but {module} maps to a Linear-layout "
+                    f"kernel (only GPT-2 style Conv1D layers store (in, out)). Fix: check the "
+                    f"key map (gpt2 for GPT-2), or re-save the adapter with "
+                    f"fan_in_fan_out=false.")
+            factors.setdefault(module, {})["A" if which.endswith(("A.weight", "_A")) else "B"] \
+                = value
+        elif rest in by_param and by_param[rest][1].module in saved:
+            trained[by_param[rest][0]] = value
+        else:
+            unplaced.append(key)
+    if unplaced:
+        raise ValueError(
+            f"{st_path}: {len(unplaced)} keys don't map to any leaf of params through key map "
+            f"{getattr(km, 'name', 'custom')!r}, e.g. {unplaced[:5]}. Keys must be "
+            f"'{_PREFIX}<module>.lora_A.weight' etc. for modules the key map produces from "
+            f"params' paths (e.g. {sorted(by_module)[:3]}). Fix: pass the key map (and "
+            f"prefix, e.g. KEY_MAPS['bert'].with_prefix('bert.')) of the model the adapter "
+            f"was trained on.")
+    if not factors:
+        raise ValueError(f"{st_path}: no LoRA factors found. Fix: check the file.")
+
+    # Per-path factors, ranks and alphas (stacked leaves gather their layers).
+    per_path: dict[str, dict] = {}
+    for module, ab in factors.items():
+        if set(ab) != {"A", "B"}:
+            missing = "lora_B" if "A" in ab else "lora_A"
+            raise ValueError(f"{st_path}: {module} has no {missing} tensor. Fix: re-export "
+                             f"the adapter; the file is incomplete.")
+        path, hf, layer = by_module[module]
+        r_file = ab["A"].shape[0]
+        r = int(_pattern_value(pcfg.get("rank_pattern"), module, pcfg["r"]))
+        alpha = float(_pattern_value(pcfg.get("alpha_pattern"), module, pcfg["lora_alpha"]))
+        if r_file != r or ab["B"].shape[-1] != r:
+            raise ValueError(
+                f"{st_path}: {module}: lora_A {tuple(ab['A'].shape)} / lora_B "
+                f"{tuple(ab['B'].shape)} don't have the rank {r} that adapter_config.json "
+                f"gives this module (r / rank_pattern). Fix: the config and weights don't "
+                f"belong together; re-export the adapter.")
+        entry = per_path.setdefault(path, {"r": r, "alpha": alpha, "layers": {}})
+        if (entry["r"], entry["alpha"]) != (r, alpha):
+            raise ValueError(f"{path}: stacked layers have different ranks/alphas in the file; "
+                             f"a stacked leaf needs one. Fix: unstack the model.")
+        entry["layers"][layer] = (ab["A"].T, ab["B"].T)
+
+    config = _build_config(pcfg, per_path, trained, tensors, dtype, st_path, params)
+    specs = resolve(params, config).targets
+    leaves = []
+    for p, leaf in flat:
+        path = path_str(p)
+        if path in per_path:
+            layers = per_path[path]["layers"]
+            spec = specs[path]
+            if None in layers:
+                a, b = layers[None]
+            else:
+                n = spec.shape[0]
+                if sorted(layers) != list(range(n)):
+                    missing = sorted(set(range(n)) - set(layers))
+                    raise ValueError(f"{path}: the file has no factors for stacked layers "
+                                     f"{missing}. Fix: export every layer.")
+                a = np.stack([layers[i][0] for i in range(n)])
+                b = np.stack([layers[i][1] for i in range(n)])
+            a, b = jnp.asarray(a, config.dtype), jnp.asarray(b, config.dtype)
+            leaves.append(LoraWeights(a, b, jnp.asarray(spec.scale, jnp.float32)))
+        elif path in trained:
+            kind = lookup(km, path).kind
+            value = np.asarray(trained[path])
+            leaves.append(jnp.asarray(value.T if kind == "linear" else value))
+        else:
+            leaves.append(None)
+    adapters = jax.tree_util.tree_unflatten(treedef, leaves)
+    try:
+        check_adapters(params, adapters, config)
+    except ValueError as e:
+        raise ValueError(f"{st_path}: {e}") from None
+    if check_finite:
+        for p, node in jax.tree_util.tree_flatten_with_path(
+                adapters, is_leaf=lambda x: x is None or is_lora(x))[0]:
+            arrays = ({"a": node.a, "b": node.b} if is_lora(node) else
+                      {"": node} if node is not None else {})
+            for field, x in arrays.items():
+                bad = int(np.sum(~np.isfinite(np.asarray(x, np.float32))))
+                if bad:
+                    name = path_str(p) + (f"/{field}" if field else "")
+                    raise ValueError(f"{st_path}: {name} has {bad} NaN/Inf value(s). Fix: the "
+                                     f"adapter is broken (training diverged?); use another "
+                                     f"one, or pass check_finite=False to load it anyway.")
+    if _META_FP in meta:
+        check_base(params, json.loads(meta[_META_FP]), on_mismatch=on_base_mismatch,
+                   what=f"the adapter in {folder}")
+    return adapters, config
+
+
+def _infer_layout(path, shape, stacked: bool, in_size: int, out_size: int):
+    """The Layout splitting ``shape`` into (stacked, in, out) axes of these sizes, or None."""
+    s = 1 if stacked else 0
+    rest = shape[s:]
+    for k in range(1, len(rest)):
+        if math.prod(rest[:k]) == in_size and math.prod(rest[k:]) == out_size:
+            return Layout(s, k, len(rest) - k)
+    return None  # nothing fits: check_adapters reports both shapes
+
+
+def _build_config(pcfg, per_path, trained, tensors, dtype, st_path, params) -> LoraConfig:
+    shapes = {path_str(p): tuple(np.shape(x))
+              for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    layouts = {}
+    for path, e in per_path.items():
+        a, b = next(iter(e["layers"].values()))
+        stacked = None not in e["layers"]
+        lay = _infer_layout(path, shapes[path], stacked, a.shape[0], b.shape[1])
+        if lay is not None and lay != Layout(0, len(shapes[path]) - 1, 1):
+            layouts[path] = lay
+    ranks = {p: e["r"] for p, e in per_path.items()}
+    alphas = {p: e["alpha"] for p, e in per_path.items()}
+    r0, a0 = int(pcfg["r"]), float(pcfg["lora_alpha"])
+    if dtype is None:
+        dtypes = {str(v.dtype) for k, v in tensors.items() if ".lora_" in k}
+        if len(dtypes) != 1:
+            raise ValueError(f"{st_path}: the LoRA factors mix dtypes {sorted(dtypes)}. Fix: "
+                             f"pass dtype= (e.g. jnp.float32) to convert them.")
+        dtype = jnp.dtype(dtypes.pop())
+    return LoraConfig(
+        targets=tuple(re.escape(p) for p in per_path),
+        layouts={re.escape(p): lay for p, lay in layouts.items()},
+        rank=r0, alpha=a0,
+        rank_pattern={re.escape(p): r for p, r in ranks.items() if r != r0},
+        alpha_pattern={re.escape(p): a for p, a in alphas.items() if a != a0},
+        use_rslora=bool(pcfg.get("use_rslora", False)),
+        dropout=float(pcfg.get("lora_dropout") or 0.0),
+        dtype=dtype,
+        train=tuple(re.escape(p) for p in trained),
+    )
