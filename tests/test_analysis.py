@@ -394,3 +394,19 @@ def test_spectra_summary_of_a_checkpoint(rng, tmp_path):
     ref = lj.analyze(ad, cfg)
     for s in ref:
         assert rows[s.path][4] == f"{s.norm:.3g}" and rows[s.path][7] == f"{s.effective_rank:.2f}"
+
+
+def test_cli_inspect_shows_spectra(rng, tmp_path, capsys):
+    from lora_jax.__main__ import main
+
+    params, ad = _random_adapters(rng, {"q": (24, 16)}, rank=4)
+    cfg = lj.LoraConfig(rank=4, alpha=6, targets="q")
+    lj.save(tmp_path / "ck", ad, cfg, params=params)
+    assert main(["inspect", str(tmp_path / "ck")]) == 0
+    out = capsys.readouterr().out
+    s = lj.analyze(ad, cfg).spectra[0]
+    assert "spectra of s*A@B" in out and f"{s.effective_rank:.2f}" in out
+    assert main(["inspect", str(tmp_path / "ck"), "--no-spectra"]) == 0
+    assert "spectra of s*A@B" not in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -151,3 +151,23 @@ def test_plan_command(capsys):
     out = capsys.readouterr().out
     assert "64 targets (rank 8)" in out and "4,194,304" in out and "8.4 MB" in out
     assert "storage, 50 tasks" in out and "673.8 GB" in out
+
+
+def test_cli_plan_subprocess():
+    """The documented command line, end to end."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-m", "lora_jax", "plan", "--preset", "llama-7b", "--rank", "8",
+         "--targets", "q_proj,v_proj"], capture_output=True, text=True, cwd=root, timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr
+    assert "llama-7b: 6,738,415,616 parameters, 64 targets (rank 8)" in out.stdout
+    assert "4,194,304" in out.stdout and "16.8 MB" in out.stdout   # float32 adapters
+    bad = subprocess.run([sys.executable, "-m", "lora_jax", "plan", "--preset", "llama-7b",
+                          "--optimizer", "adagrad"], capture_output=True, text=True, cwd=root,
+                         timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert bad.returncode == 2 and "optimizer='adagrad' is unknown" in bad.stderr
