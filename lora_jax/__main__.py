@@ -5,8 +5,16 @@ Commands live with their concept and register here: each module offers
 -> exit status). To add a command, write that function and call it in
 `build_parser`.
 
-  plan      memory and storage of a LoRA run vs full fine-tuning (presets)
-  inspect   a checkpoint's config, entries and the spectra of its adapters
+  plan         memory and storage of a LoRA run vs full fine-tuning (presets)
+  inspect      a checkpoint's config, entries and the spectra of its adapters
+  merge        fold a checkpoint's adapter into base params: W + s*A@B
+  export-peft  write a checkpoint's adapter as a PEFT adapter (safetensors)
+  import-peft  read a PEFT adapter into a lora_jax checkpoint
+
+Base params (BASE arguments) are files of one array per '/'-path, as
+``lj.interop.save_params`` writes them: ``.safetensors`` or ``.npz`` with keys
+like ``params/block_0/attn/q/kernel``, or an Orbax ``StandardCheckpointer``
+directory holding the params tree.
 """
 
 from __future__ import annotations
@@ -41,12 +49,134 @@ def _run_inspect(args) -> int:
     return 0
 
 
+_BASE_HELP = ("base params: a .safetensors/.npz file keyed by '/'-paths "
+              "(lj.interop.save_params) or an Orbax StandardCheckpointer directory")
+_KEY_MAP_HELP = ("our paths -> Hugging Face names: a preset (llama, gpt2, bert) or "
+                 "'module:ATTRIBUTE' naming a lj.interop.KeyMap")
+
+
+def _key_map(spec: str):
+    from lora_jax.interop import KEY_MAPS
+
+    if spec in KEY_MAPS:
+        return spec
+    if ":" in spec:
+        import importlib
+        module, _, attr = spec.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"--key-map {spec}: can't load it ({e}). Fix: use a preset "
+                             f"{sorted(KEY_MAPS)} or an importable 'module:ATTRIBUTE'.") from e
+    raise ValueError(f"--key-map {spec}: not a preset {sorted(KEY_MAPS)} and not "
+                     f"'module:ATTRIBUTE'.")
+
+
+def add_merge_command(subparsers) -> None:
+    """Registers ``merge``: restore (checking the base fingerprint), merge, write."""
+    p = subparsers.add_parser(
+        "merge", help="fold a checkpoint's adapter into base params",
+        description="Restore the adapter onto BASE (shapes and base fingerprint checked), "
+                    "compute W + s*A@B in float32 (lj.merge) and write the merged params to "
+                    "OUT (.safetensors or .npz, keyed by '/'-paths).")
+    p.add_argument("checkpoint", help="the checkpoint root passed to lj.save")
+    p.add_argument("--base", required=True, help=_BASE_HELP)
+    p.add_argument("--out", required=True, help="output params file (.safetensors or .npz)")
+    p.add_argument("--step", type=int, default=None, help="default: the latest")
+    p.add_argument("--on-base-mismatch", choices=("error", "warn", "ignore"), default="error",
+                   help="when BASE is not the base the adapter was trained on")
+    p.set_defaults(func=_run_merge)
+
+
+def _run_merge(args) -> int:
+    import lora_jax as lj
+
+    base = lj.interop.load_params(args.base)
+    adapters, config = lj.restore(args.checkpoint, base, step=args.step,
+                                  on_base_mismatch=args.on_base_mismatch)
+    lj.interop.save_params(args.out, lj.merge(base, adapters, config))
+    print(f"merged {len(lj.describe(base, config).specs)} adapted weights into {args.out}")
+    return 0
+
+
+def add_export_peft_command(subparsers) -> None:
+    """Registers ``export-peft``: a checkpoint step as a PEFT adapter folder."""
+    p = subparsers.add_parser(
+        "export-peft", help="write a checkpoint's adapter in PEFT's format",
+        description="Write adapter_config.json + adapter_model.safetensors that "
+                    "peft.PeftModel.from_pretrained loads (lj.export_peft).")
+    p.add_argument("checkpoint", help="the checkpoint root passed to lj.save")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--key-map", required=True, help=_KEY_MAP_HELP)
+    p.add_argument("--base", default=None,
+                   help=_BASE_HELP + "; optional: checks the adapter against it, records the "
+                                     "base fingerprint, needed for fully-trained leaves")
+    p.add_argument("--step", type=int, default=None, help="default: the latest")
+    p.add_argument("--adapter-name", default="default",
+                   help="a name other than 'default' writes into OUT/<name>")
+    p.add_argument("--task-type", default=None, help="PEFT task_type, e.g. CAUSAL_LM")
+    p.add_argument("--base-model-name-or-path", default=None,
+                   help="recorded in adapter_config.json")
+    p.add_argument("--overwrite", action="store_true", help="replace existing adapter files")
+    p.set_defaults(func=_run_export_peft)
+
+
+def _run_export_peft(args) -> int:
+    import lora_jax as lj
+
+    base = lj.interop.load_params(args.base) if args.base else None
+    adapters, config = lj.restore(args.checkpoint, base, step=args.step)
+    folder = lj.export_peft(args.out, adapters, config, key_map=_key_map(args.key_map),
+                            params=base, adapter_name=args.adapter_name,
+                            task_type=args.task_type,
+                            base_model_name_or_path=args.base_model_name_or_path,
+                            overwrite=args.overwrite)
+    print(f"wrote a PEFT adapter to {folder}")
+    return 0
+
+
+def add_import_peft_command(subparsers) -> None:
+    """Registers ``import-peft``: a PEFT adapter folder as a lora_jax checkpoint."""
+    p = subparsers.add_parser(
+        "import-peft", help="read a PEFT adapter into a lora_jax checkpoint",
+        description="Read a PEFT LoRA adapter (safetensors only) for BASE (lj.import_peft) "
+                    "and save it, with BASE's fingerprint, as a checkpoint step (lj.save).")
+    p.add_argument("peft_dir", help="the folder PEFT's save_pretrained wrote")
+    p.add_argument("checkpoint", help="the checkpoint root to write")
+    p.add_argument("--base", required=True, help=_BASE_HELP)
+    p.add_argument("--key-map", required=True, help=_KEY_MAP_HELP)
+    p.add_argument("--adapter-name", default="default",
+                   help="read PEFT_DIR/<name> for an adapter other than 'default'")
+    p.add_argument("--step", type=int, default=None,
+                   help="the step to write (default: after the latest, or 0)")
+    p.add_argument("--dtype", default=None, help="convert A and B, e.g. float32 or bfloat16")
+    p.set_defaults(func=_run_import_peft)
+
+
+def _run_import_peft(args) -> int:
+    import jax.numpy as jnp
+
+    import lora_jax as lj
+
+    base = lj.interop.load_params(args.base)
+    adapters, config = lj.import_peft(args.peft_dir, base, key_map=_key_map(args.key_map),
+                                      adapter_name=args.adapter_name,
+                                      dtype=jnp.dtype(args.dtype) if args.dtype else None)
+    step = lj.save(args.checkpoint, adapters, config, step=args.step, params=base)
+    print(f"imported {len(lj.describe(base, config).specs)} adapted weights into "
+          f"{args.checkpoint} step {step}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lora_jax",
                                      description="lora_jax command line tools.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_plan_command(sub)
     add_inspect_command(sub)
+    add_merge_command(sub)
+    add_export_peft_command(sub)
+    add_import_peft_command(sub)
     return parser
 
 
@@ -54,7 +184,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:   # ours (CheckpointError included) say what and how to fix
+    except (ValueError, TypeError) as e:   # ours say what and how to fix
         print(f"error: {e}", file=sys.stderr)
         return 2
 

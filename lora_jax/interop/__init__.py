@@ -3,7 +3,9 @@
 ``lj.export_peft`` / ``lj.import_peft`` (re-exported at the top level) read
 and write PEFT's safetensors format; a `KeyMap` translates lora_jax's
 '/'-paths to Hugging Face parameter names, with presets for the reference
-models in ``KEY_MAPS`` (``"llama"``, ``"gpt2"``, ``"bert"``). The
+models in ``KEY_MAPS`` (``"llama"``, ``"gpt2"``, ``"bert"``);
+`save_params` / `load_params` read and write the flat '/'-path params files
+the command line takes. The
 ``safetensors`` package is imported only when a file is read or written
 (``pip install 'lora-jax[interop]'``).
 
@@ -12,6 +14,8 @@ models in ``KEY_MAPS`` (``"llama"``, ``"gpt2"``, ``"bert"``). The
 HFName(name='model.layers.0.self_attn.k_proj.weight', kind='linear')
 """
 
+from lora_jax.interop._files import load_params as load_params
+from lora_jax.interop._files import save_params as save_params
 from lora_jax.interop._keymap import KEY_MAPS as KEY_MAPS
 from lora_jax.interop._keymap import HFName as HFName
 from lora_jax.interop._keymap import KeyMap as KeyMap
@@ -29,5 +33,7 @@ __all__ = [
     "export_peft",
     "from_hf_state_dict",
     "import_peft",
+    "load_params",
+    "save_params",
     "to_hf_state_dict",
 ]

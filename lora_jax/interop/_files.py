@@ -1,0 +1,78 @@
+"""Params files for the command line: one array per '/'-path.
+
+``.safetensors`` and ``.npz`` files hold a flat ``{path: array}`` mapping
+keyed by the paths `lj.path_str` prints (``params/block_0/attn/q/kernel``).
+A flat dict keyed by those paths has exactly the paths of the nested tree,
+so it works as ``params`` everywhere (`lj.restore`, `lj.merge`,
+`lj.import_peft`). A directory is read as an Orbax ``StandardCheckpointer``
+checkpoint of the params tree.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from lora_jax._paths import path_str
+
+__all__ = ["save_params", "load_params"]
+
+
+def _host(x) -> np.ndarray:
+    return np.asarray(x)
+
+
+def save_params(path, params) -> None:
+    """Writes ``params`` as a flat ``{path: array}`` file (``.safetensors`` or ``.npz``).
+
+    Example:
+      >>> import os, tempfile, numpy as np, lora_jax as lj
+      >>> params = {"params": {"dense": {"kernel": np.ones((2, 3), np.float32)}}}
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     lj.interop.save_params(os.path.join(d, "base.npz"), params)
+      ...     flat = lj.interop.load_params(os.path.join(d, "base.npz"))
+      >>> list(flat), flat["params/dense/kernel"].shape
+      (['params/dense/kernel'], (2, 3))
+    """
+    path = os.fspath(path)
+    flat = {path_str(p): _host(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import save_file
+        save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, path,
+                  metadata={"format": "lora_jax.params"})
+    elif path.endswith(".npz"):
+        np.savez(path, **flat)
+    else:
+        raise ValueError(f"{path}: params files end in .safetensors or .npz. Fix: rename the "
+                         f"output.")
+
+
+def load_params(path):
+    """Reads params written by `save_params` (flat dict) or an Orbax directory (tree).
+
+    See `save_params` for an example.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        import orbax.checkpoint as ocp
+        try:
+            return ocp.StandardCheckpointer().restore(os.path.abspath(path))
+        except Exception as e:
+            raise ValueError(f"{path}: not an Orbax checkpoint of a params tree "
+                             f"({type(e).__name__}: {e}). Fix: pass the directory given to "
+                             f"StandardCheckpointer.save, or a .safetensors/.npz file.") from e
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such params file. Fix: check the path.")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+        try:
+            return dict(load_file(path))
+        except Exception as e:
+            raise ValueError(f"{path}: can't read the safetensors file ({e}). Fix: re-create "
+                             f"it with lj.interop.save_params.") from e
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    raise ValueError(f"{path}: params files are .safetensors, .npz or an Orbax directory.")
