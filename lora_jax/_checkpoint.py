@@ -93,10 +93,25 @@ def _host(x) -> np.ndarray:
     return h if h.flags.c_contiguous else np.ascontiguousarray(h)
 
 
+def _digest(h: np.ndarray) -> str:
+    # A byte view, not tobytes(): no copy of a 100 MB array.
+    return hashlib.sha256(memoryview(h.reshape(-1).view(np.uint8))).hexdigest()
+
+
 def _array_record(x) -> dict:
     h = _host(x)
-    return {"shape": list(h.shape), "dtype": h.dtype.name,
-            "sha256": hashlib.sha256(h.tobytes()).hexdigest()}
+    return {"shape": list(h.shape), "dtype": h.dtype.name, "sha256": _digest(h)}
+
+
+def _records(arrays: list) -> list[dict]:
+    """`_array_record` of each array; large trees hash on several threads
+    (hashlib releases the GIL), so hashing keeps pace with Orbax's I/O."""
+    total = sum(int(np.prod(np.shape(x))) for x in arrays)
+    if total < (1 << 22) or (os.cpu_count() or 1) < 2:
+        return [_array_record(x) for x in arrays]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(_array_record, arrays))
 
 
 def _is_node(x) -> bool:
@@ -118,8 +133,8 @@ def _as_array(x):
 def _check_finite(path: str, field: str, x, where: str) -> None:
     h = np.asarray(x)
     if np.issubdtype(h.dtype, np.inexact) or h.dtype.name == "bfloat16":
-        if not np.all(np.isfinite(h.astype(np.float32))):
-            n = int(np.sum(~np.isfinite(h.astype(np.float32))))
+        if not np.isfinite(h).all():
+            n = int(np.sum(~np.isfinite(h)))
             name = f"{path}/{field}" if field else path
             raise CheckpointError(
                 f"{name}: {n} NaN/Inf value(s) {where}. An adapter with non-finite values "
@@ -169,22 +184,22 @@ def _flatten_adapters(adapters, config, params, check_finite: bool):
             "Fix: pass the tree returned by lj.init (or restored by lj.restore).")
     if params is None:
         _check_fits_config(entries, config)
-    arrays, record = {}, {}
+    arrays, order = {}, []
     for path, node in entries.items():
         if is_lora(node):
             item = {"a": _as_array(node.a), "b": _as_array(node.b),
                     "scale": _as_array(jnp.asarray(node.scale, jnp.float32))}
-            if check_finite:
-                for f in _FIELDS:
-                    _check_finite(path, f, item[f], "in the adapter being saved")
             arrays[path] = item
-            record[path] = {"kind": "lora", **{f: _array_record(item[f]) for f in _FIELDS}}
+            order += [(path, f, item[f]) for f in _FIELDS]
         else:
-            arr = _as_array(node)
-            if check_finite:
-                _check_finite(path, "", arr, "in the adapter being saved")
-            arrays[path] = arr
-            record[path] = {"kind": "train", "array": _array_record(arr)}
+            arrays[path] = _as_array(node)
+            order.append((path, "", arrays[path]))
+    if check_finite:
+        for path, f, x in order:
+            _check_finite(path, f, x, "in the adapter being saved")
+    record = {p: {"kind": "lora" if is_lora(n) else "train"} for p, n in entries.items()}
+    for (path, f, _), rec in zip(order, _records([x for _, _, x in order])):
+        record[path][f or "array"] = rec
     return arrays, record
 
 
@@ -194,7 +209,7 @@ def _flatten_state(opt_state, rng):
         flat = {path_str(p): _as_array(x)
                 for p, x in jax.tree_util.tree_flatten_with_path(opt_state)[0]}
         arrays["opt_state"] = flat
-        record["opt_state"] = {p: _array_record(x) for p, x in flat.items()}
+        record["opt_state"] = dict(zip(flat, _records(list(flat.values()))))
     if rng is not None:
         rng = _as_array(rng)
         if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
@@ -458,19 +473,19 @@ def _restore_arrays(mngr, step, rec, slots, shardings, where, check_finite, stat
             f"are truncated or corrupted. Fix: restore an earlier step "
             f"(lj.inspect(directory).steps lists them).") from e
     arrays = out[_ARRAYS]
-    for path, e in entries.items():
-        fields = _FIELDS if e["kind"] == "lora" else ("",)
-        for f in fields:
-            x = arrays[path][f] if f else arrays[path]
-            arec = e[f] if f else e["array"]
-            _verify(x, arec, f"{path}/{f}" if f else path, where)
-            if check_finite:
-                _check_finite(path, f, x, f"in the checkpoint ({where})")
+    order = [(path, f, arrays[path][f] if f else arrays[path], e[f] if f else e["array"])
+             for path, e in entries.items()
+             for f in (_FIELDS if e["kind"] == "lora" else ("",))]
+    got = _records([x for _, _, x, _ in order])
+    for (path, f, x, arec), rec in zip(order, got):
+        _verify(rec, arec, f"{path}/{f}" if f else path, where)
+        if check_finite:
+            _check_finite(path, f, x, f"in the checkpoint ({where})")
     return arrays, (out[_STATE] if state_like is not None else None)
 
 
-def _verify(x, arec, name, where):
-    got = _array_record(x)
+def _verify(got, arec, name, where):
+    """Compares a restored array's record (`_array_record`) with the saved one."""
     if got["shape"] != list(arec["shape"]) or got["dtype"] != arec["dtype"]:
         raise CheckpointError(
             f"{where}: {name} restored as {got['dtype']}{tuple(got['shape'])}, saved as "
@@ -770,13 +785,15 @@ def _unpack_state(rec, st, where, opt_like):
     state = rec["state"]
     opt_state = rng = None
     if "opt_state" in state:
-        for p, arec in state["opt_state"].items():
-            _verify(st["opt_state"][p], arec, f"opt_state/{p}", where)
+        saved = state["opt_state"]
+        got = _records([st["opt_state"][p] for p in saved])
+        for (p, arec), rec in zip(saved.items(), got):
+            _verify(rec, arec, f"opt_state/{p}", where)
         flat, treedef = jax.tree_util.tree_flatten_with_path(opt_like)
         opt_state = jax.tree_util.tree_unflatten(
             treedef, [st["opt_state"][path_str(p)] for p, _ in flat])
     if "rng" in state:
-        _verify(st["rng"], state["rng"]["array"], "rng", where)
+        _verify(_array_record(st["rng"]), state["rng"]["array"], "rng", where)
         impl = state["rng"]["impl"]
         rng = st["rng"] if impl is None else jax.random.wrap_key_data(st["rng"], impl=impl)
     return opt_state, rng

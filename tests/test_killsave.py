@@ -146,22 +146,26 @@ def _check_directory(directory, last_done):
     return partial, info.steps
 
 
-@pytest.mark.slow
-def test_sigkill_during_save_never_loses_the_previous_step(tmp_path):
+def run_kill_trials(directory: str, *, trials: int, budget_s: float, seed: int) -> dict:
+    """Runs up to ``trials`` kill trials within ``budget_s``; raises on the first failure.
+
+    Returns ``{"trials", "mid_save", "steps_done", "median_save_s"}``: trials
+    run, kills that left a partial step behind, saves completed, and the
+    median save time (which sets the kill horizon: up to three saves).
+    """
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     zygote = subprocess.Popen([sys.executable, "-c", _ZYGOTE], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                               env=env)
     q: queue.Queue = queue.Queue()
     threading.Thread(target=_reader, args=(zygote.stdout, q), daemon=True).start()
-    gen = np.random.default_rng(SEED)
-    directory = str(tmp_path / "ckpt")
-    last_done, trials, mid_save, save_secs = -1, 0, 0, []
+    gen = np.random.default_rng(seed)
+    last_done, done, mid_save, save_secs = -1, 0, 0, []
     t_start = time.time()
     try:
         _next(q, "zygote")
-        while trials < TRIALS and time.time() - t_start < BUDGET_S:
-            zygote.stdin.write(json.dumps({"dir": directory, "async": trials % 2 == 1}) + "\n")
+        while done < trials and time.time() - t_start < budget_s:
+            zygote.stdin.write(json.dumps({"dir": directory, "async": done % 2 == 1}) + "\n")
             zygote.stdin.flush()
             pid = _next(q, "forked")["forked"]
             _next(q, "ready")
@@ -184,14 +188,21 @@ def test_sigkill_during_save_never_loses_the_previous_step(tmp_path):
             _next.done.clear()
             partial, _ = _check_directory(directory, last_done)
             mid_save += bool(partial)
-            trials += 1
+            done += 1
     finally:
         zygote.stdin.close()
         zygote.kill()
         zygote.wait()
-    print(f"\nkill test: {trials} trials, {mid_save} killed mid-save (partial step "
-          f"left behind), {last_done + 1} steps completed, median save "
-          f"{np.median(save_secs) if save_secs else float('nan'):.3f}s")
-    assert trials >= 12, f"only {trials} trials ran within {BUDGET_S}s"
-    assert mid_save >= 3, f"only {mid_save} of {trials} kills landed during a save"
-    assert last_done >= 3
+    return {"trials": done, "mid_save": mid_save, "steps_done": last_done + 1,
+            "median_save_s": float(np.median(save_secs)) if save_secs else None}
+
+
+@pytest.mark.slow
+def test_sigkill_during_save_never_loses_the_previous_step(tmp_path):
+    r = run_kill_trials(str(tmp_path / "ckpt"), trials=TRIALS, budget_s=BUDGET_S, seed=SEED)
+    print(f"\nkill test: {r['trials']} trials, {r['mid_save']} killed mid-save (partial step "
+          f"left behind), {r['steps_done']} steps completed, median save "
+          f"{r['median_save_s']}s")
+    assert r["trials"] >= 12, f"only {r['trials']} trials ran within {BUDGET_S}s"
+    assert r["mid_save"] >= 3, f"only {r['mid_save']} of {r['trials']} kills landed mid-save"
+    assert r["steps_done"] >= 4
