@@ -554,7 +554,7 @@ class Checkpointer:
       >>> with tempfile.TemporaryDirectory() as d:
       ...     with lj.Checkpointer(d, max_to_keep=2) as ckpt:
       ...         for step in range(3):
-      ...             ckpt.save(step, ad, cfg, opt_state=tx.init(ad), rng=jax.random.key(step))
+      ...             _ = ckpt.save(step, ad, cfg, opt_state=tx.init(ad), rng=jax.random.key(step))
       ...         ckpt.wait()
       ...         state, cfg2 = ckpt.restore_state(params, tx=tx)
       ...         print(ckpt.steps, state.step, cfg2 == cfg)
