@@ -1,7 +1,7 @@
 """Benchmark of adapter checkpoints: bytes on disk, save/restore time, kill trials.
 
 * Size: bytes of the step's files on disk vs the raw bytes of the arrays,
-  for the reference decoder's adapter (rank 8 on q, k, v, o, fc1, fc2:
+  for a tiny adapter (two 64 x 64 weights, rank 4), the reference decoder's adapter (rank 8 on q, k, v, o, fc1, fc2:
   294,912 parameters) and for a 100 MiB adapter tree (50 weights of
   4096 x 4096 with rank 64, float32 standard normals: zstd saves ~7%).
 * Time (100 MiB tree): `lj.save` (synchronous, includes hashing),
@@ -82,9 +82,19 @@ def size_report(name, params, config, ad, workdir) -> dict:
     lj.save(d, ad, config)
     info = lj.inspect(d)
     raw = _raw_bytes(ad)
+    # Everything but the (zstd-compressed) array chunks: Orbax's tree metadata,
+    # sharding, manifests and index nodes, and lora_jax's JSON record.
+    meta = 0
+    for root, _, files in os.walk(os.path.join(d, str(info.step))):
+        for f in files:
+            path = os.path.join(root, f)
+            if not (os.sep + "d" + os.sep in path and os.path.getsize(path) > 4096):
+                meta += os.path.getsize(path)
+    record = os.path.getsize(os.path.join(d, str(info.step), "lora_jax", "metadata"))
     return {"tree": name, "n_params": info.n_params, "raw_bytes": raw,
             "disk_bytes": info.disk_bytes, "ratio": info.disk_bytes / raw,
-            "overhead_bytes": info.disk_bytes - raw,
+            "overhead_bytes": info.disk_bytes - raw, "metadata_bytes": meta,
+            "record_bytes": record,
             "n_arrays": 3 * sum(1 for r in info.rows if r[1] == "lora")}
 
 
@@ -198,7 +208,11 @@ def main():
     try:
         ref = _reference_tree()
         big = _big_tree()
-        results["size"] = [size_report("reference-gpt-r8", *ref, workdir),
+        tiny_params = {f"w{i}": jax.ShapeDtypeStruct((64, 64), jnp.float32) for i in range(2)}
+        tiny_cfg = lj.LoraConfig(rank=4, targets=r"w\d")
+        tiny = (tiny_params, tiny_cfg, _random_adapters(tiny_params, tiny_cfg, 2))
+        results["size"] = [size_report("tiny-2x64x64-r4", *tiny, workdir),
+                           size_report("reference-gpt-r8", *ref, workdir),
                            size_report("100MiB", *big, workdir)]
         results["timing_100MiB"] = timing_report(big[2], big[1], workdir, args.rounds)
         results["fingerprint"] = fingerprint_report()
@@ -218,8 +232,8 @@ def main():
         json.dump(results, f, indent=1, default=str)
     for s in results["size"]:
         print(f"size {s['tree']:>17}: {s['raw_bytes']:>11,} B raw, {s['disk_bytes']:>11,} B on "
-              f"disk, ratio {s['ratio']:.4f}, overhead {s['overhead_bytes']:,} B "
-              f"({s['n_arrays']} arrays)")
+              f"disk, ratio {s['ratio']:.4f}; metadata files {s['metadata_bytes']:,} B (of "
+              f"which the lora_jax record {s['record_bytes']:,} B), {s['n_arrays']} arrays")
     t = results["timing_100MiB"]
     print(f"100 MiB: lj.save {t['save_s']:.2f}s ({t['save_MBps']:.0f} MB/s), async save returns "
           f"in {t['async_return_s']:.2f}s (on disk {t['async_done_s']:.2f}s), lj.restore "

@@ -363,7 +363,7 @@ def _sharding(shardings, path, field, like_leaf):
     return _default_sharding()
 
 
-def _expected_nodes(rec, params, like, config) -> tuple[list[tuple[str, Any]], Any]:
+def _expected_nodes(rec, params, like) -> tuple[list[tuple[str, Any]], Any]:
     """``[(path, like_node)]`` for every slot of the target tree, and its treedef.
 
     The like nodes carry the shapes/dtypes the caller expects (None for a
@@ -697,7 +697,7 @@ class Checkpointer:
         where = os.path.join(self.directory, str(step))
         rec = _read_record(self._mngr, step, where)
         config = _config_of(rec, where)
-        slots, treedef = _expected_nodes(rec, params, like, config)
+        slots, treedef = _expected_nodes(rec, params, like)
         _check_slots(rec, slots, where, dtype, used_like=like is not None)
         if params is not None:
             skeleton = jax.tree_util.tree_unflatten(treedef, [n for _, n in slots])

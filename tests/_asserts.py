@@ -93,3 +93,33 @@ class CompileCounter:
         import jax.monitoring
         jax.monitoring.unregister_event_duration_listener(self._listener)
         return False
+
+
+def random_adapters(params, config, *, seed, b_std=0.05):
+    """Adapters for ``params`` with random A and non-zero random B, from numpy.
+
+    The structure and shapes come from ``jax.eval_shape`` of ``lj.init`` (no
+    compilation), so building them is cheap; trained (``config.train``)
+    leaves get the base value plus noise.
+    """
+    import lora_jax as lj
+
+    gen = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda p: lj.init(p, config, key=jax.random.key(0)), params)
+    base = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    def fill(keypath, node):
+        path = path_str(keypath)
+        if node is None:
+            return None
+        if lj.is_lora(node):
+            bound = 1.0 / np.sqrt(node.a.shape[-2])
+            a = gen.uniform(-bound, bound, node.a.shape).astype(np.float32)
+            b = (b_std * gen.standard_normal(node.b.shape)).astype(np.float32)
+            return lj.LoraWeights(jnp.asarray(a, node.a.dtype), jnp.asarray(b, node.b.dtype),
+                                  jnp.asarray(config.scale_for(path), jnp.float32))
+        noise = 0.1 * gen.standard_normal(node.shape).astype(np.float32)
+        return jnp.asarray(np.asarray(base[path], np.float32) + noise, node.dtype)
+
+    return jax.tree_util.tree_map_with_path(
+        fill, shapes, is_leaf=lambda x: x is None or lj.is_lora(x))

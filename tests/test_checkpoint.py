@@ -16,7 +16,7 @@ import pytest
 
 import lora_jax as lj
 from examples import gpt
-from tests._asserts import assert_trees_close, perturb_b
+from tests._asserts import assert_trees_close, random_adapters
 from tests.conftest import ROOT, SEED
 
 # Orbax leaves a coroutine behind after a failed read ("Event loop is closed").
@@ -26,17 +26,10 @@ CFG = lj.LoraConfig(rank=4, alpha=8, targets=gpt.TARGETS, train=r"params/ln_f/(s
 
 
 @pytest.fixture(scope="module")
-def trained(small_gpt):
-    """(variables, adapters with non-zero B and perturbed train leaves).
-
-    Module-scoped (building it is the slow part); fresh per run via SEED.
-    """
-    _, variables = small_gpt
-    k1, k2, k3 = jax.random.split(jax.random.fold_in(jax.random.key(SEED), 4), 3)
-    ad = perturb_b(lj.init(variables, CFG, key=k1), key=k2)
-    ad["params"]["ln_f"]["scale"] = ad["params"]["ln_f"]["scale"] + \
-        jax.random.normal(k3, ad["params"]["ln_f"]["scale"].shape)
-    return variables, ad
+def trained():
+    """(variables, adapters with non-zero B and perturbed train leaves); fresh per run."""
+    variables = _gpt_params()
+    return variables, random_adapters(variables, CFG, seed=SEED)
 
 
 def _gpt_params(**changes):
@@ -186,9 +179,10 @@ def test_inspect_reads_no_arrays(tmp_path, trained):
 
 def test_checkpoint_bytes_close_to_raw(tmp_path, rng):
     """On-disk size <= 1.05x the raw array bytes + 64 KB (random, incompressible data)."""
-    params = {f"l{i}": {"kernel": jnp.zeros((512, 512))} for i in range(4)}
+    params = {f"l{i}": {"kernel": jax.ShapeDtypeStruct((512, 512), jnp.float32)}
+              for i in range(4)}
     cfg = lj.LoraConfig(rank=64, targets=r".*/kernel")
-    ad = perturb_b(lj.init(params, cfg, key=rng), key=rng)
+    ad = random_adapters(params, cfg, seed=SEED)
     lj.save(tmp_path, ad, cfg)
     info = lj.inspect(tmp_path)
     assert info.array_bytes == 4 * 2 * 512 * 64 * 4
@@ -233,9 +227,10 @@ def test_flipped_byte_is_caught_and_named(tmp_path, rng):
     """Orbax reads a flipped byte in array data silently (wrong values); the
     sha256 catches it and names the array. (Arrays > 1 KB: smaller ones live
     inside Orbax's checksummed index nodes, where a flip is a DATA_LOSS error.)"""
-    variables = {f"params/l{i}": {"kernel": jnp.zeros((64, 64))} for i in range(3)}
+    variables = {f"params/l{i}": {"kernel": jax.ShapeDtypeStruct((64, 64), jnp.float32)}
+                 for i in range(3)}
     cfg = lj.LoraConfig(rank=8, targets=r".*/kernel")
-    ad = perturb_b(lj.init(variables, cfg, key=rng), key=rng)
+    ad = random_adapters(variables, cfg, seed=SEED)
 
     def flip(data):
         data[len(data) // 2] ^= 0x01
@@ -297,7 +292,9 @@ def test_base_fingerprint_checks(tmp_path, trained, rng):
     variables, ad = trained
     lj.save(tmp_path, ad, CFG, params=variables)
     # a different base of the same shapes
-    other = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(rng, x.shape), variables)
+    gen = np.random.default_rng(SEED)
+    other = jax.tree.map(lambda x: x + 0.01 * gen.standard_normal(x.shape).astype(np.float32),
+                         variables)
     with pytest.raises(lj.BaseMismatchError, match="(?s)different base.*params/block_0.*Fix"):
         lj.restore(tmp_path, other)
     with pytest.warns(lj.LoraWarning, match="different base"):
@@ -310,9 +307,12 @@ def test_base_fingerprint_checks(tmp_path, trained, rng):
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), variables)
     back, _ = lj.restore(tmp_path, bf16)
     assert_trees_close(back, ad, exact=True)
-    # and a bfloat16 copy of another base does not
+    # and a bfloat16 copy of another base does not (across dtypes the check
+    # has bfloat16 resolution: `other`, 1% away, would pass it)
+    another = jax.tree.map(lambda x: jnp.asarray(gen.standard_normal(x.shape), jnp.bfloat16),
+                           variables)
     with pytest.raises(lj.BaseMismatchError):
-        lj.restore(tmp_path, jax.tree.map(lambda x: x.astype(jnp.bfloat16), other))
+        lj.restore(tmp_path, another)
 
 
 def test_fingerprint_is_sampled_and_cheap():
@@ -359,7 +359,7 @@ def test_missing_and_extra_entries(tmp_path, trained):
 def test_rank_above_min_dims(tmp_path, rng):
     params = {"w": jax.random.normal(rng, (64, 64))}
     cfg = lj.LoraConfig(rank=8, targets="w")
-    lj.save(tmp_path, lj.init(params, cfg, key=rng), cfg)
+    lj.save(tmp_path, random_adapters(params, cfg, seed=SEED), cfg)
     with pytest.raises(lj.CheckpointError, match=r"w: rank 8 exceeds min\(in, out\)"):
         lj.restore(tmp_path, {"w": jnp.ones((64, 4))})
 

@@ -12,7 +12,7 @@ import pytest
 import lora_jax as lj
 from lora_jax.__main__ import main
 from examples import llama
-from tests._asserts import assert_trees_close, perturb_b
+from tests._asserts import assert_trees_close, random_adapters
 from tests.conftest import ROOT, SEED
 
 CFG = llama.LlamaConfig(vocab=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=64)
@@ -25,8 +25,7 @@ def setup(tmp_path_factory):
     shapes = jax.eval_shape(llama.Llama(CFG).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
     gen = np.random.default_rng(SEED)
     base = jax.tree.map(lambda s: jnp.asarray(0.1 * gen.normal(size=s.shape), s.dtype), shapes)
-    key = jax.random.fold_in(jax.random.key(SEED), 11)
-    ad = perturb_b(lj.init(base, LORA, key=key), key=key)
+    ad = random_adapters(base, LORA, seed=SEED)
     lj.interop.save_params(d / "base.safetensors", base)
     lj.save(d / "ckpt", ad, LORA, params=base)
     return d, base, ad

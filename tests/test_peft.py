@@ -14,7 +14,7 @@ import pytest
 
 import lora_jax as lj
 from examples import bert, gpt2, llama
-from tests._asserts import assert_trees_close, perturb_b, rel_err
+from tests._asserts import assert_trees_close, random_adapters, rel_err
 from tests.conftest import SEED
 
 torch = pytest.importorskip("torch")
@@ -32,8 +32,10 @@ def _gen():
 
 @pytest.fixture(scope="module")
 def llama_base():
-    model, variables = llama.init(LLAMA, seed=SEED % 1000)
-    tokens = _gen().integers(0, LLAMA.vocab, size=(2, 12)).astype(np.int32)
+    gen = _gen()
+    model = llama.Llama(LLAMA)
+    variables = _np_params(model, gen, ones=("weight",))
+    tokens = gen.integers(0, LLAMA.vocab, size=(2, 12)).astype(np.int32)
     return model, variables, tokens
 
 
@@ -58,10 +60,27 @@ def _jax_logits(model, variables, adapters, config, tokens):
     return out
 
 
-def _perturbed(variables, config, rng_seed):
-    key = jax.random.fold_in(jax.random.key(SEED), rng_seed)
-    ad = lj.init(variables, config, key=key)
-    return perturb_b(ad, key=jax.random.fold_in(key, 1), std=0.05)
+def _via_apply(fn, variables, adapters, config, *args):
+    """``fn`` run through lj.apply (the efficient path), or None before it exists."""
+    if not hasattr(lj, "apply"):
+        return None
+    return np.asarray(lj.apply(fn, config)(variables, adapters, *args))
+
+
+def _perturbed(variables, config, seed):
+    return random_adapters(variables, config, seed=SEED + seed)
+
+
+def _np_params(module, gen, ones=()):
+    """Random params for ``module`` without compiling its init: N(0, 0.05), or
+    1 + N(0, 0.1) for leaves named in ``ones`` (norm weights)."""
+    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+
+    def draw(keypath, s):
+        x = gen.standard_normal(s.shape).astype(np.float32)
+        name = lj.path_str(keypath).rsplit("/", 1)[-1]
+        return jnp.asarray(1.0 + 0.1 * x if name in ones else 0.05 * x, s.dtype)
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def test_base_models_agree(llama_base):
@@ -200,6 +219,10 @@ def test_bert_jax_adapter_loads_in_peft(tmp_path, bert_base):
     got = _bert_hidden(lj.merge(variables, ad, config), ids, mask)
     assert rel_err(want[valid], base[valid]) > 1e-3
     assert rel_err(got[valid], want[valid]) <= TOL
+    fast = _via_apply(lambda v, i, m: bert.BertModel(BERT).apply(v, i, m).last_hidden_state,
+                      variables, ad, config, ids, mask)
+    if fast is not None:
+        assert rel_err(fast[valid], want[valid]) <= TOL
 
 
 def test_bert_peft_adapter_imports(tmp_path, bert_base):
@@ -226,8 +249,10 @@ GPT2 = gpt2.GPT2Config(vocab=90, d_model=64, n_layers=2, n_heads=4, max_len=32)
 
 @pytest.fixture(scope="module")
 def gpt2_base():
-    model, variables = gpt2.init(GPT2, seed=SEED % 997)
-    tokens = _gen().integers(0, GPT2.vocab, size=(2, 11)).astype(np.int32)
+    gen = _gen()
+    model = gpt2.GPT2(GPT2)
+    variables = _np_params(model, gen, ones=("scale",))
+    tokens = gen.integers(0, GPT2.vocab, size=(2, 11)).astype(np.int32)
     return model, variables, tokens
 
 
@@ -251,6 +276,9 @@ def test_gpt2_roundtrip_with_fan_in_fan_out(tmp_path, gpt2_base):
     want = _torch_logits(pm, tokens)
     got = np.asarray(model.apply(lj.merge(variables, ad, config), tokens))
     assert rel_err(want, base) > 1e-3 and rel_err(got, want) <= TOL
+    fast = _via_apply(model.apply, variables, ad, config, tokens)
+    if fast is not None:
+        assert rel_err(fast, want) <= TOL
     # and back: a PEFT-made GPT-2 adapter (fused c_attn, Conv1D)
     torch.manual_seed(SEED + 2)
     pm = peft.get_peft_model(_torch_gpt2(variables), peft.LoraConfig(
@@ -337,7 +365,7 @@ def test_roundtrip_exact_and_config(exported):
 def test_export_key_map_leaving_targets_unmapped(tmp_path, llama_base):
     _, variables, _ = llama_base
     config = lj.LoraConfig(rank=4, targets=llama.TARGETS)
-    ad = lj.init(variables, config, key=jax.random.key(0))
+    ad = _perturbed(variables, config, 9)
     km = lj.interop.KeyMap(((r"params/model/layers_(\d+)/self_attn/(\w+)/kernel",
                              r"model.layers.\1.self_attn.\2.weight", "linear"),))
     with pytest.raises(ValueError, match=r"leaves 6 adapted/trained paths unmapped.*mlp.*Fix"):
@@ -460,16 +488,17 @@ def test_dtypes(tmp_path, llama_base):
 def test_modules_to_save_needs_params(tmp_path, llama_base):
     _, variables, _ = llama_base
     config = lj.LoraConfig(rank=4, targets=llama.ATTENTION, train=r"params/lm_head/kernel")
-    ad = lj.init(variables, config, key=jax.random.key(0))
+    ad = _perturbed(variables, config, 10)
     with pytest.raises(ValueError, match="modules_to_save.*pass params="):
         lj.export_peft(tmp_path, ad, config, key_map="llama")
 
 
-def test_stacked_layers_roundtrip(tmp_path, rng):
+def test_stacked_layers_roundtrip(tmp_path):
     """One stacked (scan) axis: layer i becomes module model.layers.{i}.<name>."""
-    k1, k2 = jax.random.split(rng)
-    params = {"params": {"layers": {"q": {"kernel": jax.random.normal(k1, (3, 16, 8))},
-                                    "up": {"kernel": jax.random.normal(k2, (3, 16, 24))}}}}
+    gen = _gen()
+    params = {"params": {"layers": {
+        "q": {"kernel": jnp.asarray(gen.standard_normal((3, 16, 8)), jnp.float32)},
+        "up": {"kernel": jnp.asarray(gen.standard_normal((3, 16, 24)), jnp.float32)}}}}
     config = lj.LoraConfig(rank=2, alpha=4, targets=r".*/kernel",
                            layouts={r".*": lj.Layout(1, 1, 1)})
     ad = _perturbed(params, config, 8)
