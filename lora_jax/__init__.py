@@ -24,6 +24,9 @@ from lora_jax._checkpoint import inspect as inspect
 from lora_jax._checkpoint import restore as restore
 from lora_jax._checkpoint import restore_state as restore_state
 from lora_jax._checkpoint import save as save
+from lora_jax._apply import Explanation as Explanation
+from lora_jax._apply import apply as apply
+from lora_jax._apply import explain as explain
 from lora_jax._config import INITS as INITS
 from lora_jax._config import Layout as Layout
 from lora_jax._config import LoraConfig as LoraConfig
@@ -83,14 +86,17 @@ __all__ = [
     "truncate",
     "INITS",
     "Description",
+    "Explanation",
     "Layout",
     "LeafSpec",
     "LoraConfig",
     "LoraWarning",
     "LoraWeights",
     "Summary",
+    "apply",
     "delta",
     "describe",
+    "explain",
     "init",
     "is_lora",
     "make_train_step",

@@ -1,0 +1,310 @@
+"""`apply`: run any JAX function of a params tree with LoRA adapters, low-rank.
+
+``lj.apply(fn, config)(params, adapters, *args)`` equals
+``fn(lj.merge(params, adapters, config), *args)`` but never forms
+``W + scale * a @ b``: ``fn`` is traced to a jaxpr (`jax.make_jaxpr`) and
+re-evaluated with every targeted weight held as a `LazyWeight`, so a matmul
+becomes ``x @ W + scale * (x @ a) @ b``, a convolution a conv with an
+r-channel kernel then a 1x1 up-projection, an embedding lookup
+``W[ids] + scale * a[ids] @ b``. The backward pass then never forms the
+dense ``dW = x.T @ dy`` either, which is where the FLOPs go (see
+``benchmarks/RESULTS.md``). Any other use materializes the sum at that
+use only; `explain` lists every use, ``strict=True`` refuses fallbacks.
+
+How it is built (the modules, for whoever extends it):
+
+* `lora_jax._apply_lazy` -- `LazyWeight`, "a lazily adapted weight": the
+  frozen weight in its current view plus ``a``, ``b``, ``scale`` and one
+  label per view axis (stacked / input / output). Shape-only ops are pushed
+  into the factors; `lowrank_dot`, `lowrank_conv` and `lowrank_gather` are
+  the only places a low-rank product is formed.
+* `lora_jax._apply_interp` -- the interpreter: `RULES` maps each primitive
+  (by identity, from `jax.extend.core.primitives`) to a rule; jit bodies are
+  inlined, remat re-wrapped with the same policy, scan rebuilt with the
+  sliced factors as extra ``xs``, cond rebuilt branch by branch; everything
+  else materializes and is recorded.
+* this module -- argument handling, the public functions, reporting.
+
+Extension points:
+
+* Quantized frozen weights (QLoRA): a params leaf that is a registered
+  container is densified at its use site by the function registered with
+  `lora_jax._apply_lazy.dequantizer`; shape ops on it are queued
+  (`LazyWeight.pending`). What remains is to trace ``fn`` with the dense
+  aval for such a leaf (`_trace_value` below) -- one function.
+* DoRA: the magnitude rescales the *output* of the adapted product per
+  output unit; `lowrank_dot` knows which output axes are the weight's
+  (``w_free`` there), so the hook is one multiply after the sum, with the
+  norm taken from `LazyWeight.materialize`-free column norms.
+* Mixed-batch serving: an adapter *set* has a leading adapter axis on
+  ``a``, ``b``, ``scale``; `lowrank_dot` forms ``t = x @ a`` in one
+  ``dot_general`` -- gathering each example's ``a``/``b`` by an index there
+  (a batch dimension of both products) is the whole change. `apply`
+  currently rejects adapter sets (`_check_single`).
+* Sharding: `sharding_constraint` on a weight is kept on the frozen part;
+  constraints for ``t`` (batch-sharded, rank replicated) belong in
+  `lowrank_dot`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from lora_jax._apply_interp import Record, Trace, densify_output, evaluate
+from lora_jax._apply_lazy import LazyWeight
+from lora_jax._config import LoraConfig, LoraWarning
+from lora_jax._weights import check_adapters
+
+__all__ = ["apply", "explain", "Explanation"]
+
+RESERVED_KWARG = "lora_rng"
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """How `apply` treated each targeted leaf (see `explain`).
+
+    Attributes:
+      rules: ``{path: {rule: count}}`` for every targeted leaf; rules are
+        ``"lowrank_dot"``, ``"lowrank_conv"``, ``"lowrank_gather"``,
+        ``"materialized"`` (see ``fallbacks``) and ``"unused"``.
+      fallbacks: ``{path: [(primitive, why), ...]}`` for each use that
+        materialized ``W + scale * a @ b``.
+    """
+
+    rules: dict
+    fallbacks: dict
+
+    @property
+    def n_fallbacks(self) -> int:
+        """Number of uses that materialized a weight."""
+        return sum(len(v) for v in self.fallbacks.values())
+
+    def __str__(self) -> str:
+        width = max([len(p) for p in self.rules] + [4])
+        lines = [f"{'path'.ljust(width)}  rule (uses)", f"{'-' * width}  -----------"]
+        for path, rules in self.rules.items():
+            txt = ", ".join(f"{r} ({n})" for r, n in rules.items())
+            lines.append(f"{path.ljust(width)}  {txt}")
+            for prim, why in self.fallbacks.get(path, ()):
+                lines.append(f"{' ' * width}    materialized at `{prim}`: {why}")
+        n = sum(len(v) for v in self.fallbacks.values())
+        lines.append(f"{len(self.rules)} targets, {n} fallback{'s' * (n != 1)}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _explanation(record: Record, paths) -> Explanation:
+    counts = record.rule_counts()
+    falls = record.fallback_list()
+    rules = {}
+    for path in paths:
+        c = dict(counts.get(path, {}))
+        if path in falls:
+            c["materialized"] = len(falls[path])
+        rules[path] = c or {"unused": 1}
+    return Explanation(rules, {p: falls[p] for p in paths if p in falls})
+
+
+def _warn(record: Record):
+    for path, uses in record.fallback_list().items():
+        where = ", ".join(sorted({f"`{prim}`" for prim, _ in uses}))
+        warnings.warn(
+            f"{path}: lj.apply materialized W + scale * a @ b at {where} ({uses[0][1]}). "
+            f"The result is correct, but that use costs a dense update. lj.explain(...) "
+            f"shows every rule taken; strict=True makes this an error.",
+            LoraWarning, stacklevel=4)
+
+
+# ----------------------------------------------------------------------------- the rewrite
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _aval(x):
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, weak_type=jax.typeof(x).weak_type)
+
+
+def _check_single(path, node, spec):
+    if np.ndim(node.a) != len(spec.a_shape):
+        raise ValueError(
+            f"{path}: adapters hold a set of {np.shape(node.a)[0]} adapters (a has shape "
+            f"{tuple(np.shape(node.a))}, one adapter's is {spec.a_shape}); lj.apply runs one "
+            f"adapter. Fix: select one, e.g. jax.tree.map(lambda x: x[i], adapters).")
+
+
+def _trace_value(leaf, node, spec):
+    """What ``fn`` is traced with, and what the interpreter runs with, for one leaf."""
+    if spec is not None:
+        return leaf, LazyWeight.from_leaf(spec.path, leaf, node, spec)
+    if node is not None:  # fully trained: the adapter's value replaces the leaf
+        return node, node
+    return leaf, leaf
+
+
+def _rewrite(fn, config, params, adapters, args, kwargs, *, lora_rng, strict,
+             custom_grad=True):
+    """Traces ``fn`` and evaluates it low-rank; returns ``(output, record, paths)``."""
+    entries = check_adapters(params, adapters, config)
+    p_treedef = jax.tree.structure(params)
+    a_leaves, a_treedef = jax.tree.flatten((args, kwargs))
+    traced, run, static = [], [], {}
+    for i, (path, leaf, node, spec) in enumerate(entries):
+        if spec is not None:
+            _check_single(path, node, spec)
+        t, r = _trace_value(leaf, node, spec)
+        if _is_array(t):
+            traced.append(t)
+            run.append(r)
+        else:
+            static[i] = t
+    n_params = len(entries)
+    for j, x in enumerate(a_leaves):
+        if _is_array(x):
+            traced.append(x)
+            run.append(x)
+        else:
+            static[n_params + j] = x
+
+    def flat_fn(*dynamic):
+        it = iter(dynamic)
+        leaves = [static[i] if i in static else next(it)
+                  for i in range(n_params + len(a_leaves))]
+        p = jax.tree.unflatten(p_treedef, leaves[:n_params])
+        a, kw = jax.tree.unflatten(a_treedef, leaves[n_params:])
+        return fn(p, *a, **kw)
+
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*map(_aval, traced))
+    record = Record()
+    key = None
+    if lora_rng is not None and config.dropout > 0:
+        key = lora_rng
+    trace = Trace(record, strict=strict, dropout=config.dropout, custom_grad=custom_grad,
+                  key=key)
+    outs = evaluate(trace, closed.jaxpr, closed.consts, run)
+    outs = [densify_output(trace, o, "function") for o in outs]
+    out = jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+    paths = [path for path, _, _, spec in entries if spec is not None]
+    return out, record, paths
+
+
+def _check_fn(fn, config, where):
+    if not callable(fn):
+        raise TypeError(f"{where}: fn must be callable (e.g. model.apply); got "
+                        f"{type(fn).__name__}.")
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"{where}: config must be a lj.LoraConfig; got "
+                        f"{type(config).__name__}. Fix: lj.apply(fn, lj.LoraConfig(...)).")
+
+
+def apply(fn: Callable, config: LoraConfig, *, strict: bool = False,
+          custom_grad: bool = True) -> Callable:
+    """Returns ``f(params, adapters, *args, lora_rng=None, **kwargs)``, low-rank.
+
+    ``f`` computes ``fn(params, *args, **kwargs)`` with every targeted
+    weight ``W`` replaced by ``W + scale * a @ b`` -- the same result as
+    ``fn(lj.merge(params, adapters, config), *args, **kwargs)`` -- without
+    forming that sum: products with ``W`` are computed as
+    ``x @ W + scale * (x @ a) @ b`` (also through transposes, reshapes,
+    casts, slices, ``jit``, ``remat``, ``scan`` and ``cond``; embeddings as
+    ``W[ids] + scale * a[ids] @ b``; convolutions through an r-channel
+    kernel). Fully-trained (``config.train``) leaves of ``adapters``
+    replace their params leaves. Array leaves of ``args``/``kwargs`` are
+    traced; anything else (flags, strings) is passed through as static.
+
+    Each trace of ``f`` (each ``jit`` compile) re-traces ``fn``; nothing is
+    cached, and ``scale`` is an array, so swapping adapters or changing
+    alpha reuses the compiled function.
+
+    Args:
+      fn: ``fn(params, *args, **kwargs)`` -- e.g. ``model.apply`` of a
+        Linen model, or a function that does ``nnx.merge`` inside.
+      config: the `LoraConfig` the adapters were made with. Its ``dropout``
+        applies to the LoRA branch's input only (``B(A(dropout(x)))``, as
+        PEFT), and only when ``f`` gets a ``lora_rng`` key.
+      strict: raise (``ValueError`` naming the path and the primitive)
+        instead of materializing a weight at a use with no low-rank rule.
+        By default such uses work densely and `LoraWarning` names the path
+        once per trace.
+
+    The returned function reserves the keyword ``lora_rng``: a PRNG key
+    for LoRA dropout (``None``, the default, means no dropout: exact and
+    deterministic). Use a fresh key per step.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 4))}
+      >>> fn = lambda p, x: jnp.tanh(x @ p["w"])
+      >>> cfg = lj.LoraConfig(rank=2, alpha=4, targets="w")
+      >>> ad = lj.init(params, cfg, key=jax.random.key(1))
+      >>> ad = {"w": ad["w"]._replace(b=jnp.ones((2, 4)))}
+      >>> x = jnp.ones((3, 8))
+      >>> y = jax.jit(lj.apply(fn, cfg))(params, ad, x)
+      >>> bool(jnp.allclose(y, fn(lj.merge(params, ad, cfg), x), atol=1e-6))
+      True
+    """
+    _check_fn(fn, config, "lj.apply")
+    for name, value in (("strict", strict), ("custom_grad", custom_grad)):
+        if not isinstance(value, bool):
+            raise TypeError(f"lj.apply: {name} must be a bool; got {value!r}.")
+
+    @functools.wraps(fn)
+    def adapted(params, adapters, *args, lora_rng=None, **kwargs):
+        out, record, _ = _rewrite(fn, config, params, adapters, args, kwargs,
+                                  lora_rng=lora_rng, strict=strict, custom_grad=custom_grad)
+        _warn(record)
+        return out
+
+    return adapted
+
+
+def explain(fn: Callable, config: LoraConfig, params, adapters, *args, **kwargs
+            ) -> Explanation:
+    """Which rule `apply` takes for each targeted leaf, and every fallback.
+
+    Traces ``apply(fn, config)(params, adapters, *args, **kwargs)``
+    abstractly (nothing is computed) and reports, per targeted path, how
+    many uses went through each rule, and for each materialized use the
+    primitive and why.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> params = {"w": jnp.ones((8, 4)), "v": jnp.ones((8, 4))}
+      >>> fn = lambda p, x: x @ p["w"] + jnp.sin(p["v"]).sum()
+      >>> cfg = lj.LoraConfig(rank=2, targets=("w", "v"))
+      >>> ad = lj.init(params, cfg, key=jax.random.key(0))
+      >>> e = lj.explain(fn, cfg, params, ad, jnp.ones((3, 8)))
+      >>> e.rules
+      {'v': {'materialized': 1}, 'w': {'lowrank_dot': 1}}
+      >>> e.fallbacks["v"]
+      [('sin', 'it has no low-rank rule')]
+    """
+    _check_fn(fn, config, "lj.explain")
+    got = {}
+    leaves, treedef = jax.tree.flatten((params, adapters, args, kwargs),
+                                       is_leaf=lambda x: x is None)
+    dyn_pos = [i for i, x in enumerate(leaves) if _is_array(x)]
+
+    def run(dynamic):
+        full = list(leaves)
+        for i, x in zip(dyn_pos, dynamic):
+            full[i] = x
+        p, ad, a, kw = jax.tree.unflatten(treedef, full)
+        out, record, paths = _rewrite(fn, config, p, ad, a, kw, lora_rng=None, strict=False)
+        got["record"], got["paths"] = record, paths
+        return out
+
+    jax.eval_shape(run, [leaves[i] for i in dyn_pos])
+    return _explanation(got["record"], got["paths"])
