@@ -278,7 +278,8 @@ class BertClassifier(nn.Module):
     """BERT encoder + mean pooling + a linear head: returns logits ``(batch, num_labels)``.
 
     Shares ``params/embeddings`` and ``params/encoder`` with `BertModel`
-    (build its variables with `classifier_variables`).
+    (build its variables with `classifier_variables`). ``method="embed"``
+    returns the mean-pooled embedding, ``method="embed_and_classify"`` both.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -286,22 +287,31 @@ class BertClassifier(nn.Module):
       ...                  intermediate_size=64, max_position=16)
       >>> model = BertClassifier(cfg, num_labels=3)
       >>> ids = jnp.ones((2, 5), jnp.int32)
-      >>> model.apply(model.init(jax.random.key(0), ids), ids).shape
-      (2, 3)
+      >>> variables = model.init(jax.random.key(0), ids)
+      >>> model.apply(variables, ids).shape, model.apply(variables, ids, method="embed").shape
+      ((2, 3), (2, 32))
     """
 
     config: BertConfig = BertConfig()
     num_labels: int = 2
 
-    @nn.compact
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
+    def setup(self):
+        self.embeddings = Embeddings(self.config)
+        self.encoder = Encoder(self.config)
+        self.classifier = nn.Dense(self.num_labels, kernel_init=nn.initializers.normal(0.02))
+
+    def embed(self, input_ids, attention_mask=None, token_type_ids=None):
         input_ids, attention_mask, token_type_ids = _defaults(
             input_ids, attention_mask, token_type_ids)
-        x = Embeddings(self.config, name="embeddings")(input_ids, token_type_ids)
-        h = Encoder(self.config, name="encoder")(x, attention_mask)
-        pooled = mean_pool(h, attention_mask)
-        return nn.Dense(self.num_labels, name="classifier",
-                        kernel_init=nn.initializers.normal(0.02))(pooled)
+        x = self.embeddings(input_ids, token_type_ids)
+        return mean_pool(self.encoder(x, attention_mask), attention_mask)
+
+    def embed_and_classify(self, input_ids, attention_mask=None, token_type_ids=None):
+        pooled = self.embed(input_ids, attention_mask, token_type_ids)
+        return pooled, self.classifier(pooled)
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
+        return self.embed_and_classify(input_ids, attention_mask, token_type_ids)[1]
 
 
 def mean_pool(hidden, attention_mask):
