@@ -96,3 +96,14 @@ def test_errors_are_reported_not_raised(setup, tmp_path, capsys):
     assert main(["merge", str(d / "ckpt"), "--base", str(tmp_path / "b.txt"),
                  "--out", str(tmp_path / "o.npz")]) == 2
     assert "no such params file" in capsys.readouterr().err
+
+
+def test_params_files_keep_dtypes(tmp_path, rng):
+    params = {"p": {"w": jax.random.normal(rng, (4, 3)).astype(jnp.bfloat16),
+                    "b": jax.random.normal(rng, (3,))}}
+    lj.interop.save_params(tmp_path / "p.safetensors", params)
+    back = lj.interop.load_params(tmp_path / "p.safetensors")
+    assert back["p/w"].dtype == jnp.bfloat16
+    assert np.array_equal(np.asarray(back["p/w"]), np.asarray(params["p"]["w"]))
+    with pytest.raises(ValueError, match="can't hold bfloat16.*safetensors"):
+        lj.interop.save_params(tmp_path / "p.npz", params)

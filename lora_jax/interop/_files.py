@@ -43,6 +43,12 @@ def save_params(path, params) -> None:
         save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, path,
                   metadata={"format": "lora_jax.params"})
     elif path.endswith(".npz"):
+        odd = sorted(k for k, v in flat.items() if v.dtype.kind == "V" or
+                     v.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"))
+        if odd:
+            # npz stores ml_dtypes arrays as raw bytes ('|V2') and reads them back so.
+            raise ValueError(f"{path}: .npz can't hold {flat[odd[0]].dtype.name} arrays "
+                             f"(e.g. {odd[0]}). Fix: write a .safetensors file instead.")
         np.savez(path, **flat)
     else:
         raise ValueError(f"{path}: params files end in .safetensors or .npz. Fix: rename the "
