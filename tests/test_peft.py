@@ -96,6 +96,8 @@ LLAMA_CASES = {
         rank=8, alpha=16, targets=llama.TARGETS, use_rslora=True,
         rank_pattern={r".*/down_proj/kernel": 4, r".*layers_1/self_attn/k_proj/kernel": 2},
         alpha_pattern={r".*/down_proj/kernel": 8}, train=r"params/model/norm/weight"),
+    "embedding+attention": lj.LoraConfig(
+        rank=4, alpha=8, targets=(llama.ATTENTION, r"params/model/embed_tokens/embedding")),
 }
 
 
@@ -118,7 +120,8 @@ def test_llama_jax_adapter_loads_in_peft(tmp_path, llama_base, case):
         assert rel_err(got, want) <= TOL, (how, rel_err(got, want))
     # PEFT's own scaling per module matches ours
     for name, mod in peft_model.named_modules():
-        if isinstance(getattr(mod, "scaling", None), dict) and "default" in mod.scaling:
+        if isinstance(getattr(mod, "scaling", None), dict) and "default" in mod.scaling \
+                and name.endswith("_proj"):
             path = "params/" + name.replace("base_model.model.", "").replace(".", "/") \
                 .replace("layers/", "layers_") + "/kernel"
             assert mod.scaling["default"] == pytest.approx(config.scale_for(path), rel=1e-6)
@@ -129,18 +132,29 @@ def test_llama_peft_adapter_imports(tmp_path, llama_base):
     torch.manual_seed(SEED)
     pcfg = peft.LoraConfig(r=8, lora_alpha=12, init_lora_weights=False, use_rslora=True,
                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                           "up_proj", "down_proj"],
+                                           "up_proj", "down_proj", "embed_tokens"],
+                           modules_to_save=["norm"],
                            rank_pattern={"down_proj": 4}, alpha_pattern={"k_proj": 6})
     pm = peft.get_peft_model(_torch_llama(variables), pcfg).eval()
+    with torch.no_grad():  # make the modules_to_save copy differ from the base
+        pm.base_model.model.model.norm.modules_to_save["default"].weight.mul_(1.5)
     want = _torch_logits(pm, tokens)
     pm.save_pretrained(str(tmp_path))
     ad, config = lj.import_peft(tmp_path, variables, key_map="llama")
     assert config.use_rslora and config.rank == 8 and config.alpha == 12
     assert config.rank_for("params/model/layers_0/mlp/down_proj/kernel") == 4
     assert config.alpha_for("params/model/layers_1/self_attn/k_proj/kernel") == 6
-    assert len(lj.describe(variables, config).specs) == 14
+    assert len(lj.describe(variables, config).specs) == 15
+    # PEFT matches modules_to_save by plain suffix: "norm" is every RMSNorm
+    assert len(config.train) == 5 and "params/model/norm/weight" in config.train
     for how, got in _jax_logits(model, variables, ad, config, tokens).items():
         assert rel_err(got, want) <= TOL, (how, rel_err(got, want))
+    # PEFT stored the targeted embedding's base weight: another base is caught
+    other = jax.tree.map(lambda x: x, variables)
+    other["params"]["model"]["embed_tokens"]["embedding"] = \
+        variables["params"]["model"]["embed_tokens"]["embedding"] * 1.01
+    with pytest.raises(lj.BaseMismatchError, match="embed_tokens/embedding"):
+        lj.import_peft(tmp_path, other, key_map="llama")
 
 
 def test_extra_adapters_in_subfolders(tmp_path, llama_base):

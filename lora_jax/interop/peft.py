@@ -384,6 +384,12 @@ def _check_peft_config(cfg: Mapping, where: str) -> None:
                       LoraWarning, stacklevel=3)
 
 
+def _is_saved_module(module: str, saved) -> bool:
+    # PEFT (_set_trainable) matches modules_to_save entries as plain suffixes:
+    # "norm" also selects "input_layernorm".
+    return any(module.endswith(t) for t in saved)
+
+
 def _pattern_value(patterns: Mapping, module: str, default):
     # PEFT 0.21: the first key k with re.match(rf"(.*\.)?({k})$", module) wins.
     for key, value in (patterns or {}).items():
@@ -495,6 +501,7 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
 
     factors: dict[str, dict] = {}   # module -> {"A": array, "B": array}
     trained: dict[str, np.ndarray] = {}
+    base_copies: dict[str, np.ndarray] = {}   # our path -> base weight stored in the file
     unplaced = []
     saved = set(pcfg.get("modules_to_save") or [])
     for key, value in tensors.items():
@@ -526,8 +533,11 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
                     f"fan_in_fan_out=false.")
             factors.setdefault(module, {})["A" if which.endswith(("A.weight", "_A")) else "B"] \
                 = value
-        elif rest in by_param and by_param[rest][1].module in saved:
+        elif rest in by_param and _is_saved_module(by_param[rest][1].module, saved):
             trained[by_param[rest][0]] = value
+        elif rest.replace(".base_layer.", ".") in by_param and ".base_layer." in rest:
+            # PEFT also stores a targeted embedding's base weight (save_embedding_layers).
+            base_copies[by_param[rest.replace(".base_layer.", ".")][0]] = value
         else:
             unplaced.append(key)
     if unplaced:
@@ -610,6 +620,7 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
     if _META_FP in meta:
         check_base(params, json.loads(meta[_META_FP]), on_mismatch=on_base_mismatch,
                    what=f"the adapter in {folder}")
+    _check_base_copies(base_copies, flat, km, on_base_mismatch, folder)
     return adapters, config
 
 
@@ -621,6 +632,28 @@ def _infer_layout(path, shape, stacked: bool, in_size: int, out_size: int):
         if math.prod(rest[:k]) == in_size and math.prod(rest[k:]) == out_size:
             return Layout(s, k, len(rest) - k)
     return None  # nothing fits: check_adapters reports both shapes
+
+
+def _check_base_copies(base_copies, flat, km, on_mismatch, folder) -> None:
+    """A base weight stored in the file must be the given one (else: resized
+    vocabulary or another base), under the same policy as the fingerprint."""
+    if not base_copies or on_mismatch == "ignore":
+        return
+    leaves = {path_str(p): x for p, x in flat}
+    differ = []
+    for path, stored in base_copies.items():
+        ours = to_torch_layout(np.asarray(leaves[path]), lookup(km, path).kind, path)
+        if ours.shape != stored.shape or not np.array_equal(ours, np.asarray(stored, ours.dtype)):
+            differ.append(f"{path}: file {tuple(stored.shape)}, params {tuple(ours.shape)}")
+    if differ:
+        from lora_jax._fingerprint import BaseMismatchError
+        msg = (f"the adapter in {folder} stores base weights that differ from the params "
+               f"given (a resized vocabulary, or another base): {differ[:4]}. Fix: pass the "
+               f"base the adapter was trained on; on_base_mismatch='warn' or 'ignore' to "
+               f"proceed anyway.")
+        if on_mismatch == "error":
+            raise BaseMismatchError(msg)
+        warnings.warn(msg, LoraWarning, stacklevel=3)
 
 
 def _build_config(pcfg, per_path, trained, tensors, dtype, st_path, params) -> LoraConfig:
