@@ -116,6 +116,23 @@ def test_async_retention_keeps_best_and_always_latest(tmp_path, trained):
     assert lj.inspect(tmp_path / "latest").steps == [20, 30]
 
 
+def test_async_save_then_donate(tmp_path):
+    """Once an async save returns, a train step may donate (overwrite) the buffers."""
+    import warnings
+    params = {f"w{i}": jax.ShapeDtypeStruct((512, 512), jnp.float32) for i in range(4)}
+    cfg = lj.LoraConfig(rank=32, targets=r"w\d")
+    ad = random_adapters(params, cfg, seed=SEED, b_std=1.0)
+    want = jax.tree.map(np.array, ad)
+    overwrite = jax.jit(lambda t: jax.tree.map(lambda x: x * 0 + 7.0, t), donate_argnums=0)
+    with lj.Checkpointer(tmp_path, async_save=True) as ckpt:
+        ckpt.save(0, ad, cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "some donated buffers were not usable"
+            jax.block_until_ready(overwrite(ad))
+    back, _ = lj.restore(tmp_path, like=want)
+    assert_trees_close(back, want, exact=True)
+
+
 def test_restore_into_given_sharding(tmp_path, trained):
     variables, ad = trained
     lj.save(tmp_path, ad, CFG)
