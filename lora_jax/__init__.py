@@ -47,6 +47,13 @@ from lora_jax._plan import PRESETS as PRESETS
 from lora_jax._plan import Plan as Plan
 from lora_jax._plan import plan as plan
 from lora_jax._plan import preset as preset
+from lora_jax._shard import adapter_shardings as adapter_shardings
+from lora_jax._shard import opt_state_shardings as opt_state_shardings
+from lora_jax._shard import param_shardings as param_shardings
+from lora_jax._shard_step import TrainShardings as TrainShardings
+from lora_jax._shard_step import make_sharded_train_step as make_sharded_train_step
+from lora_jax._shard_step import shard_train_state as shard_train_state
+from lora_jax._shard_step import train_shardings as train_shardings
 from lora_jax._report import Description as Description
 from lora_jax._report import Summary as Summary
 from lora_jax._report import describe as describe
@@ -84,6 +91,13 @@ __all__ = [
     "analyze",
     "extract",
     "truncate",
+    "TrainShardings",
+    "adapter_shardings",
+    "make_sharded_train_step",
+    "opt_state_shardings",
+    "param_shardings",
+    "shard_train_state",
+    "train_shardings",
     "INITS",
     "Description",
     "Explanation",
