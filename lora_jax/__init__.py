@@ -34,7 +34,9 @@ from lora_jax._config import LoraWarning as LoraWarning
 from lora_jax._fingerprint import BaseMismatchError as BaseMismatchError
 from lora_jax._fingerprint import base_fingerprint as base_fingerprint
 from lora_jax._fingerprint import check_base as check_base
+from lora_jax._dora import dora_norms as dora_norms
 from lora_jax._init import init as init
+from lora_jax._init import subtract_init as subtract_init
 from lora_jax._merge import delta as delta
 from lora_jax._merge import merge as merge
 from lora_jax._merge import unmerge as unmerge
@@ -54,6 +56,12 @@ from lora_jax._shard_step import TrainShardings as TrainShardings
 from lora_jax._shard_step import make_sharded_train_step as make_sharded_train_step
 from lora_jax._shard_step import shard_train_state as shard_train_state
 from lora_jax._shard_step import train_shardings as train_shardings
+from lora_jax._quantize import Int8Weight as Int8Weight
+from lora_jax._quantize import NF4Weight as NF4Weight
+from lora_jax._quantize import dequantize as dequantize
+from lora_jax._quantize import is_quantized as is_quantized
+from lora_jax._quantize import nf4_levels as nf4_levels
+from lora_jax._quantize import quantize as quantize
 from lora_jax._report import Description as Description
 from lora_jax._report import Summary as Summary
 from lora_jax._report import describe as describe
@@ -98,6 +106,14 @@ __all__ = [
     "param_shardings",
     "shard_train_state",
     "train_shardings",
+    "Int8Weight",
+    "NF4Weight",
+    "dequantize",
+    "dora_norms",
+    "is_quantized",
+    "nf4_levels",
+    "quantize",
+    "subtract_init",
     "INITS",
     "Description",
     "Explanation",

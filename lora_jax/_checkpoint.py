@@ -56,6 +56,11 @@ _ITEMS = (_ARRAYS, _STATE, _META)
 _FIELDS = ("a", "b", "scale")
 
 
+def _fields(e) -> tuple:
+    """The saved fields of a LoraWeights entry (DoRA adds its magnitude ``m``)."""
+    return _FIELDS + (("m",) if "m" in e else ())
+
+
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupted, of an unknown format, or doesn't fit."""
 
@@ -189,8 +194,10 @@ def _flatten_adapters(adapters, config, params, check_finite: bool):
         if is_lora(node):
             item = {"a": _as_array(node.a), "b": _as_array(node.b),
                     "scale": _as_array(jnp.asarray(node.scale, jnp.float32))}
+            if node.m is not None:
+                item["m"] = _as_array(node.m)
             arrays[path] = item
-            order += [(path, f, item[f]) for f in _FIELDS]
+            order += [(path, f, item[f]) for f in _fields(item)]
         else:
             arrays[path] = _as_array(node)
             order.append((path, "", arrays[path]))
@@ -382,14 +389,14 @@ def _expected_nodes(rec, params, like) -> tuple[list[tuple[str, Any]], Any]:
             if e is None:
                 out.append((path, None))
             elif e["kind"] == "lora":
-                out.append((path, LoraWeights(*(_sds(e[f]) for f in _FIELDS))))
+                out.append((path, LoraWeights(*(_sds(e[f]) for f in _fields(e)))))
             else:
                 out.append((path, _sds(e["array"])))
         return out, treedef
     nodes = []
     for path, e in entries.items():
         if e["kind"] == "lora":
-            nodes.append((path, LoraWeights(*(_sds(e[f]) for f in _FIELDS))))
+            nodes.append((path, LoraWeights(*(_sds(e[f]) for f in _fields(e)))))
         else:
             nodes.append((path, _sds(e["array"])))
     return nodes, None
@@ -419,7 +426,7 @@ def _check_slots(rec, slots, where, dtype, used_like: bool):
             f"decides which leaves are adapted), or a like= tree with exactly these paths.")
     for path, node in want.items():
         e = entries[path]
-        pairs = ([(f, getattr(node, f), e[f]) for f in _FIELDS] if e["kind"] == "lora"
+        pairs = ([(f, getattr(node, f), e[f]) for f in _fields(e)] if e["kind"] == "lora"
                  else [("", node, e["array"])])
         if (e["kind"] == "lora") != is_lora(node):
             raise CheckpointError(
@@ -457,7 +464,7 @@ def _restore_arrays(mngr, step, rec, slots, shardings, where, check_finite, stat
         if e["kind"] == "lora":
             abstract[path] = {f: jax.ShapeDtypeStruct(
                 tuple(e[f]["shape"]), jnp.dtype(e[f]["dtype"]),
-                sharding=_sharding(sh, path, f, getattr(node, f))) for f in _FIELDS}
+                sharding=_sharding(sh, path, f, getattr(node, f))) for f in _fields(e)}
         else:
             abstract[path] = jax.ShapeDtypeStruct(
                 tuple(e["array"]["shape"]), jnp.dtype(e["array"]["dtype"]),
@@ -475,7 +482,7 @@ def _restore_arrays(mngr, step, rec, slots, shardings, where, check_finite, stat
     arrays = out[_ARRAYS]
     order = [(path, f, arrays[path][f] if f else arrays[path], e[f] if f else e["array"])
              for path, e in entries.items()
-             for f in (_FIELDS if e["kind"] == "lora" else ("",))]
+             for f in (_fields(e) if e["kind"] == "lora" else ("",))]
     got = _records([x for _, _, x, _ in order])
     for (path, f, x, arec), rec in zip(order, got):
         _verify(rec, arec, f"{path}/{f}" if f else path, where)
@@ -506,10 +513,11 @@ def _assemble(rec, slots, treedef, arrays, dtype):
             nodes.append(None)
         elif e["kind"] == "lora":
             d = arrays[path]
-            a, b = d["a"], d["b"]
+            a, b, m = d["a"], d["b"], d.get("m")
             if dtype is not None:
                 a, b = a.astype(dtype), b.astype(dtype)
-            nodes.append(LoraWeights(a, b, d["scale"]))
+                m = None if m is None else m.astype(dtype)
+            nodes.append(LoraWeights(a, b, d["scale"], m))
         else:
             nodes.append(arrays[path])
     if treedef is None:
@@ -736,7 +744,7 @@ class Checkpointer:
         for p, node in slots:
             if node is not None:
                 e = entries[p]
-                abstract[p] = ({f: _sds(e[f]) for f in _FIELDS} if e["kind"] == "lora"
+                abstract[p] = ({f: _sds(e[f]) for f in _fields(e)} if e["kind"] == "lora"
                                else _sds(e["array"]))
         return jax.eval_shape(tx.init, _assemble(rec, slots, treedef, abstract, None))
 

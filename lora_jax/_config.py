@@ -52,8 +52,10 @@ class Layout(NamedTuple):
 # Pattern specs accepted for `targets`, `exclude` and `train`.
 PathSpec = Union[str, tuple, Callable[[str, Any], bool], None]
 
-INITS = ("kaiming", "gaussian")
-"""Names accepted by `LoraConfig.init` (A's initialisation; B starts at 0)."""
+INITS = ("kaiming", "gaussian", "pissa", "olora")
+"""Names accepted by `LoraConfig.init`: ``kaiming``/``gaussian`` draw A (B
+starts at 0); ``pissa``/``olora`` compute A and B from W and change the base
+(`lj.init(..., return_params=True)`)."""
 
 
 def _field_error(field: str, value: Any, why: str, fix: str) -> ValueError:
@@ -180,9 +182,17 @@ class LoraConfig:
       alpha_pattern: ``{regex: alpha}``; the first fullmatching regex wins.
       dropout: dropout rate on the LoRA branch input only, as in PEFT's
         ``B(A(dropout(x)))``; in ``[0, 1)``.
-      init: how A starts (B always starts at zero): ``"kaiming"`` (uniform in
-        ``+-1/sqrt(in)``, PEFT's default) or ``"gaussian"`` (std ``1/rank``).
+      init: how the factors start: ``"kaiming"`` (A uniform in
+        ``+-1/sqrt(in)``, B = 0; PEFT's default), ``"gaussian"`` (A with std
+        ``1/rank``, B = 0), ``"pissa"`` (A, B from the top-``rank`` SVD of W)
+        or ``"olora"`` (from the QR of W). The last two move ``scale * a @ b``
+        out of the base, so `lj.init` must return the new base:
+        ``params, adapters = lj.init(params, cfg, return_params=True)``.
       use_rslora: scale by ``alpha / sqrt(rank)`` (rank-stabilized LoRA).
+      use_dora: DoRA (weight-decomposed LoRA): each adapter also trains a
+        magnitude ``m`` per output unit, and the weight becomes
+        ``m * (W + scale * a @ b) / ||W + scale * a @ b||`` (norm over the
+        input axes, treated as a constant in the backward pass).
       dtype: dtype of A and B (float32 by default, whatever the base dtype).
       train: leaves trained fully, not through LoRA (a classifier head, norms:
         PEFT's ``modules_to_save``). Same forms as ``targets``.
@@ -209,6 +219,7 @@ class LoraConfig:
     dropout: float = 0.0
     init: str = "kaiming"
     use_rslora: bool = False
+    use_dora: bool = False
     dtype: Any = np.float32
     train: PathSpec = ()
     layouts: Any = ()
@@ -234,6 +245,9 @@ class LoraConfig:
         if self.init not in INITS:
             raise _field_error("init", self.init, f"known inits are {INITS}",
                                'use init="kaiming" (PEFT\'s default) or init="gaussian"')
+        if not isinstance(self.use_dora, bool):
+            raise _field_error("use_dora", self.use_dora, "it must be a bool",
+                               "use use_dora=True or False")
         if not isinstance(self.use_rslora, bool):
             raise _field_error("use_rslora", self.use_rslora, "it must be a bool",
                                "use use_rslora=True or False")

@@ -1,8 +1,18 @@
-"""Creating adapters: `init`.
+"""Creating adapters: `init`, and `subtract_init` for PiSSA/OLoRA exports.
 
 Each leaf's PRNG key is derived from the root key and the leaf's path, so
 adding or removing a target never changes the initial values of the others.
+
+PiSSA and OLoRA compute A and B from W and move ``scale * a @ b`` out of
+the base (``W_res = W - scale * a @ b``), so training starts from the same
+model with the principal (PiSSA) or QR (OLoRA) directions trainable; they
+follow PEFT's formulas, in lora_jax's ``(in, r)``/``(r, out)`` layout:
+
+* PiSSA: ``W = U S V^T``; ``a = U_r sqrt(S_r / s)``, ``b = sqrt(S_r / s) V_r^T``.
+* OLoRA: ``W^T = Q R`` (PEFT's ``qr`` of the torch ``(out, in)`` weight);
+  ``a = R_r^T``, ``b = Q_r^T``.
 """
+
 
 from __future__ import annotations
 
@@ -12,11 +22,16 @@ import zlib
 import jax
 import jax.numpy as jnp
 
-from lora_jax._config import LoraConfig
-from lora_jax._paths import LeafSpec, path_str, resolve
-from lora_jax._weights import LoraWeights, scale_array
+from jax import lax
 
-__all__ = ["init", "leaf_key"]
+from lora_jax import _dora
+from lora_jax._config import LoraConfig
+from lora_jax._paths import LeafSpec, flatten_params, is_container, path_str, resolve
+from lora_jax._weights import LoraWeights, check_adapters, scale_array
+
+__all__ = ["init", "leaf_key", "subtract_init"]
+
+RESIDUAL_INITS = ("pissa", "olora")
 
 
 def leaf_key(key, path: str):
@@ -46,19 +61,53 @@ def _init_a(key, spec: LeafSpec, config: LoraConfig):
     raise ValueError(f"LoraConfig.init={config.init!r} is not handled by lj.init.")
 
 
-def init(params, config: LoraConfig, *, key):
+def _factorize(w32, spec: LeafSpec, config: LoraConfig):
+    """PiSSA / OLoRA factors of the float32 matrix ``w32`` (*stacked, in, out)."""
+    r, s = spec.rank, spec.scale
+    hi = lax.Precision.HIGHEST
+    if config.init == "pissa":
+        u, sv, vt = jnp.linalg.svd(w32, full_matrices=False)
+        root = jnp.sqrt(sv[..., :r] / s)
+        a = u[..., :, :r] * root[..., None, :]
+        b = root[..., :, None] * vt[..., :r, :]
+    else:  # olora, as PEFT: qr of the torch (out, in) weight
+        q, rr = jnp.linalg.qr(jnp.swapaxes(w32, -1, -2))
+        a = jnp.swapaxes(rr[..., :r, :], -1, -2)
+        b = jnp.swapaxes(q[..., :, :r], -1, -2)
+    residual = w32 - s * jnp.matmul(a, b, precision=hi)
+    return a, b, residual
+
+
+def init(params, config: LoraConfig, *, key=None, return_params: bool = False):
     """Creates the adapter tree for ``params``.
 
     The result mirrors ``params``: ``LoraWeights(a, b, scale)`` at each
-    targeted leaf (``a: (*stacked, in, rank)`` from ``config.init``,
-    ``b: (*stacked, rank, out)`` zeros, so the model starts unchanged), a
-    copy of the leaf at each ``config.train`` leaf, and ``None`` elsewhere.
+    targeted leaf (``a: (*stacked, in, rank)``, ``b: (*stacked, rank, out)``),
+    a copy of the leaf at each ``config.train`` leaf, and ``None`` elsewhere.
+    With ``config.init`` ``"kaiming"`` or ``"gaussian"``, A is random and B
+    is zero, so the model starts unchanged. ``"pissa"`` and ``"olora"``
+    compute both from W and subtract ``scale * a @ b`` from the base, so
+    they need ``return_params=True`` and the returned base. With
+    ``config.use_dora``, each `LoraWeights` also gets ``m``, the column
+    norms of (the new) ``W + scale * a @ b``, so the model starts unchanged.
+
+    Quantized weights (`lj.quantize`) are read dequantized; a PiSSA/OLoRA
+    residual is quantized again with the same settings (QLoRA + PiSSA).
 
     Args:
       params: the model's parameters (any pytree of arrays; only shapes and
-        dtypes are read, except that ``train`` leaves are copied).
+        dtypes are read for random inits without DoRA, except that ``train``
+        leaves are copied).
       config: the `LoraConfig`.
-      key: a PRNG key (``jax.random.key(0)``); keyword-only.
+      key: a PRNG key (``jax.random.key(0)``); keyword-only; required by the
+        random inits (``kaiming``, ``gaussian``), unused by PiSSA/OLoRA.
+      return_params: return ``(params, adapters)``: the base to train with
+        (PiSSA/OLoRA: the residual ``W - scale * a @ b`` at each target;
+        otherwise ``params`` itself) and the adapters.
+
+    Raises:
+      ValueError: no key for a random init; ``pissa``/``olora`` without
+        ``return_params=True``; and every error of `lj.describe`.
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -69,21 +118,129 @@ def init(params, config: LoraConfig, *, key):
       ((16, 4), (4, 32))
       >>> adapters["dense"]["bias"] is None
       True
+
+      PiSSA moves the principal directions into the adapter; base + adapter
+      is the original weight:
+
+      >>> w = {"w": jax.random.normal(jax.random.key(1), (32, 16))}
+      >>> pcfg = lj.LoraConfig(rank=4, targets="w", init="pissa")
+      >>> res, ad = lj.init(w, pcfg, return_params=True)
+      >>> bool(jnp.allclose(lj.merge(res, ad, pcfg)["w"], w["w"], atol=1e-5))
+      True
     """
+    if not isinstance(return_params, bool):
+        raise TypeError(f"lj.init: return_params must be a bool, got {return_params!r}.")
     resolved = resolve(params, config)
     train = set(resolved.train)
+    residual_init = config.init in RESIDUAL_INITS
+    if residual_init and not return_params:
+        raise ValueError(
+            f"lj.init: init={config.init!r} subtracts scale * a @ b from the base weights, "
+            f"so the adapters only fit the new base. Fix: params, adapters = "
+            f"lj.init(params, config, return_params=True), and train with those params.")
+    if not residual_init and key is None:
+        raise ValueError(
+            f"lj.init: init={config.init!r} draws A at random and needs a PRNG key. Fix: "
+            f"lj.init(params, config, key=jax.random.key(0)).")
 
-    def make(keypath, leaf):
+    flat, treedef = flatten_params(params)
+    new_params, nodes = [], []
+    for keypath, leaf in flat:
         path = path_str(keypath)
         spec = resolved.targets.get(path)
+        base = leaf
         if spec is not None:
-            a = _init_a(leaf_key(key, path), spec, config)
-            b = jnp.zeros(spec.b_shape, config.dtype)
-            return LoraWeights(a, b, scale_array(spec))
-        if path in train:
+            if residual_init:
+                w32 = _dora.as_matrix(_dora.dense_float32(leaf), spec)
+                a, b, res = _factorize(w32, spec, config)
+                a, b = a.astype(config.dtype), b.astype(config.dtype)
+                res = res.reshape(spec.shape)
+                base = leaf.requantize(res) if is_container(leaf) else res.astype(leaf.dtype)
+            else:
+                a = _init_a(leaf_key(key, path), spec, config)
+                b = jnp.zeros(spec.b_shape, config.dtype)
+            node = LoraWeights(a, b, scale_array(spec))
+            if config.use_dora:
+                from lora_jax._merge import delta
+                v = _dora.as_matrix(_dora.dense_float32(base) + delta(node, spec), spec)
+                node = node._replace(m=_dora.dense_column_norm(v).astype(config.dtype))
+            nodes.append(node)
+        elif path in train:
             # A copy: the adapter tree's buffers may be donated to a train step,
             # which must never invalidate the frozen params.
-            return jnp.array(leaf, copy=True)
-        return None
+            nodes.append(jnp.array(leaf, copy=True))
+        else:
+            nodes.append(None)
+        new_params.append(base)
+    adapters = jax.tree_util.tree_unflatten(treedef, nodes)
+    if return_params:
+        return jax.tree_util.tree_unflatten(treedef, new_params), adapters
+    return adapters
 
-    return jax.tree_util.tree_map_with_path(make, params)
+
+def subtract_init(adapters, initial, config: LoraConfig):
+    """A PiSSA/OLoRA adapter as a plain LoRA on the *original* base (PEFT's conversion).
+
+    PiSSA/OLoRA train ``W_res + s * a @ b`` with ``W_res = W - s * a0 @ b0``,
+    so the update relative to the original ``W`` is
+    ``s * (a @ b - a0 @ b0) = s * [a | a0] @ [b ; -b0]``: a LoRA of rank
+    ``2 * rank`` (PEFT's ``subtract_mutated_init``, what
+    ``save_pretrained(path_initial_model_for_weight_conversion=...)`` writes).
+    The returned config doubles every rank and keeps every scale (alpha is
+    doubled, or multiplied by sqrt(2) with rsLoRA) and uses the default init;
+    DoRA magnitudes carry over unchanged (the direction is the same).
+    Export the result with `lj.export_peft`, or merge it into the original
+    params.
+
+    Args:
+      adapters: the trained adapters.
+      initial: the adapters `lj.init` returned (before training).
+      config: their `LoraConfig`.
+
+    Returns:
+      ``(adapters, config)`` of rank ``2 * rank``, for the original base.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> w = {"w": jax.random.normal(jax.random.key(0), (32, 16))}
+      >>> cfg = lj.LoraConfig(rank=4, alpha=8, targets="w", init="pissa")
+      >>> res, ad0 = lj.init(w, cfg, return_params=True)
+      >>> ad = {"w": ad0["w"]._replace(b=ad0["w"].b + 0.1)}        # "trained"
+      >>> plain, pcfg = lj.subtract_init(ad, ad0, cfg)
+      >>> plain["w"].a.shape, pcfg.rank, pcfg.alpha, pcfg.init
+      ((32, 8), 8, 16.0, 'kaiming')
+      >>> bool(jnp.allclose(lj.merge(w, plain, pcfg)["w"], lj.merge(res, ad, cfg)["w"],
+      ...                   atol=1e-5))
+      True
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"subtract_init: config must be a lj.LoraConfig, got "
+                        f"{type(config).__name__}.")
+    is_node = lambda x: x is None or isinstance(x, LoraWeights)  # noqa: E731
+    flat, treedef = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=is_node)
+    try:
+        init_nodes = treedef.flatten_up_to(initial)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"subtract_init: initial does not mirror adapters ({e}). Fix: pass "
+                         f"the tree lj.init returned for this config.") from None
+    out = []
+    for (keypath, node), node0 in zip(flat, init_nodes):
+        path = path_str(keypath)
+        if not isinstance(node, LoraWeights):
+            out.append(node)
+            continue
+        if not isinstance(node0, LoraWeights) or jnp.shape(node0.a) != jnp.shape(node.a) \
+                or jnp.shape(node0.b) != jnp.shape(node.b):
+            raise ValueError(
+                f"{path}: initial holds {type(node0).__name__} with other shapes than the "
+                f"adapter (a {jnp.shape(node.a)}, b {jnp.shape(node.b)}). Fix: pass the "
+                f"initial adapters of this same run.")
+        a = jnp.concatenate([node.a, jnp.asarray(node0.a, node.a.dtype)], axis=-1)
+        b = jnp.concatenate([node.b, -jnp.asarray(node0.b, node.b.dtype)], axis=-2)
+        out.append(node._replace(a=a, b=b))
+    factor = 2 ** 0.5 if config.use_rslora else 2.0
+    new_config = config.replace(
+        rank=2 * config.rank, alpha=factor * config.alpha, init="kaiming",
+        rank_pattern={p: 2 * r for p, r in config.rank_pattern},
+        alpha_pattern={p: factor * a for p, a in config.alpha_pattern})
+    return jax.tree_util.tree_unflatten(treedef, out), new_config

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import _dora
 from lora_jax._config import LoraConfig, LoraWarning
-from lora_jax._paths import LeafSpec
+from lora_jax._paths import LeafSpec, flatten_params, is_container, path_str
 from lora_jax._weights import LoraWeights, check_adapters
 
 __all__ = ["merge", "unmerge", "delta"]
@@ -76,21 +77,55 @@ def _check_merged(path, base, merged, d):
             f"with lj.apply.", LoraWarning, stacklevel=3)
 
 
-def _combine(params, adapters, config, sign: float):
+def _combine(params, adapters, config, sign: float, norms=None):
     entries = check_adapters(params, adapters, config)
+    norm_of = _norms_by_path(params, norms, config) if sign < 0 else {}
     leaves, trained = [], []
     for path, leaf, node, spec in entries:
         if spec is not None:
             d = delta(node, spec)
-            new = (jnp.asarray(leaf, jnp.float32) + sign * d).astype(leaf.dtype)
-            _check_merged(path, leaf, new, d)
+            w32 = _dora.dense_float32(leaf)
+            if node.m is None:
+                new32 = w32 + sign * d
+            elif sign > 0:
+                new32 = _dora.merged(w32, node, spec, d)
+            else:
+                new32 = _dora.unmerged(w32, node, spec, d, norm_of[path])
+            if is_container(leaf):
+                what = "merging an adapter" if sign > 0 else "unmerging an adapter"
+                from lora_jax._quantize import requantize_merged
+                leaves.append(requantize_merged(path, leaf, new32, what=what))
+                continue
+            new = new32.astype(leaf.dtype)
+            _check_merged(path, leaf, new, new32 - w32)
             leaves.append(new)
         elif node is not None:
             trained.append(path)
             leaves.append(node if sign > 0 else leaf)
         else:
             leaves.append(leaf)
-    return jax.tree.unflatten(jax.tree.structure(params), leaves), trained
+    return jax.tree_util.tree_unflatten(flatten_params(params)[1], leaves), trained
+
+
+def _norms_by_path(params, norms, config) -> dict:
+    if not config.use_dora:
+        if norms is not None:
+            raise ValueError("unmerge: norms= is for DoRA adapters, but config.use_dora is "
+                             "False. Fix: leave norms out.")
+        return {}
+    if norms is None:
+        raise ValueError(
+            "unmerge: DoRA adapters can't be unmerged from the merged weights alone (their "
+            "columns have norm m; the norm ||W + scale * a @ b|| they were divided by is "
+            "gone). Fix: norms = lj.dora_norms(params, adapters, config) before merging, "
+            "then lj.unmerge(merged, adapters, config, norms=norms).")
+    flat, treedef = flatten_params(params)
+    try:
+        nodes = treedef.flatten_up_to(norms)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"unmerge: norms= does not mirror params ({e}). Fix: pass the tree "
+                         f"lj.dora_norms(params, adapters, config) returned.") from None
+    return {path_str(p): n for (p, _), n in zip(flat, nodes)}
 
 
 def merge(params, adapters, config: LoraConfig):
@@ -101,6 +136,11 @@ def merge(params, adapters, config: LoraConfig):
     values. Stacked leaves merge layer by layer. Outside ``jit`` it raises
     if an update has NaN/Inf entries and warns (`LoraWarning`) when the cast
     would erase most of an update (merging a small delta into bfloat16).
+
+    DoRA adapters merge to ``m * (W + scale * a @ b) / ||W + scale * a @ b||``.
+    A quantized weight (`lj.quantize`) is dequantized, summed in float32 and
+    requantized with the same settings, with a `LoraWarning` giving the
+    rounding error (the merged model is not exactly the adapted one).
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -116,13 +156,20 @@ def merge(params, adapters, config: LoraConfig):
     return merged
 
 
-def unmerge(merged, adapters, config: LoraConfig):
+def unmerge(merged, adapters, config: LoraConfig, *, norms=None):
     """Removes the adapters from merged weights: ``W' - scale * a @ b``.
 
     Exact up to float32 rounding of the merge (``unmerge(merge(p)) == p`` to
     ~1e-7 relative in float32; in bfloat16 the round trip loses what the
     cast lost). Fully-trained leaves can't be un-trained: their trained
     values stay, with a `LoraWarning` naming them.
+
+    Args:
+      merged: the merged params.
+      adapters: the adapter tree that was merged.
+      config: its `LoraConfig`.
+      norms: DoRA only (required there): `lj.dora_norms` of the base,
+        computed before merging.
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -134,7 +181,7 @@ def unmerge(merged, adapters, config: LoraConfig):
       >>> bool(jnp.allclose(back["w"], params["w"], atol=1e-6))
       True
     """
-    params, trained = _combine(merged, adapters, config, -1.0)
+    params, trained = _combine(merged, adapters, config, -1.0, norms)
     if trained:
         warnings.warn(
             f"unmerge kept the trained values of fully-trained leaves {trained}: the "

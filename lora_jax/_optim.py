@@ -23,8 +23,8 @@ TRAIN, FROZEN = "train", "frozen"
 def trainable_labels(adapters):
     """``"train"`` / ``"frozen"`` labels mirroring an adapter tree.
 
-    ``a``, ``b`` and fully-trained leaves are ``"train"``; ``scale`` is
-    ``"frozen"``.
+    ``a``, ``b``, DoRA's ``m`` and fully-trained leaves are ``"train"``;
+    ``scale`` is ``"frozen"``.
 
     Example:
       >>> import jax.numpy as jnp, lora_jax as lj
@@ -37,7 +37,7 @@ def trainable_labels(adapters):
     """
     def label(node):
         if is_lora(node):
-            return LoraWeights(TRAIN, TRAIN, FROZEN)
+            return LoraWeights(TRAIN, TRAIN, FROZEN, None if node.m is None else TRAIN)
         return None if node is None else TRAIN
 
     return jax.tree.map(label, adapters, is_leaf=lambda x: x is None or is_lora(x))
@@ -46,7 +46,7 @@ def trainable_labels(adapters):
 def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """Wraps ``tx`` so it updates only trainable adapter leaves.
 
-    The state holds entries for A, B and fully-trained leaves only (Adam:
+    The state holds entries for A, B (DoRA: and m) and fully-trained leaves only (Adam:
     exactly 2x the trainable parameters, plus step counts); the updates for
     each `LoraWeights.scale` are zero.
 

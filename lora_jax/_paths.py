@@ -20,7 +20,8 @@ import numpy as np
 
 from lora_jax._config import Layout, LoraConfig, LoraWarning
 
-__all__ = ["path_str", "leaves_with_paths", "LeafSpec", "resolve", "Resolved"]
+__all__ = ["path_str", "leaves_with_paths", "flatten_params", "LeafContainer",
+           "is_container", "LeafSpec", "resolve", "Resolved"]
 
 
 def _key_str(k) -> str:
@@ -54,9 +55,33 @@ def path_str(keypath) -> str:
     return "/".join(_key_str(k) for k in keys)
 
 
+class LeafContainer:
+    """Base of pytree nodes that stand for *one* params leaf (quantized weights).
+
+    A subclass (`lora_jax.NF4Weight`, `lora_jax.Int8Weight`) is a registered
+    pytree whose children are storage arrays, so it passes through ``jit``,
+    ``scan`` and ``device_put``; lora_jax flattens params with `is_container`
+    as ``is_leaf``, so its path is the weight's path and ``shape``/``dtype``
+    are the weight's logical ones.
+    """
+
+    shape: tuple
+    dtype: Any
+
+
+def is_container(x) -> bool:
+    """True for a `LeafContainer` (use as ``is_leaf=`` when flattening params)."""
+    return isinstance(x, LeafContainer)
+
+
+def flatten_params(params):
+    """``(flat_with_paths, treedef)`` of params, containers kept as leaves."""
+    return jax.tree_util.tree_flatten_with_path(params, is_leaf=is_container)
+
+
 def leaves_with_paths(tree) -> list[tuple[str, Any]]:
-    """``[(path, leaf), ...]`` in flattening order."""
-    return [(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    """``[(path, leaf), ...]`` in flattening order (containers are leaves)."""
+    return [(path_str(p), x) for p, x in flatten_params(tree)[0]]
 
 
 def _matcher(spec) -> Callable[[str, Any], bool]:

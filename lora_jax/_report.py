@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from lora_jax._config import LoraConfig
-from lora_jax._paths import resolve
+from lora_jax._paths import is_container, leaves_with_paths, resolve
 from lora_jax._weights import is_lora, pair_with_params
 
 __all__ = ["describe", "summary", "Description", "Summary"]
@@ -32,7 +32,13 @@ def _table(header: list[str], rows: list[list], align: str) -> str:
 
 
 def _nbytes(x) -> int:
+    if is_container(x):  # a quantized weight: its storage
+        return int(x.nbytes)
     return int(np.prod(np.shape(x), dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+
+def _storage(x) -> str:
+    return x.method if is_container(x) else np.dtype(x.dtype).name
 
 
 def _size(x) -> int:
@@ -87,7 +93,7 @@ def describe(params, config: LoraConfig) -> Description:
       2 targets, 3,584 adapter parameters (17.5000% of 20,480)
     """
     resolved = resolve(params, config)
-    n_params = sum(_size(x) for x in jax.tree.leaves(params))
+    n_params = sum(_size(x) for _, x in leaves_with_paths(params))
     n_ad = sum(s.n_adapter_params for s in resolved.targets.values())
     return Description(dict(resolved.targets), resolved.train, n_params, n_ad)
 
@@ -96,12 +102,12 @@ def describe(params, config: LoraConfig) -> Description:
 class Summary:
     """Parameter and byte counts of a params + adapters pair (see `summary`)."""
 
-    trainable: int              # a + b + fully-trained leaves
+    trainable: int              # a + b (+ DoRA m) + fully-trained leaves
     total: int                  # frozen base + LoRA factors
-    lora: int                   # a + b only
+    lora: int                   # a + b (+ DoRA m) only
     fully_trained: int          # elements of train leaves
     adapter_bytes: dict         # dtype name -> bytes of trainable arrays
-    frozen_bytes: dict          # dtype name -> bytes of the base
+    frozen_bytes: dict          # dtype name (or nf4 / int8) -> bytes of the base
     rows: list                  # (path, a shape, b shape, rank, params, bytes)
     optimizer_state: int | None = None          # elements in non-scalar state arrays
     optimizer_scalars: int | None = None        # scalar state leaves (step counts)
@@ -149,15 +155,16 @@ def summary(params, adapters, opt_state=None) -> Summary:
     rows = []
     for path, leaf, node in pair_with_params(params, adapters):
         total += _size(leaf)
-        fr_bytes[np.dtype(leaf.dtype).name] += _nbytes(leaf)
+        fr_bytes[_storage(leaf)] += _nbytes(leaf)
         if is_lora(node):
-            n = _size(node.a) + _size(node.b)
-            nb = _nbytes(node.a) + _nbytes(node.b)
+            factors = [x for x in (node.a, node.b, node.m) if x is not None]
+            n = sum(_size(x) for x in factors)
+            nb = sum(_nbytes(x) for x in factors)
             lora += n
             trainable += n
             total += n
-            ad_bytes[np.dtype(node.a.dtype).name] += _nbytes(node.a)
-            ad_bytes[np.dtype(node.b.dtype).name] += _nbytes(node.b)
+            for x in factors:
+                ad_bytes[np.dtype(x.dtype).name] += _nbytes(x)
             rows.append((path, tuple(np.shape(node.a)), tuple(np.shape(node.b)),
                          int(np.shape(node.a)[-1]), n, nb))
         elif node is not None:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._paths import LeafSpec, Resolved, path_str, resolve
+from lora_jax._paths import LeafSpec, Resolved, flatten_params, path_str, resolve
 
 __all__ = ["LoraWeights", "is_lora", "pair_with_params", "check_adapters"]
 
@@ -29,26 +29,39 @@ __all__ = ["LoraWeights", "is_lora", "pair_with_params", "check_adapters"]
 class LoraWeights(NamedTuple):
     """Low-rank factors of one adapted weight: ``W + scale * a @ b``.
 
+    With DoRA (``LoraConfig(use_dora=True)``) the weight is
+    ``m * (W + scale * a @ b) / ||W + scale * a @ b||``, the norm taken over
+    the input axes of each output unit (see `lora_jax.dora_norm`).
+
     Attributes:
       a: ``(*stacked, in, rank)``, the down-projection (trained).
       b: ``(*stacked, rank, out)``, the up-projection (trained; starts at 0).
       scale: float32 array, ``alpha / rank`` (never trained). Scalar for one
         adapter; a leading adapter axis in an adapter set.
+      m: DoRA's magnitude ``(*stacked, out)`` (trained; starts at the column
+        norms of W), or None without DoRA. None is an empty pytree node, so
+        a tree without DoRA has exactly the leaves ``a, b, scale``.
 
     Example:
       >>> import jax.numpy as jnp
       >>> w = LoraWeights(jnp.ones((4, 2)), jnp.zeros((2, 3)), jnp.float32(2.0))
-      >>> w.a.shape, w.b.shape, float(w.scale)
-      ((4, 2), (2, 3), 2.0)
+      >>> w.a.shape, w.b.shape, float(w.scale), w.m
+      ((4, 2), (2, 3), 2.0, None)
     """
 
     a: Any
     b: Any
     scale: Any
+    m: Any = None
 
     @property
     def rank(self) -> int:
         return self.a.shape[-1]
+
+    def __repr__(self) -> str:
+        # Without DoRA, show the three fields (as before m existed).
+        fields = f"a={self.a!r}, b={self.b!r}, scale={self.scale!r}"
+        return f"LoraWeights({fields}" + (")" if self.m is None else f", m={self.m!r})")
 
 
 def is_lora(x) -> bool:
@@ -73,7 +86,7 @@ def pair_with_params(params, adapters) -> list[tuple[str, Any, Any]]:
     Raises:
       ValueError: ``adapters`` does not mirror ``params`` (showing where).
     """
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flat, treedef = flatten_params(params)
     try:
         nodes = treedef.flatten_up_to(adapters)
     except (ValueError, TypeError) as e:
@@ -129,6 +142,7 @@ def check_adapters(params, adapters, config, *, resolved: Resolved | None = None
                     f"  expected a {spec.a_shape}, b {spec.b_shape}\n"
                     f"  got      a {_shape(node.a)}, b {_shape(node.b)}\n"
                     f"Fix: use the config and base the adapter was created for.")
+            _check_magnitude(path, node, spec, extra, config)
         elif path in train:
             if node is None or is_lora(node):
                 raise ValueError(
@@ -146,6 +160,25 @@ def check_adapters(params, adapters, config, *, resolved: Resolved | None = None
                 f"created with.")
         out.append((path, leaf, node, spec))
     return out
+
+
+def _check_magnitude(path, node, spec: LeafSpec, extra: tuple, config) -> None:
+    """DoRA's magnitude: present exactly when the config says, shaped (*stacked, out)."""
+    if config.use_dora and node.m is None:
+        raise ValueError(
+            f"{path}: LoraConfig(use_dora=True) but the adapter has no magnitude m. Fix: "
+            f"build adapters with lj.init for this config (it sets m to W's column norms), "
+            f"or pass the config they were made with.")
+    if not config.use_dora and node.m is not None:
+        raise ValueError(
+            f"{path}: the adapter has a DoRA magnitude m but the config has use_dora=False. "
+            f"Fix: pass the config the adapters were made with (use_dora=True).")
+    want = (*extra, *spec.stacked_shape, spec.out_size)
+    if node.m is not None and _shape(node.m) != want:
+        raise ValueError(
+            f"{path}: DoRA magnitude m has shape {_shape(node.m)}, expected {want} (one "
+            f"value per output unit of the weight {spec.shape}). Fix: use the adapter made "
+            f"for this base and config.")
 
 
 def scale_array(spec: LeafSpec):

@@ -337,7 +337,6 @@ def _rewrite_tensors(folder, fn, keep_meta=False):
 
 
 @pytest.mark.parametrize("field,value,what", [
-    ("use_dora", True, "DoRA"),
     ("lora_bias", True, "lora_bias"),
     ("layer_replication", [[0, 2], [1, 2]], "layer_replication"),
     ("init_lora_weights", "pissa", "init_lora_weights='pissa'"),
@@ -354,11 +353,15 @@ def test_unsupported_peft_variants_refused(exported, field, value, what):
         lj.import_peft(folder, variables, key_map="llama")
 
 
-def test_dora_tensor_refused(exported):
+def test_dora_tensor_without_use_dora_refused(exported):
+    # (DoRA itself is supported: tests/test_dora.py)
     folder, variables, _, _ = exported
     _rewrite_tensors(folder, lambda t: {**t, "base_model.model.model.layers.0.self_attn."
                                         "q_proj.lora_magnitude_vector": np.ones(64, np.float32)})
-    with pytest.raises(lj.interop.UnsupportedPeftFeature, match="DoRA"):
+    with pytest.raises(ValueError, match="use_dora=False but the module has a DoRA"):
+        lj.import_peft(folder, variables, key_map="llama")
+    _edit_config(folder, use_dora=True)   # now the other modules lack a magnitude
+    with pytest.raises(ValueError, match="use_dora=True but the module lacks a DoRA"):
         lj.import_peft(folder, variables, key_map="llama")
 
 

@@ -11,7 +11,10 @@ The files are what ``peft.PeftModel.save_pretrained`` writes and
 ``lora_A.weight`` is ``a.T`` and ``lora_B.weight`` is ``b.T`` for every
 layer kind (PEFT uses the ``nn.Linear`` orientation even for GPT-2's
 ``Conv1D``); embeddings use ``lora_embedding_A`` / ``lora_embedding_B``
-with the same transposes. Scaling is not stored: PEFT recomputes it from
+with the same transposes. DoRA's magnitude ``m`` is
+``<module>.lora_magnitude_vector`` (shape ``(out,)``, PEFT's per output
+unit norm, the same orientation for every kind; ``use_dora`` in the
+config). Scaling is not stored: PEFT recomputes it from
 ``lora_alpha`` / ``r`` (``/ sqrt(r)`` with ``use_rslora``), per module via
 ``rank_pattern`` / ``alpha_pattern``, which the export fills for every
 module whose rank or alpha differs from the defaults. Fully-trained leaves
@@ -70,7 +73,6 @@ _SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")
 # adapter_config.json fields lora_jax does not implement; a non-default value
 # is refused by name.
 _UNSUPPORTED = {
-    "use_dora": "DoRA (weight-decomposed LoRA, lora_magnitude_vector)",
     "lora_bias": "lora_bias (a trainable bias on lora_B)",
     "layer_replication": "layer_replication (repeated layers sharing base weights)",
     "target_parameters": "target_parameters (LoRA on bare nn.Parameters)",
@@ -92,7 +94,7 @@ _IGNORED = {
     "lora_dropout", "fan_in_fan_out", "bias", "use_rslora", "modules_to_save",
     "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
     "alpha_pattern", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
-    "megatron_core", "qalora_group_size", "ensure_weight_tying", "runtime_config",
+    "megatron_core", "qalora_group_size", "ensure_weight_tying", "runtime_config", "use_dora",
     *_UNSUPPORTED,
 }
 
@@ -195,7 +197,7 @@ def _peft_config(config: LoraConfig, modules: dict, saved: list, fan_in_fan_out:
         "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": {k: _json_number(v) for k, v in alpha_pattern.items()},
-        "use_dora": False, "lora_bias": False, "layer_replication": None,
+        "use_dora": config.use_dora, "lora_bias": False, "layer_replication": None,
         "target_parameters": None, "trainable_token_indices": None,
         "loftq_config": {}, "eva_config": None, "corda_config": None,
         "megatron_config": None, "megatron_core": "megatron.core",
@@ -290,9 +292,10 @@ def export_peft(directory, adapters, config: LoraConfig, *, key_map, params=None
                 ai, bi = (a[i], b[i]) if n_stacked else (a, b)
                 tensors[f"{_PREFIX}{module}.{key_a}"] = np.ascontiguousarray(ai.T)
                 tensors[f"{_PREFIX}{module}.{key_b}"] = np.ascontiguousarray(bi.T)
-                # DoRA hook: once LoraWeights carries a magnitude, write it here as
-                # f"{_PREFIX}{module}.lora_magnitude_vector" (shape (out,)) and set
-                # use_dora=True in _peft_config.
+                if node.m is not None:   # DoRA: one magnitude per output unit, (out,)
+                    m = np.asarray(node.m)
+                    tensors[f"{_PREFIX}{module}.lora_magnitude_vector"] = \
+                        np.ascontiguousarray(m[i] if n_stacked else m)
                 modules[module] = (r, alpha)
         else:
             if "{i}" in hf.name:
@@ -364,7 +367,7 @@ def _check_peft_config(cfg: Mapping, where: str) -> None:
             raise UnsupportedPeftFeature(
                 f"{where}: the adapter uses {what}: {field}={value!r}, which lora_jax does not "
                 f"implement; importing only the LoRA factors would give a different model. "
-                f"Fix: use an adapter without it (for DoRA, merge it in PEFT with "
+                f"Fix: use an adapter without it (or merge it in PEFT with "
                 f"merge_and_unload and extract a LoRA with lj.extract).")
     init = cfg.get("init_lora_weights", True)
     if init not in _SAFE_INITS:
@@ -434,7 +437,7 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
       check_finite: raise on NaN/Inf factors.
 
     Raises:
-      UnsupportedPeftFeature: DoRA, lora_bias, trained biases, base-modifying
+      UnsupportedPeftFeature: lora_bias, trained biases, base-modifying
         inits (PiSSA, OLoRA, LoftQ...), layer replication and others.
       ValueError: missing files (and ``.bin`` pickles, never loaded),
         corrupted files, keys the key map can't place, factor shapes that
@@ -509,9 +512,13 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
             unplaced.append(key)
             continue
         rest = key[len(_PREFIX):]
-        if rest.endswith(".lora_magnitude_vector"):
-            raise UnsupportedPeftFeature(f"{st_path}: {key} is a DoRA magnitude; DoRA is not "
-                                         f"implemented in lora_jax.")
+        if rest.endswith(".lora_magnitude_vector"):   # DoRA
+            module = rest[: -len(".lora_magnitude_vector")]
+            if module not in by_module:
+                unplaced.append(key)
+            else:
+                factors.setdefault(module, {})["M"] = np.reshape(value, -1)
+            continue
         m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|"
                          r"lora_embedding_B|lora_B\.bias)", rest)
         if m:
@@ -553,8 +560,14 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
 
     # Per-path factors, ranks and alphas (stacked leaves gather their layers).
     per_path: dict[str, dict] = {}
+    use_dora = bool(pcfg.get("use_dora", False))
     for module, ab in factors.items():
-        if set(ab) != {"A", "B"}:
+        if use_dora != ("M" in ab):
+            raise ValueError(
+                f"{st_path}: {module}: adapter_config.json has use_dora={use_dora} but the "
+                f"module {'lacks' if use_dora else 'has'} a DoRA lora_magnitude_vector. Fix: "
+                f"the config and weights don't belong together; re-export the adapter.")
+        if not {"A", "B"} <= set(ab):
             missing = "lora_B" if "A" in ab else "lora_A"
             raise ValueError(f"{st_path}: {module} has no {missing} tensor. Fix: re-export "
                              f"the adapter; the file is incomplete.")
@@ -572,7 +585,7 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
         if (entry["r"], entry["alpha"]) != (r, alpha):
             raise ValueError(f"{path}: stacked layers have different ranks/alphas in the file; "
                              f"a stacked leaf needs one. Fix: unstack the model.")
-        entry["layers"][layer] = (ab["A"].T, ab["B"].T)
+        entry["layers"][layer] = (ab["A"].T, ab["B"].T, ab.get("M"))
 
     config = _build_config(pcfg, per_path, trained, tensors, dtype, st_path, params)
     specs = resolve(params, config).targets
@@ -583,7 +596,7 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
             layers = per_path[path]["layers"]
             spec = specs[path]
             if None in layers:
-                a, b = layers[None]
+                a, b, m = layers[None]
             else:
                 n = spec.shape[0]
                 if sorted(layers) != list(range(n)):
@@ -592,8 +605,10 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
                                      f"{missing}. Fix: export every layer.")
                 a = np.stack([layers[i][0] for i in range(n)])
                 b = np.stack([layers[i][1] for i in range(n)])
+                m = np.stack([layers[i][2] for i in range(n)]) if config.use_dora else None
             a, b = jnp.asarray(a, config.dtype), jnp.asarray(b, config.dtype)
-            leaves.append(LoraWeights(a, b, jnp.asarray(spec.scale, jnp.float32)))
+            m = None if m is None else jnp.asarray(m, config.dtype)
+            leaves.append(LoraWeights(a, b, jnp.asarray(spec.scale, jnp.float32), m))
         elif path in trained:
             kind = lookup(km, path).kind
             value = np.asarray(trained[path])
@@ -608,9 +623,11 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
     if check_finite:
         for p, node in jax.tree_util.tree_flatten_with_path(
                 adapters, is_leaf=lambda x: x is None or is_lora(x))[0]:
-            arrays = ({"a": node.a, "b": node.b} if is_lora(node) else
+            arrays = ({"a": node.a, "b": node.b, "m": node.m} if is_lora(node) else
                       {"": node} if node is not None else {})
             for field, x in arrays.items():
+                if x is None:
+                    continue
                 bad = int(np.sum(~np.isfinite(np.asarray(x, np.float32))))
                 if bad:
                     name = path_str(p) + (f"/{field}" if field else "")
@@ -661,7 +678,7 @@ def _build_config(pcfg, per_path, trained, tensors, dtype, st_path, params) -> L
               for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     layouts = {}
     for path, e in per_path.items():
-        a, b = next(iter(e["layers"].values()))
+        a, b, _ = next(iter(e["layers"].values()))
         stacked = None not in e["layers"]
         lay = _infer_layout(path, shapes[path], stacked, a.shape[0], b.shape[1])
         if lay is not None and lay != Layout(0, len(shapes[path]) - 1, 1):
@@ -682,6 +699,7 @@ def _build_config(pcfg, per_path, trained, tensors, dtype, st_path, params) -> L
         rank_pattern={re.escape(p): r for p, r in ranks.items() if r != r0},
         alpha_pattern={re.escape(p): a for p, a in alphas.items() if a != a0},
         use_rslora=bool(pcfg.get("use_rslora", False)),
+        use_dora=bool(pcfg.get("use_dora", False)),
         dropout=float(pcfg.get("lora_dropout") or 0.0),
         dtype=dtype,
         train=tuple(re.escape(p) for p in trained),
