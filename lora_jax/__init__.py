@@ -40,6 +40,20 @@ from lora_jax._init import subtract_init as subtract_init
 from lora_jax._merge import delta as delta
 from lora_jax._merge import merge as merge
 from lora_jax._merge import unmerge as unmerge
+from lora_jax._multi import BASE as BASE
+from lora_jax._multi import AdapterSet as AdapterSet
+from lora_jax._multi import Combination as Combination
+from lora_jax._multi import Member as Member
+from lora_jax._multi import adapter_ids as adapter_ids
+from lora_jax._multi import adapter_set as adapter_set
+from lora_jax._multi import add_adapter as add_adapter
+from lora_jax._multi import apply_mixed as apply_mixed
+from lora_jax._multi import combine as combine
+from lora_jax._multi import merge_weighted as merge_weighted
+from lora_jax._multi import remove_adapter as remove_adapter
+from lora_jax._multi import restore_set as restore_set
+from lora_jax._multi import save_set as save_set
+from lora_jax._multi import select_adapter as select_adapter
 from lora_jax._optim import make_train_step as make_train_step
 from lora_jax._optim import optimizer as optimizer
 from lora_jax._optim import trainable_labels as trainable_labels
@@ -136,4 +150,18 @@ __all__ = [
     "summary",
     "trainable_labels",
     "unmerge",
+    "BASE",
+    "AdapterSet",
+    "Combination",
+    "Member",
+    "adapter_ids",
+    "adapter_set",
+    "add_adapter",
+    "apply_mixed",
+    "combine",
+    "merge_weighted",
+    "remove_adapter",
+    "restore_set",
+    "save_set",
+    "select_adapter",
 ]
