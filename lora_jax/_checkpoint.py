@@ -92,8 +92,18 @@ def _sha256_json(obj) -> str:
     return hashlib.sha256(_canonical(obj)).hexdigest()
 
 
+def _local(x):
+    """``x`` readable on this host. A global array of a multi-process run
+    (``jax.distributed``) spans devices of other processes: every process
+    gathers it, in the same order (a collective), and hashes the same bytes."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(x, tiled=True)
+    return x
+
+
 def _host(x) -> np.ndarray:
-    h = np.asarray(x)
+    h = np.asarray(_local(x))
     # (np.ascontiguousarray would turn a 0-d scale into shape (1,).)
     return h if h.flags.c_contiguous else np.ascontiguousarray(h)
 
@@ -111,6 +121,7 @@ def _array_record(x) -> dict:
 def _records(arrays: list) -> list[dict]:
     """`_array_record` of each array; large trees hash on several threads
     (hashlib releases the GIL), so hashing keeps pace with Orbax's I/O."""
+    arrays = [_local(x) for x in arrays]  # collectives: here, in order, not on threads
     total = sum(int(np.prod(np.shape(x))) for x in arrays)
     if total < (1 << 22) or (os.cpu_count() or 1) < 2:
         return [_array_record(x) for x in arrays]
@@ -136,7 +147,7 @@ def _as_array(x):
 
 
 def _check_finite(path: str, field: str, x, where: str) -> None:
-    h = np.asarray(x)
+    h = np.asarray(_local(x))
     if np.issubdtype(h.dtype, np.inexact) or h.dtype.name == "bfloat16":
         if not np.isfinite(h).all():
             n = int(np.sum(~np.isfinite(h)))
