@@ -19,9 +19,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -31,6 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
+import _common  # noqa: E402  (benchmarks/_common.py; the script's directory is on sys.path)
 import lora_jax as lj  # noqa: E402
 from examples import gpt  # noqa: E402
 
@@ -123,55 +122,8 @@ def build(c: gpt.GPTConfig):
     return steps, infer, explanation
 
 
-def analyse(fn, args) -> tuple[dict, object]:
-    lowered = fn.lower(*args)
-    t0 = time.perf_counter()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    mem = compiled.memory_analysis()
-    res = dict(flops=float(cost["flops"]), bytes_accessed=float(cost["bytes accessed"]),
-               arg_bytes=int(mem.argument_size_in_bytes),
-               temp_bytes=int(mem.temp_size_in_bytes),
-               out_bytes=int(mem.output_size_in_bytes),
-               alias_bytes=int(mem.alias_size_in_bytes), compile_s=compile_s)
-    res["total_bytes"] = res["arg_bytes"] + res["temp_bytes"] + res["out_bytes"]
-    return res, compiled
-
-
-def interleaved(runners: dict, rounds: int, reps: int) -> dict:
-    """Round-robin timing; each runner is ``() -> None`` and blocks."""
-    times = {k: [] for k in runners}
-    cpu = {k: [] for k in runners}
-    for run in runners.values():  # warm-up
-        run()
-    for _ in range(rounds):
-        for k, run in runners.items():
-            for _ in range(reps):
-                t0, c0 = time.perf_counter(), time.process_time()
-                run()
-                times[k].append(time.perf_counter() - t0)
-                cpu[k].append(time.process_time() - c0)
-    out = {}
-    for k, v in times.items():
-        q = statistics.quantiles(v, n=4) if len(v) >= 4 else [float("nan")] * 3
-        out[k] = dict(median_s=statistics.median(v), min_s=min(v), n=len(v),
-                      q1_s=q[0], q3_s=q[2], cpu_median_s=statistics.median(cpu[k]),
-                      times_s=v)
-    return out
-
-
-def runner(compiled, make_state, advance):
-    state = make_state()
-
-    def run():
-        nonlocal state
-        out = compiled(*state)
-        jax.block_until_ready(out)
-        if advance is not None:
-            state = advance(state, out)
-    return run
+# Shared with the other benchmarks: compile + XLA analyses, round-robin timing.
+analyse, interleaved, runner = _common.analyse, _common.interleaved, _common.runner
 
 
 def bench(c: gpt.GPTConfig, label: str, rounds: int, reps: int) -> dict:

@@ -59,6 +59,7 @@ import numpy as np
 from lora_jax._apply_interp import Record, Trace, densify_output, evaluate
 from lora_jax._apply_lazy import LazyWeight
 from lora_jax._config import LoraConfig, LoraWarning
+from lora_jax._paths import flatten_params, is_container
 from lora_jax._weights import check_adapters
 
 __all__ = ["apply", "explain", "Explanation"]
@@ -134,6 +135,8 @@ def _is_array(x) -> bool:
 
 
 def _aval(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype, weak_type=jax.typeof(x).weak_type)
 
 
@@ -145,12 +148,28 @@ def _check_single(path, node, spec):
             f"adapter. Fix: select one, e.g. jax.tree.map(lambda x: x[i], adapters).")
 
 
+def _check_no_dora(path, node):
+    if node.m is not None:
+        raise ValueError(
+            f"{path}: the adapter has a DoRA magnitude m; lj.apply does not compute DoRA's "
+            f"normalized update yet. Fix: run fn(lj.merge(params, adapters, config), ...) "
+            f"(the reference semantics), or train without use_dora.")
+
+
 def _trace_value(leaf, node, spec):
-    """What ``fn`` is traced with, and what the interpreter runs with, for one leaf."""
+    """What ``fn`` is traced with, and what the interpreter runs with, for one leaf.
+
+    A quantized container (`LeafContainer`) is traced as the dense weight it
+    stands for; a targeted one becomes a `LazyWeight` that dequantizes where
+    it is used, an untargeted one is dequantized up front.
+    """
     if spec is not None:
-        return leaf, LazyWeight.from_leaf(spec.path, leaf, node, spec)
+        traced = jax.ShapeDtypeStruct(spec.shape, spec.dtype) if is_container(leaf) else leaf
+        return traced, LazyWeight.from_leaf(spec.path, leaf, node, spec)
     if node is not None:  # fully trained: the adapter's value replaces the leaf
         return node, node
+    if is_container(leaf):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), leaf.dequantize()
     return leaf, leaf
 
 
@@ -158,14 +177,15 @@ def _rewrite(fn, config, params, adapters, args, kwargs, *, lora_rng, strict,
              custom_grad=True):
     """Traces ``fn`` and evaluates it low-rank; returns ``(output, record, paths)``."""
     entries = check_adapters(params, adapters, config)
-    p_treedef = jax.tree.structure(params)
+    p_treedef = flatten_params(params)[1]
     a_leaves, a_treedef = jax.tree.flatten((args, kwargs))
     traced, run, static = [], [], {}
     for i, (path, leaf, node, spec) in enumerate(entries):
         if spec is not None:
             _check_single(path, node, spec)
+            _check_no_dora(path, node)
         t, r = _trace_value(leaf, node, spec)
-        if _is_array(t):
+        if _is_array(t) or isinstance(t, jax.ShapeDtypeStruct):
             traced.append(t)
             run.append(r)
         else:
@@ -238,6 +258,13 @@ def apply(fn: Callable, config: LoraConfig, *, strict: bool = False,
         instead of materializing a weight at a use with no low-rank rule.
         By default such uses work densely and `LoraWarning` names the path
         once per trace.
+      custom_grad: matmuls that flatten to ``(M, K) @ (K, N)`` (``Dense``,
+        ``DenseGeneral``, ``Einsum``, tied output projections) use a
+        hand-written backward pass that XLA runs markedly faster than the
+        autodiff of the low-rank form and with less memory (see
+        ``benchmarks/RESULTS.md``). Its cost: forward-mode differentiation
+        (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) of ``f`` raises; pass
+        ``custom_grad=False`` for those.
 
     The returned function reserves the keyword ``lora_rng``: a PRNG key
     for LoRA dropout (``None``, the default, means no dropout: exact and
@@ -279,6 +306,15 @@ def explain(fn: Callable, config: LoraConfig, params, adapters, *args, **kwargs
     many uses went through each rule, and for each materialized use the
     primitive and why.
 
+    Args:
+      fn: the function given to `apply`.
+      config: the `LoraConfig`.
+      params: the frozen params (arrays, or `jax.ShapeDtypeStruct`s).
+      adapters: the adapter tree (`lj.init`'s form).
+      *args: example positional arguments of ``fn``; array leaves are traced
+        abstractly, anything else is passed as is.
+      **kwargs: example keyword arguments, likewise.
+
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
       >>> params = {"w": jnp.ones((8, 4)), "v": jnp.ones((8, 4))}
@@ -294,8 +330,8 @@ def explain(fn: Callable, config: LoraConfig, params, adapters, *args, **kwargs
     _check_fn(fn, config, "lj.explain")
     got = {}
     leaves, treedef = jax.tree.flatten((params, adapters, args, kwargs),
-                                       is_leaf=lambda x: x is None)
-    dyn_pos = [i for i, x in enumerate(leaves) if _is_array(x)]
+                                       is_leaf=lambda x: x is None or is_container(x))
+    dyn_pos = [i for i, x in enumerate(leaves) if _is_array(x) or is_container(x)]
 
     def run(dynamic):
         full = list(leaves)

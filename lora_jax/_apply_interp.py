@@ -146,7 +146,10 @@ def bind(eqn, invals) -> list:
         if isinstance(v, jcore.Var) and v not in seen:
             seen[v] = len(args)
             args.append(x)
-    one = jcore.Jaxpr((), list(seen), eqn.outvars, [eqn], eqn.effects)
+    info = jcore.DebugInfo("lora_jax.apply", eqn.primitive.name,
+                           tuple(f"in{i}" for i in range(len(args))),
+                           tuple(f"out{i}" for i in range(len(eqn.outvars))))
+    one = jcore.Jaxpr((), list(seen), eqn.outvars, [eqn], eqn.effects, info)
     return list(jcore.jaxpr_as_fun(jcore.ClosedJaxpr(one, ()))(*args))
 
 
@@ -258,6 +261,9 @@ RULES: dict = {
     P.dynamic_slice_p: _one(lambda lw, p, starts: lw.dynamic_window(starts, p["slice_sizes"])),
     P.sharding_constraint_p: _sharding_constraint,
 }
+# `split` is exported by jax.lax, not by jax.extend.core.primitives.
+if getattr(lax, "split_p", None) is not None:
+    RULES[lax.split_p] = _split
 
 
 # ----------------------------------------------------------------------------- products

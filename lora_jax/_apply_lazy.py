@@ -434,12 +434,15 @@ def _transpose_to(x, have, want):
 
 @functools.lru_cache(maxsize=None)
 def _matmul(precision, out_dtype, concat: bool):
-    """``y = x @ w + (xl @ a) @ (s * b)`` on 2-D operands, with its VJP.
+    """``y = x @ view(w) + (xl @ a) @ (s * b)`` on 2-D operands, with its VJP.
 
-    ``x``: (M, K), ``xl``: the LoRA input (dropout applied), ``w``: (K, N),
-    ``a``: (K, r), ``b``: (r, N), ``s``: scalar. The low-rank terms are formed
-    in the adapters' dtype; ``concat`` (all dtypes equal) computes the
-    training forward as one dot over concatenated operands.
+    ``view(w)`` is the frozen weight as a (K, N) array: ``w`` is the stored
+    leaf (an array, or a quantized container that ``view`` dequantizes),
+    so the backward pass recomputes the view instead of keeping a dense copy
+    alive. ``x``: (M, K); ``xl``: the LoRA input (dropout applied); ``a``:
+    (K, r); ``b``: (r, N); ``s``: scalar. The low-rank terms are formed in
+    the adapters' dtype; ``concat`` (all dtypes equal) computes the training
+    forward as one dot over ``[x | xl a]`` and ``[W ; s b]``.
     """
     def dot(u, v, cu, cv, dtype=None):
         return lax.dot_general(u, v, (((cu,), (cv,)), ((), ())), precision=precision,
@@ -448,24 +451,35 @@ def _matmul(precision, out_dtype, concat: bool):
     def forward(x, xl, w, a, sb, train):
         ad = a.dtype
         t = dot(xl.astype(ad), a, 1, 0, ad)
-        if train and concat:
+        if train:
             y = dot(jnp.concatenate([x, t], 1), jnp.concatenate([w, sb], 0), 1, 0, out_dtype)
         else:
             acc = jnp.promote_types(out_dtype, ad)
             y = (dot(x, w, 1, 0, acc) + dot(t, sb, 1, 0, ad).astype(acc)).astype(out_dtype)
         return y, t
 
-    @jax.custom_vjp
-    def matmul(x, xl, w, a, b, s):
-        return forward(x, xl, w, a, s * b, False)[0]
+    def dense(view, w, after):
+        # A stored container is densified where it is used. The barrier ties
+        # that to the activation (`after`), so a scheduler that honours it
+        # neither hoists every dequantization to the start nor merges the
+        # backward's recomputation with the forward's (either keeps all dense
+        # weights alive). XLA:CPU drops barriers before scheduling: there both
+        # custom_grad modes hold every dequantized weight (measured).
+        if not _is_array(w):
+            w, _ = lax.optimization_barrier((w, after))
+        return view(w)
 
-    def fwd(x, xl, w, a, b, s):
+    def matmul(view, x, xl, w, a, b, s):
+        return forward(x, xl, dense(view, w, x), a, s * b, False)[0]
+
+    def fwd(view, x, xl, w, a, b, s):
         sb = s * b
-        y, t = forward(x, xl, w, a, sb, True)
+        y, t = forward(x, xl, dense(view, w, x), a, sb, concat and _is_array(w))
         return y, (x, xl, w, a, b, s, sb, t)
 
-    def bwd(res, g):
-        x, xl, w, a, b, s, sb, t = res
+    def bwd(view, res, g):
+        x, xl, w_src, a, b, s, sb, t = res
+        w, pull = jax.vjp(lambda w: dense(view, w, g), w_src)
         ad = a.dtype
         ga = g.astype(ad)
         dt = dot(ga, sb, 1, 1, ad)                          # (M, r)
@@ -473,20 +487,23 @@ def _matmul(precision, out_dtype, concat: bool):
         dxl = dot(dt, a, 1, 1, ad).astype(xl.dtype)
         da = dot(dt, xl.astype(ad), 0, 0, ad).T             # via (r, K): transposes dt only
         db = (s * dot(t, ga, 0, 0, ad)).astype(b.dtype)     # transposes t only
-        dw = dot(x, g, 0, 0, jnp.promote_types(g.dtype, w.dtype)).astype(w.dtype)
-        # dw is dead code unless params are differentiated too (XLA drops it).
+        # The frozen weight's cotangent is dead code unless params are
+        # differentiated too (XLA then drops it).
+        (dw,) = pull(dot(x, g, 0, 0, jnp.promote_types(g.dtype, w.dtype)).astype(w.dtype))
         return dx, dxl, dw, da.astype(a.dtype), db, jnp.zeros_like(s)
 
-    matmul.defvjp(fwd, bwd)
-    return matmul
+    kernel = jax.custom_vjp(matmul, nondiff_argnums=(0,))
+    kernel.defvjp(fwd, bwd)
+    return kernel
 
 
 def _matmul_plan(x, lw: LazyWeight, xc, wc, first_is_a):
-    """``(w2, f1, f2, out_shape)`` when the product flattens to 2-D, else None.
+    """``(view, f1, f2, out_shape)`` when the product flattens to 2-D, else None.
 
     Flattens when x's contracted axes are its trailing ones, the weight's
     contracted axes are all of one factor's axes in the same order, and the
-    weight's free axes are the other factor's, in order.
+    weight's free axes are the other factor's, in order. ``view(lw.w)`` is
+    the frozen weight as (K, N).
     """
     nx = x.ndim
     if tuple(xc) != tuple(range(nx - len(xc), nx)):
@@ -502,16 +519,20 @@ def _matmul_plan(x, lw: LazyWeight, xc, wc, first_is_a):
     r = lw.a.shape[-1]
     k = math.prod(lw.shape[i] for i in wc)
     n = math.prod(lw.shape[i] for i in free)
-    w2 = lw.frozen()
     perm = tuple(wc) + tuple(free)
-    if perm != tuple(range(lw.ndim)):
-        w2 = lax.transpose(w2, perm)
-    w2 = w2.reshape(k, n)
+    dtype, pending = lw.dtype, lw.pending
+
+    def view(w):
+        w = LazyWeight.frozen_value(w, dtype, pending)
+        if perm != tuple(range(w.ndim)):
+            w = lax.transpose(w, perm)
+        return w.reshape(k, n)
+
     a2 = lw.a.reshape(-1, r)        # (prod A, r)
     b2 = lw.b.reshape(r, -1)        # (r, prod B)
     f1, f2 = (a2, b2) if first_is_a else (b2.T, a2.T)
     out_shape = x.shape[: nx - len(xc)] + tuple(lw.shape[i] for i in free)
-    return w2, f1, f2, out_shape
+    return view, lw.w, f1, f2, out_shape
 
 
 def _out_dtype(preferred, x_dtype, w_dtype):
@@ -554,12 +575,13 @@ def lowrank_dot(x, lw: LazyWeight, *, x_is_lhs: bool, dimension_numbers, precisi
     if custom_grad and x_is_lhs and not wb:
         plan = _matmul_plan(x, lw, xc, wc, first_is_a)
         if plan is not None:
-            w2, f1_2d, f2_2d, out_shape = plan
+            view, w_src, f1_2d, f2_2d, out_shape = plan
             xl = x if lora_input is None else lora_input(x)
             k = f1_2d.shape[0]
             same = x.dtype == lw.dtype == f1.dtype == f2.dtype == out_dtype
             kernel = _matmul(precision, out_dtype, same)
-            y = kernel(x.reshape(-1, k), xl.reshape(-1, k), w2, f1_2d, f2_2d, lw.scale)
+            y = kernel(view, x.reshape(-1, k), xl.reshape(-1, k), w_src, f1_2d, f2_2d,
+                       lw.scale)
             return y.reshape(out_shape)
     operands = (x, lw.frozen()) if x_is_lhs else (lw.frozen(), x)
     base = lax.dot_general(*operands, dimension_numbers, precision=precision,
