@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import resource
 import shutil
@@ -242,6 +243,8 @@ def run(s: Settings) -> dict:
     if s.steps < 1 or s.batch < 1:
         raise ValueError(f"steps={s.steps}, batch={s.batch}: both must be >= 1.")
     t_all = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's informational warnings
     os.makedirs(s.out, exist_ok=True)
     classes, splits = read_extract()
     model, encoder_vars, tokenizer = bert.load_minilm()
@@ -370,7 +373,8 @@ def run(s: Settings) -> dict:
             "train_seconds": r.train_seconds, "compile_seconds": r.compile_seconds,
             "step_memory_bytes": r.step_memory,
             "final_loss": float(np.mean(r.losses[-20:])), **r.extra}
-    results["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    results["peak_rss_bytes"] = usage.ru_maxrss * 1024
     print()
     print(table(results))
     if "lora" in runs:
@@ -384,7 +388,13 @@ def run(s: Settings) -> dict:
         results["plots"] = plots(runs, adapters, config, variables, tuned, s.out)
         print("plots: " + ", ".join(results["plots"]))
     results["total_seconds"] = time.perf_counter() - t_all
-    print(f"total time {results['total_seconds']:.0f} s; process peak RSS "
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    results["cpu_seconds"] = usage.ru_utime + usage.ru_stime
+    # Other processes slow a shared machine down: the load average says how much.
+    results["load_average"] = [load_before, os.getloadavg()[0]]
+    print(f"total time {results['total_seconds']:.0f} s (CPU time {results['cpu_seconds']:.0f} s "
+          f"on {os.cpu_count()} cores; load average {load_before:.1f} -> "
+          f"{results['load_average'][1]:.1f}); process peak RSS "
           f"{results['peak_rss_bytes'] / 2**20:,.0f} MiB")
     with open(os.path.join(s.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -393,6 +403,12 @@ def run(s: Settings) -> dict:
 
 def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def _ms(ms) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms:.0f} ms" if ms >= 10 else f"{ms:.2f} ms"
 
 
 def _mib(n) -> str:
@@ -407,7 +423,7 @@ def table(results: dict) -> str:
     for name, r in results["runs"].items():
         rows.append([name, f"{100 * r['accuracy']:.2f}%", f"{r['trainable']:,}",
                      f"{r['trainable_percent_of_encoder']:.3f}%", _mib(r["trainable_bytes"]),
-                     f"{r['median_step_ms']:.0f} ms" if r["median_step_ms"] else "-",
+                     _ms(r["median_step_ms"]),
                      f"{r['train_seconds']:.0f} s", _mib(r["step_memory_bytes"])])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
