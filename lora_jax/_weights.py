@@ -31,7 +31,7 @@ class LoraWeights(NamedTuple):
 
     With DoRA (``LoraConfig(use_dora=True)``) the weight is
     ``m * (W + scale * a @ b) / ||W + scale * a @ b||``, the norm taken over
-    the input axes of each output unit (see `lora_jax.dora_norm`).
+    the input axes of each output unit (see `lj.dora_norms`).
 
     Attributes:
       a: ``(*stacked, in, rank)``, the down-projection (trained).
