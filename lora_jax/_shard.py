@@ -16,7 +16,8 @@ A weight with several input (or output) axes, e.g. an out-projection
 ``(heads, head_dim, d)`` with layout ``(0, 2, 1)``, gives ``a`` one
 flattened input axis of size ``heads * head_dim``. That axis gets the spec
 of the *first sharded* of the merged axes, provided the flattened size is
-divisible by that spec's device count; otherwise it is replicated. When the
+divisible by that spec's device count (always, when W's own split is even);
+otherwise it is replicated. When the
 first sharded axis is the outermost merged axis (the usual case: heads
 sharded), the blocks of ``a`` line up exactly with W's blocks; a split of an
 inner axis is strided in W and becomes a contiguous split in ``a``, which is

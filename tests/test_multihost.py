@@ -40,11 +40,12 @@ def test_two_processes_train_save_restore(tmp_path):
     assert r["mesh"] == ref["mesh"] == {"data": 2, "model": 4}
     assert len(r["losses"]) == STEPS and all(math.isfinite(x) for x in r["losses"])
     assert abs(r["losses"][0] - math.log(128)) < 0.5, r["losses"]   # random init: ~log(vocab)
-    # the same program and data over two processes: the same losses (measured:
-    # bit-identical; gloo's and the in-process all-reduce may differ in order)
-    np.testing.assert_allclose(r["losses"], ref["losses"], rtol=1e-6)
+    # the same program and data over two processes: the same losses up to the
+    # order of f32 sums in gloo's all-reduce vs the in-process one (measured:
+    # bit-identical here; 1.8e-6 after 5 steps of the reference decoder)
+    np.testing.assert_allclose(r["losses"], ref["losses"], rtol=1e-5)
     assert r["restored_equal"] and r["config_equal"] and r["saved_step"] == STEPS
-    np.testing.assert_allclose(r["loss_after_restore"], ref["loss_after_restore"], rtol=1e-6)
+    np.testing.assert_allclose(r["loss_after_restore"], ref["loss_after_restore"], rtol=1e-5)
     # Each process wrote its own shards; read them back here, on one device
     # (every array verified against the sha256 recorded at save time).
     adapters, config = lj.restore(ckpt)
