@@ -247,7 +247,7 @@ def _sharding_of(path: str, leaf, given):
 
 def _lora_shardings(sh, spec: LeafSpec) -> LoraWeights:
     if isinstance(sh, SingleDeviceSharding):
-        return LoraWeights(sh, sh, sh)
+        return LoraWeights(sh, sh, sh, sh)
     mesh = sh.mesh
     lay = spec.layout
     entries = _padded(sh.spec, lay.ndim)
@@ -257,7 +257,8 @@ def _lora_shardings(sh, spec: LeafSpec) -> LoraWeights:
     kind = sh.memory_kind
     return LoraWeights(NamedSharding(mesh, P(*stacked, e_in, None), memory_kind=kind),
                        NamedSharding(mesh, P(*stacked, None, e_out), memory_kind=kind),
-                       NamedSharding(mesh, P(), memory_kind=kind))
+                       NamedSharding(mesh, P(), memory_kind=kind),
+                       NamedSharding(mesh, P(*stacked, e_out), memory_kind=kind))  # DoRA's m
 
 
 def _override(path: str, base: Sharding, value, shape: tuple) -> Sharding:
@@ -286,7 +287,8 @@ def adapter_shardings(params, config: LoraConfig, *, shardings=None, overrides=N
     * a flattened input/output axis (several W axes, see the leaf's
       `Layout`) takes the spec of the first sharded of them if its size is
       divisible by that spec's device count, else ``None``;
-    * ``scale``: replicated; fully-trained leaves: the param's sharding.
+    * ``scale``: replicated; DoRA's ``m``: ``P(*W_stacked, W_out)``;
+      fully-trained leaves: the param's sharding.
 
     Args:
       params: the base params: ``jax.Array``s with ``NamedSharding``s, or
@@ -347,7 +349,8 @@ def adapter_shardings(params, config: LoraConfig, *, shardings=None, overrides=N
             return sh if value is None else _override(path, sh, value, tuple(leaf.shape))
         node = _lora_shardings(sh, spec)
         fields = {}
-        for field, shape in (("a", spec.a_shape), ("b", spec.b_shape), ("scale", ())):
+        dora = (("m", (*spec.stacked_shape, spec.out_size)),) if config.use_dora else ()
+        for field, shape in (("a", spec.a_shape), ("b", spec.b_shape), ("scale", ()), *dora):
             fpath = f"{path}/{field}"
             paths.append(fpath)
             value = _first_rule(rules, fpath)
