@@ -171,7 +171,9 @@ def main(argv=None) -> dict:
     if args.ckpt:
         # Every process calls save and restore; Orbax writes each process's
         # shards, process 0 the metadata. The directory is shared.
-        step_no = lj.save(args.ckpt, adapters, config, step=args.steps, opt_state=opt_state)
+        # (params=: the base fingerprint, checked again by restore_state)
+        step_no = lj.save(args.ckpt, adapters, config, step=args.steps, params=params,
+                          opt_state=opt_state)
         phase("save")
         state, config2 = lj.restore_state(
             args.ckpt, params, step=step_no, shardings=sh.adapters,

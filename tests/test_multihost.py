@@ -53,4 +53,5 @@ def test_two_processes_train_save_restore(tmp_path):
     a = adapters["params/block_0/attn/q/kernel"].a
     assert a.shape == (64, 8) and len(a.sharding.device_set) == 1
     assert np.all(np.isfinite(np.asarray(a)))
-    assert lj.inspect(ckpt).has_opt_state
+    info = lj.inspect(ckpt)
+    assert info.has_opt_state and info.fingerprint is not None   # base fingerprinted across processes
