@@ -516,3 +516,48 @@ def test_errors(rng):
     mixed_ranks = lj.add_adapter(aset, "c", random_adapters(params, c4, seed=5), c4)
     with pytest.raises(ValueError, match="different ranks"):
         lj.combine(mixed_ranks, {"a": 1.0, "c": 1.0}, method="linear")
+
+
+def test_more_errors(rng, tmp_path):
+    gen = _gen(rng)
+    params = _small_params(gen)
+    cfg = lj.LoraConfig(rank=2, targets=("q", "v"))
+    ad = random_adapters(params, cfg, seed=1)
+    aset = lj.adapter_set({"a": (ad, cfg), "b": (ad, cfg)})
+    with pytest.raises(TypeError, match="named by a str"):
+        lj.select_adapter(aset, 1.5)
+    bad = {**ad, "q": lj.LoraWeights(ad["q"].a, ad["q"].b.T, ad["q"].scale)}
+    with pytest.raises(ValueError, match="not a LoRA pair"):
+        lj.adapter_set({"a": (bad, cfg)})
+    dora = {**ad, "q": ad["q"]._replace(m=jnp.ones((10,)))}
+    with pytest.raises(ValueError, match="DoRA"):
+        lj.adapter_set({"a": (dora, cfg)})
+    with pytest.raises(ValueError, match="holds no LoraWeights"):
+        lj.adapter_set({"a": ({"q": None, "v": None, "stack": None}, cfg)})
+    with pytest.raises(TypeError, match="triples"):
+        lj.adapter_set([("a", ad)])
+    with pytest.raises(TypeError, match="adapter_set takes"):
+        lj.adapter_set(ad["q"].a)
+    with pytest.raises(TypeError, match="non-empty strs"):
+        lj.adapter_set({"": (ad, cfg)})
+    with pytest.raises(TypeError, match="must be callable"):
+        lj.apply_mixed("model")
+    with pytest.raises(TypeError, match="strict must be a bool"):
+        lj.apply_mixed(lambda p, x: x, strict=1)
+    with pytest.raises(ValueError, match="in_axes"):
+        lj.apply_mixed(lambda p, x: x, in_axes="0")
+    with pytest.raises(ValueError, match="rank=0 must be a positive int"):
+        lj.combine(aset, {"a": 1.0}, rank=0)
+    with pytest.raises(TypeError, match="weights must be"):
+        lj.combine(aset, 1.0)
+    with pytest.raises(ValueError, match="no adapters to combine"):
+        lj.combine(aset, {})
+    # a step whose set metadata is damaged or does not fit its arrays
+    meta = {"names": ["a"], "configs": [cfg.to_dict()], "ranks": [[["q", 2], ["v", 2]]]}
+    lj.save(tmp_path / "x", aset.adapters, aset.config, metadata={"lora_jax.adapter_set": meta})
+    with pytest.raises(lj.CheckpointError, match="inconsistent"):
+        lj.restore_set(tmp_path / "x")
+    lj.save(tmp_path / "y", aset.adapters, aset.config,
+            metadata={"lora_jax.adapter_set": {"names": ["a", "b"]}})
+    with pytest.raises(lj.CheckpointError, match="can't be read"):
+        lj.restore_set(tmp_path / "y")
