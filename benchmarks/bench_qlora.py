@@ -9,7 +9,9 @@ bfloat16, NF4 and int8 (`lj.quantize`):
 * XLA's memory analysis of one jitted LoRA training step through
   ``lj.apply``: argument and temporary bytes, compared with the bytes of
   every kernel dequantized to its compute dtype (a step that dequantized
-  the whole model up front would need at least that much temporary memory);
+  the whole model up front would need at least that much temporary memory).
+  At batch 8 x 128 the temporaries are mostly activations, so the same
+  step is also analysed at batch 1 x 8, where they are mostly weights;
 * step times, interleaved round-robin, medians.
 
 Part 2 (``minilm``), examples/minilm_wordnet.py's LoRA run (MiniLM-L6, r=8 on
@@ -59,12 +61,14 @@ def decoder(rounds: int, reps: int) -> dict:
     tx = lj.optimizer(optax.adam(1e-4))
     kernels_f32 = _kernel_bytes(variables)
     n_kernel = kernels_f32 // 4
+    largest = max(x.size for p, x in lj._paths.leaves_with_paths(variables)
+                  if p.endswith("/kernel"))
     bases = {"float32": variables,
              "bfloat16": jax.tree.map(lambda x: x.astype(jnp.bfloat16), variables),
              "nf4": lj.quantize(variables, KERNELS, config=config),
              "int8": lj.quantize(variables, KERNELS, method="int8", config=config)}
     out = {"n_kernel_params": n_kernel, "kernel_bytes_float32": kernels_f32,
-           "kernel_bytes_bfloat16": 2 * n_kernel, "bases": {}}
+           "kernel_bytes_bfloat16": 2 * n_kernel, "largest_kernel_params": largest, "bases": {}}
     runners = {}
     for name, base in bases.items():
         q_bytes = sum(x.nbytes for _, x in lj._paths.leaves_with_paths(base)
@@ -81,6 +85,8 @@ def decoder(rounds: int, reps: int) -> dict:
         res, compiled = _common.analyse(step, make())
         runners[name] = _common.runner(compiled, make,
                                        lambda s, o: [s[0], o[0], o[1], s[3]])
+        small = step.lower(base, ad, tx.init(ad), tokens[:1, :8]).compile().memory_analysis()
+        res["temp_bytes_batch_1x8"] = int(small.temp_size_in_bytes)
         res.update(kernel_bytes_stored=stored, kernel_bytes_over_bf16=stored / (2 * n_kernel),
                    all_kernels_dense_bytes=dense,
                    temp_over_all_kernels_dense=res["temp_bytes"] / dense)
@@ -88,7 +94,9 @@ def decoder(rounds: int, reps: int) -> dict:
         print(f"[decoder] {name:9} kernels {stored / 2**20:7.1f} MiB "
               f"({stored / (2 * n_kernel):.3f}x bf16), step args "
               f"{res['arg_bytes'] / 2**20:7.1f} MiB, temp {res['temp_bytes'] / 2**20:7.1f} MiB "
-              f"(all kernels dense: {dense / 2**20:.1f} MiB), compile {res['compile_s']:.0f} s",
+              f"(all kernels dense: {dense / 2**20:.1f} MiB); at batch 1x8 temp "
+              f"{res['temp_bytes_batch_1x8'] / 2**20:.1f} MiB (largest kernel dense: "
+              f"{largest * dense / n_kernel / 2**20:.1f} MiB), compile {res['compile_s']:.0f} s",
               flush=True)
     timed = _common.interleaved(runners, rounds, reps)
     for name, t in timed.items():

@@ -230,8 +230,8 @@ def render_gpu(res: dict | None) -> str:
            f"{m['vocab']}; {s['n_params'] / 1e9:.2f}B parameters (N = {s['n_matmul_params'] / 1e9:.2f}B "
            f"in matmuls); batch {s['batch']} × seq {s['seq']}, {m['dtype']}, rank {s['rank']}, "
            f"remat `{s['remat']}`, attention `{s['attention']}`.", "",
-           "| variant | ms/step | tokens/s | FLOPs/token counted | MFU | XLA TFLOP/step | "
-           "XLA memory GiB |", "|---|---|---|---|---|---|---|"]
+           "| variant | ms/step | tokens/s | FLOPs/token counted | MFU | XLA TFLOP/step (one "
+           "layer body) | XLA memory GiB |", "|---|---|---|---|---|---|---|"]
     for k, v in res["variants"].items():
         if not isinstance(v, dict):
             continue

@@ -63,6 +63,7 @@ class Settings:
     lr: float = 3e-3
     dora: bool = False
     quantize: str = "none"      # "none", "nf4" or "int8"
+    n_train: int = 4000
     n_test: int = 1000
     seed: int = 0
 
@@ -158,9 +159,9 @@ def run(s: Settings) -> dict:
         raise ValueError(f"quantize={s.quantize!r}; use none, nf4 or int8.")
     t_all = time.perf_counter()
     cnn = CNN()
-    train_a = dataset(TASK_A, 4000, s.seed)
+    train_a = dataset(TASK_A, s.n_train, s.seed)
     test_a = dataset(TASK_A, s.n_test, s.seed + 1)
-    train_b = dataset(TASK_B, 4000, s.seed + 2)
+    train_b = dataset(TASK_B, s.n_train, s.seed + 2)
     test_b = dataset(TASK_B, s.n_test, s.seed + 3)
     variables = cnn.init(jax.random.key(s.seed), train_a[0][:1])
 
@@ -263,12 +264,13 @@ def parse(argv=None) -> Settings:
     p.add_argument("--dora", action="store_true", help="DoRA: also train magnitudes")
     p.add_argument("--quantize", choices=("none", "nf4", "int8"), default=d.quantize,
                    help="store the frozen conv kernels quantized (QLoRA)")
+    p.add_argument("--n-train", type=int, default=d.n_train, help="images per task")
     p.add_argument("--n-test", type=int, default=d.n_test)
     p.add_argument("--seed", type=int, default=d.seed)
     a = p.parse_args(argv)
     return Settings(pretrain_steps=a.pretrain_steps, steps=a.steps, batch=a.batch,
                     rank=a.rank, alpha=a.alpha, lr=a.lr, dora=a.dora, quantize=a.quantize,
-                    n_test=a.n_test, seed=a.seed)
+                    n_train=a.n_train, n_test=a.n_test, seed=a.seed)
 
 
 def main(argv=None):

@@ -8,7 +8,6 @@
 128
 """
 
-from lora_jax import interop as interop
 from lora_jax._analysis import Analysis as Analysis
 from lora_jax._analysis import Extraction as Extraction
 from lora_jax._analysis import Spectrum as Spectrum
@@ -58,11 +57,11 @@ from lora_jax._optim import make_train_step as make_train_step
 from lora_jax._optim import optimizer as optimizer
 from lora_jax._optim import trainable_labels as trainable_labels
 from lora_jax._paths import LeafSpec as LeafSpec
-from lora_jax._paths import path_str as path_str
 from lora_jax._plan import PRESETS as PRESETS
 from lora_jax._plan import Plan as Plan
 from lora_jax._plan import plan as plan
 from lora_jax._plan import preset as preset
+from lora_jax._paths import path_str as path_str
 from lora_jax._shard import adapter_shardings as adapter_shardings
 from lora_jax._shard import opt_state_shardings as opt_state_shardings
 from lora_jax._shard import param_shardings as param_shardings
@@ -84,6 +83,7 @@ from lora_jax._weights import LoraWeights as LoraWeights
 from lora_jax._weights import is_lora as is_lora
 from lora_jax.interop.peft import export_peft as export_peft
 from lora_jax.interop.peft import import_peft as import_peft
+from lora_jax import interop as interop
 
 __version__ = "0.1.0"
 
@@ -102,10 +102,6 @@ __all__ = [
     "restore",
     "restore_state",
     "save",
-    "PRESETS",
-    "Plan",
-    "plan",
-    "preset",
     "Analysis",
     "Extraction",
     "Spectrum",
@@ -113,6 +109,10 @@ __all__ = [
     "analyze",
     "extract",
     "truncate",
+    "PRESETS",
+    "Plan",
+    "plan",
+    "preset",
     "TrainShardings",
     "adapter_shardings",
     "make_sharded_train_step",

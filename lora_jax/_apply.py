@@ -25,25 +25,40 @@ How it is built (the modules, for whoever extends it):
   else materializes and is recorded.
 * this module -- argument handling, the public functions, reporting.
 
+The matmul kernel. Matmuls that flatten to ``(M, K) @ (K, N)`` (Dense,
+DenseGeneral, Einsum, tied projections) go through one ``custom_vjp``
+(`lora_jax._apply_lazy._matmul`): its training forward is a single dot of
+``[x | x a]`` with ``[W ; s b]`` and its backward keeps every transpose on
+an ``(N, r)`` operand. Left to autodiff, XLA:CPU keeps both addends of
+``x W + s (x a) b`` alive until the backward pass (it fuses the sum into
+each consumer instead of storing it) and transposes every output cotangent
+to form ``b``'s gradient; the kernel removes both (``custom_grad=False``
+gives the autodiff form back, e.g. for forward-mode differentiation).
+
 Extension points:
 
-* Quantized frozen weights (QLoRA): a params leaf that is a registered
-  container is densified at its use site by the function registered with
-  `lora_jax._apply_lazy.dequantizer`; shape ops on it are queued
-  (`LazyWeight.pending`). What remains is to trace ``fn`` with the dense
-  aval for such a leaf (`_trace_value` below) -- one function.
-* DoRA: the magnitude rescales the *output* of the adapted product per
-  output unit; `lowrank_dot` knows which output axes are the weight's
-  (``w_free`` there), so the hook is one multiply after the sum, with the
-  norm taken from `LazyWeight.materialize`-free column norms.
+* Quantized frozen weights (QLoRA, `lj.quantize`): a container leaf is
+  traced as the dense weight it stands for (`_trace_value`); a targeted one
+  lives in `LazyWeight.w` and is densified where it is used by the function
+  registered with `lora_jax._apply_lazy.dequantizer` (shape ops on it are
+  queued in `LazyWeight.pending`); the kernel recomputes the dense view in
+  its backward instead of saving it.
+* DoRA (done): the magnitude rescales each output unit of the adapted product by
+  ``m / ||W + s a b||`` (norm detached). In `lowrank_dot` the weight's output
+  axes are known (``w_free`` there; all of ``B`` in the flattened kernel), so
+  it is one multiply of the result (or of ``x`` when the product contracts
+  the output axes), with the norm from `lora_jax._dora.column_norm`:
+  `LazyWeight.g` carries ``m / ||V||`` through every shape op like ``b``.
 * Mixed-batch serving: an adapter *set* has a leading adapter axis on
   ``a``, ``b``, ``scale``; `lowrank_dot` forms ``t = x @ a`` in one
-  ``dot_general`` -- gathering each example's ``a``/``b`` by an index there
-  (a batch dimension of both products) is the whole change. `apply`
-  currently rejects adapter sets (`_check_single`).
-* Sharding: `sharding_constraint` on a weight is kept on the frozen part;
+  ``dot_general``, so gathering each example's ``a``/``b`` there (a batch
+  dimension of both products) is the change. `apply` itself rejects sets
+  (`_check_single`); `lj.apply_mixed` vmaps `apply` over examples instead.
+* Sharding: a ``sharding_constraint`` on a weight stays on the frozen part;
   constraints for ``t`` (batch-sharded, rank replicated) belong in
-  `lowrank_dot`.
+  `lowrank_dot` and the kernel.
+* New primitives: add a rule to `lora_jax._apply_interp.RULES` keyed by the
+  primitive object; a rule returns the outputs or raises `NotLowRank`.
 """
 
 from __future__ import annotations
@@ -63,9 +78,6 @@ from lora_jax._paths import flatten_params, is_container
 from lora_jax._weights import check_adapters
 
 __all__ = ["apply", "explain", "Explanation"]
-
-RESERVED_KWARG = "lora_rng"
-
 
 # ----------------------------------------------------------------------------- reporting
 
@@ -148,14 +160,6 @@ def _check_single(path, node, spec):
             f"adapter. Fix: select one, e.g. jax.tree.map(lambda x: x[i], adapters).")
 
 
-def _check_no_dora(path, node):
-    if node.m is not None:
-        raise ValueError(
-            f"{path}: the adapter has a DoRA magnitude m; lj.apply does not compute DoRA's "
-            f"normalized update yet. Fix: run fn(lj.merge(params, adapters, config), ...) "
-            f"(the reference semantics), or train without use_dora.")
-
-
 def _trace_value(leaf, node, spec):
     """What ``fn`` is traced with, and what the interpreter runs with, for one leaf.
 
@@ -183,7 +187,6 @@ def _rewrite(fn, config, params, adapters, args, kwargs, *, lora_rng, strict,
     for i, (path, leaf, node, spec) in enumerate(entries):
         if spec is not None:
             _check_single(path, node, spec)
-            _check_no_dora(path, node)
         t, r = _trace_value(leaf, node, spec)
         if _is_array(t) or isinstance(t, jax.ShapeDtypeStruct):
             traced.append(t)

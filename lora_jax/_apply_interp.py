@@ -344,11 +344,11 @@ class _Flat:
             if tmpl is None:
                 out.append(arrays[start])
             else:
-                out.append(tmpl.rebuild(arrays[start:start + 4]))
+                out.append(tmpl.rebuild(arrays[start:start + len(tmpl.arrays())]))
         return out
 
 
-def _body_fn(trace, eqn, closed, flat: _Flat, where: str):
+def _body_fn(trace, closed, flat: _Flat, where: str):
     """``f(*arrays, [key]) -> outputs`` evaluating ``closed`` on rebuilt values."""
     jaxpr, consts = (closed.jaxpr, closed.consts) if isinstance(closed, jcore.ClosedJaxpr) \
         else (closed, ())
@@ -366,7 +366,7 @@ def _remat(trace, eqn, invals):
     p = eqn.params
     flat = _Flat(invals)
     extra = [trace.next_key()] if trace.dropout_active else []
-    f = _body_fn(trace, eqn, p["jaxpr"], flat, "remat body")
+    f = _body_fn(trace, p["jaxpr"], flat, "remat body")
     return jax.checkpoint(f, prevent_cse=p["prevent_cse"], policy=p["policy"])(
         *flat.arrays, *extra)
 
@@ -375,7 +375,7 @@ def _cond(trace, eqn, invals):
     index, ops = invals[0], invals[1:]
     flat = _Flat(ops)
     extra = [trace.next_key()] if trace.dropout_active else []
-    branches = [_body_fn(trace, eqn, br, flat, "cond branch") for br in eqn.params["branches"]]
+    branches = [_body_fn(trace, br, flat, "cond branch") for br in eqn.params["branches"]]
     return lax.switch(index, branches, *flat.arrays, *extra)
 
 
@@ -394,12 +394,13 @@ def _scan(trace, eqn, invals):
             except NotLowRank as e:
                 x = trace.fallback(x, "scan", str(e))
         if _is_lazy(x):
-            scanned.append((i, x))
-            xs_lazy.extend([x.w, x.a, x.b])
+            # sliced per layer: w, a, b (and DoRA's g); not the scale
+            scanned.append((i, x, len(xs_lazy)))
+            xs_lazy.extend(x.arrays()[:3] + x.arrays()[4:])
         else:
             xs_plain.append(x)
     c_flat = _Flat(consts)
-    scales = [x.scale for _, x in scanned]
+    scales = [x.scale for _, x, _ in scanned]
     keys = [jax.random.split(trace.next_key(), p["length"])] if trace.dropout_active else []
     closed = p["jaxpr"]
 
@@ -408,12 +409,12 @@ def _scan(trace, eqn, invals):
         key = x_arrays.pop() if keys else None
         plain, lazy = x_arrays[:len(xs_plain)], x_arrays[len(xs_plain):]
         xs_vals, it_plain = [], iter(plain)
-        by_pos = {i: (j, lw) for j, (i, lw) in enumerate(scanned)}
+        by_pos = {i: (j, lw, at) for j, (i, lw, at) in enumerate(scanned)}
         for i in range(len(xs)):
             if i in by_pos:
-                j, lw = by_pos[i]
-                w, a, b = lazy[3 * j: 3 * j + 3]
-                xs_vals.append(lw.sliced_leading().rebuild([w, a, b, scales[j]]))
+                j, lw, at = by_pos[i]
+                w, a, b, *g = lazy[at: at + len(lw.arrays()) - 1]
+                xs_vals.append(lw.sliced_leading().rebuild([w, a, b, scales[j], *g]))
             else:
                 xs_vals.append(next(it_plain))
         sub = trace.child(key)

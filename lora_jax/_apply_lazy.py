@@ -95,6 +95,11 @@ class LazyWeight:
       scale: float32 array, already behind ``stop_gradient``.
       dims: one ``(kind, index)`` label per view axis.
       pending: shape ops queued for a non-array ``w`` (QLoRA).
+      g: DoRA only (else None): ``m / ||W + s a b||`` per output unit, the
+        norm behind ``stop_gradient``; shaped like ``b`` with a size-1 rank
+        axis, so every shape op moves it exactly as it moves ``b``. The
+        adapted weight is ``(W + s a b) * g`` over the output axes: products
+        scale their result (or, contracting the output axes, their input).
     """
 
     path: str
@@ -105,6 +110,7 @@ class LazyWeight:
     scale: Any
     dims: tuple
     pending: tuple = ()
+    g: Any = None
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -117,7 +123,16 @@ class LazyWeight:
         scale = lax.stop_gradient(jnp.asarray(weights.scale, jnp.float32))
         dims = tuple((S, k) for k in range(lay.n_stacked)) + \
             tuple((A, k) for k in range(lay.n_in)) + tuple((B, k) for k in range(lay.n_out))
-        return cls(path, w, jnp.dtype(spec.dtype), a, b, scale, dims)
+        g = None
+        if weights.m is not None:
+            from lora_jax import _dora  # _dora imports the weights module, not this one
+            norm = _dora.column_norm(_dora.as_matrix(_dora.dense_float32(w), spec),
+                                     jnp.reshape(weights.a, (*stacked, spec.in_size, spec.rank)),
+                                     jnp.reshape(weights.b, (*stacked, spec.rank, spec.out_size)),
+                                     scale)
+            g = jnp.asarray(weights.m, jnp.float32) / lax.stop_gradient(norm)
+            g = jnp.reshape(g, (*stacked, 1, *outs))
+        return cls(path, w, jnp.dtype(spec.dtype), a, b, scale, dims, g=g)
 
     # -- geometry -------------------------------------------------------------
     @property
@@ -189,9 +204,30 @@ class LazyWeight:
         return self.scale * d
 
     def materialize(self):
-        """``W + scale * a @ b`` summed in float32, cast to the view's dtype."""
+        """``W + scale * a @ b`` summed in float32 (DoRA: times ``g``), in the view's dtype."""
         w = self.frozen_value(self.w, jnp.float32, self.pending)
-        return (w + self.delta()).astype(self.dtype)
+        v = w + self.delta()
+        if self.g is not None:
+            v = v * self.g_along(self.dims)
+        return v.astype(self.dtype)
+
+    def g_along(self, labels):
+        """DoRA's ``g`` arranged along ``labels`` (one per axis of the target array).
+
+        A label of this view's stacked or output axes takes that axis of
+        ``g``; anything else (input axes, batch/free axes, None) gets size 1.
+        Every stacked and output axis must appear once.
+        """
+        own = [lab for lab in _factor_labels(self, False) if lab != "r"]
+        g = jnp.reshape(self.g, [n for i, n in enumerate(self.g.shape) if i != self.count(S)])
+        where = [labels.index(lab) if lab in labels else -1 for lab in own]
+        if -1 in where:
+            raise NotLowRank("DoRA: the product keeps only part of the weight's output axes")
+        g = jnp.transpose(g, np.argsort(where))
+        shape = [1] * len(labels)
+        for lab, n in zip(own, self.g.shape[:self.count(S)] + self.g.shape[self.count(S) + 1:]):
+            shape[labels.index(lab)] = n
+        return jnp.reshape(g, shape)
 
     # -- shape-only ops (each returns a LazyWeight or raises NotLowRank) -------
     def _with(self, op, **changes) -> LazyWeight:
@@ -210,8 +246,9 @@ class LazyWeight:
         b_perm = order[S] + [ns] + [ns + 1 + k for k in order[B]]
         rank = {kind: {k: i for i, k in enumerate(v)} for kind, v in order.items()}
         dims = tuple((kd, rank[kd][k]) for kd, k in self.dims)
+        g = None if self.g is None else jnp.transpose(self.g, b_perm)
         return dataclasses.replace(self, a=jnp.transpose(self.a, a_perm),
-                                   b=jnp.transpose(self.b, b_perm), dims=dims)
+                                   b=jnp.transpose(self.b, b_perm), dims=dims, g=g)
 
     def astype(self, dtype) -> LazyWeight:
         if not jnp.issubdtype(dtype, jnp.floating):
@@ -256,9 +293,13 @@ class LazyWeight:
         a_shape, b_shape, a_map, b_map = _factor_shapes(lw, new_dims, shape, old_of)
         a = lax.broadcast_in_dim(lw.a, a_shape, a_map)
         b = lax.broadcast_in_dim(lw.b, b_shape, b_map)
+        g = None
+        if lw.g is not None:
+            ns = sum(1 for kd, _ in new_dims if kd == S)
+            g = lax.broadcast_in_dim(lw.g, b_shape[:ns] + (1,) + b_shape[ns + 1:], b_map)
         return dataclasses.replace(
             lw._with(lambda w: lax.broadcast_in_dim(w, shape, bdims)),
-            a=a, b=b, dims=new_dims)
+            a=a, b=b, dims=new_dims, g=g)
 
     def window(self, starts, limits, strides=None) -> LazyWeight:
         """Static slice of the view (``lax.slice``)."""
@@ -266,11 +307,15 @@ class LazyWeight:
         a_args = self._factor_window(starts, limits, strides, "a")
         b_args = self._factor_window(starts, limits, strides, "b")
         lw = self._with(lambda w: lax.slice(w, tuple(starts), tuple(limits), strides))
+        g = None
+        if self.g is not None:
+            g = lax.slice(self.g, *self._factor_window(starts, limits, strides, "b", self.g))
         return dataclasses.replace(lw, a=lax.slice(self.a, *a_args),
-                                   b=lax.slice(self.b, *b_args))
+                                   b=lax.slice(self.b, *b_args), g=g)
 
-    def _factor_window(self, starts, limits, strides, which):
-        f = self.a if which == "a" else self.b
+    def _factor_window(self, starts, limits, strides, which, f=None):
+        if f is None:
+            f = self.a if which == "a" else self.b
         pos = self.a_axis if which == "a" else self.b_axis
         lo, hi, st = [0] * f.ndim, list(f.shape), [1] * f.ndim
         for i, d in enumerate(self.dims):
@@ -294,8 +339,9 @@ class LazyWeight:
 
         lw = self._with(lambda w: lax.dynamic_slice(w, list(starts), sizes,
                                                     allow_negative_indices=False))
+        g = None if self.g is None else factor(self.g, self.b_axis, A)
         return dataclasses.replace(lw, a=factor(self.a, self.a_axis, B),
-                                   b=factor(self.b, self.b_axis, A))
+                                   b=factor(self.b, self.b_axis, A), g=g)
 
     def _relabel(self, new_kind, new_shape, w_op) -> LazyWeight:
         """New view with per-axis kinds; factors reshaped to match (canonical order)."""
@@ -309,15 +355,17 @@ class LazyWeight:
             raise NotLowRank(f"reshape to {new_shape} moves elements across stacked axes")
         a = jnp.reshape(self.a, (*sizes[S], *sizes[A], r))
         b = jnp.reshape(self.b, (*sizes[S], r, *sizes[B]))
-        return dataclasses.replace(self._with(w_op), a=a, b=b, dims=new_dims)
+        g = None if self.g is None else jnp.reshape(self.g, (*sizes[S], 1, *sizes[B]))
+        return dataclasses.replace(self._with(w_op), a=a, b=b, dims=new_dims, g=g)
 
     # -- flattening, for control flow -----------------------------------------
     def arrays(self) -> list:
-        return [self.w, self.a, self.b, self.scale]
+        """The traced values (``rebuild`` takes them back): w, a, b, scale[, g]."""
+        return [self.w, self.a, self.b, self.scale] + ([] if self.g is None else [self.g])
 
     def rebuild(self, arrays) -> LazyWeight:
-        w, a, b, scale = arrays
-        return dataclasses.replace(self, w=w, a=a, b=b, scale=scale)
+        w, a, b, scale, *g = arrays
+        return dataclasses.replace(self, w=w, a=a, b=b, scale=scale, g=g[0] if g else None)
 
     def unstack_leading(self) -> LazyWeight:
         """Moves the stacked axis that is view axis 0 to the front of a and b.
@@ -432,6 +480,23 @@ def _transpose_to(x, have, want):
 # benchmarks/RESULTS.md has the measurements.
 
 
+# A NaN payload no arithmetic produces (quiet NaNs come out as 0x7FC00000).
+_NEVER = 0x7FC0_0D0A
+
+
+def _tied_to(tree, x):
+    """``tree`` unchanged, but computed only once ``x`` exists (a data dependency).
+
+    Each leaf is selected against itself under a flag read from ``x``'s
+    first element -- true only for one NaN payload that arithmetic never
+    produces -- which no compiler pass can fold away.
+    """
+    first = jnp.ravel(x)[:1].astype(jnp.float32)
+    flag = (lax.bitcast_convert_type(first, jnp.uint32) == _NEVER)[0]
+    return jax.tree.map(lambda v: lax.select(jnp.broadcast_to(flag, v.shape), lax.rev(
+        v, tuple(range(v.ndim))) if v.ndim else v, v), tree)
+
+
 @functools.lru_cache(maxsize=None)
 def _matmul(precision, out_dtype, concat: bool):
     """``y = x @ view(w) + (xl @ a) @ (s * b)`` on 2-D operands, with its VJP.
@@ -459,14 +524,14 @@ def _matmul(precision, out_dtype, concat: bool):
         return y, t
 
     def dense(view, w, after):
-        # A stored container is densified where it is used. The barrier ties
-        # that to the activation (`after`), so a scheduler that honours it
-        # neither hoists every dequantization to the start nor merges the
-        # backward's recomputation with the forward's (either keeps all dense
-        # weights alive). XLA:CPU drops barriers before scheduling: there both
-        # custom_grad modes hold every dequantized weight (measured).
+        # A stored container is densified where it is used, tied to the
+        # activation (`after`: x forward, the cotangent backward) by a data
+        # dependency, so that XLA neither hoists every dequantization to the
+        # start nor merges the backward's recomputation with the forward's
+        # (either keeps all dense weights alive). An optimization barrier
+        # does not do it: XLA:CPU removes barriers before scheduling.
         if not _is_array(w):
-            w, _ = lax.optimization_barrier((w, after))
+            w = _tied_to(w, after)
         return view(w)
 
     def matmul(view, x, xl, w, a, b, s):
@@ -568,6 +633,33 @@ def lowrank_dot(x, lw: LazyWeight, *, x_is_lhs: bool, dimension_numbers, precisi
         raise NotLowRank("the matmul contracts a mix of the weight's input and output axes "
                          "(or none); check LoraConfig.layouts")
     first_is_a = kinds == {A}
+    if lw.g is None:
+        return _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
+                            preferred_element_type, out_sharding, lora_input, custom_grad)
+    # DoRA: the weight is (W + s a b) * g over its output axes
+    x_free = [i for i in range(x.ndim) if i not in xc and i not in xb]
+    if not first_is_a:       # output axes contracted: scale x instead
+        labels = [None] * x.ndim
+        for i, j in (*zip(xc, wc), *zip(xb, wb)):
+            labels[i] = dims[j]
+        x = (x * lw.g_along(labels)).astype(x.dtype)
+        return _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
+                            preferred_element_type, out_sharding, lora_input, custom_grad)
+    w_free = [dims[i] for i in range(lw.ndim) if i not in wc and i not in wb]
+    none = [None] * len(x_free)
+    labels = [dims[j] for j in wb] + (none + w_free if x_is_lhs else w_free + none)
+    g = lw.g_along(labels)
+    y = _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
+                     preferred_element_type, out_sharding, lora_input, custom_grad)
+    return (y * g.astype(y.dtype)).astype(y.dtype)
+
+
+def _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
+                 preferred_element_type, out_sharding, lora_input, custom_grad):
+    """`lowrank_dot` without DoRA's scale (arguments checked there)."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    xc, wc, xb, wb = (lc, rc, lb, rb) if x_is_lhs else (rc, lc, rb, lb)
+    dims = lw.dims
     f1, f2 = (lw.a, lw.b) if first_is_a else (lw.b, lw.a)
     pos1, pos2 = (lw.a_axis, lw.b_axis) if first_is_a else (lw.b_axis, lw.a_axis)
     out_dtype = _out_dtype(preferred_element_type, x.dtype, lw.dtype)
@@ -658,7 +750,16 @@ def lowrank_conv(x, lw: LazyWeight, *, params, lora_input=None):
     d = lax.dot_general(t, b, (((feat,), (0,)), ((), ())), precision=params["precision"],
                         preferred_element_type=lw.a.dtype)
     d = jnp.moveaxis(d, -1, feat)
-    return (base.astype(acc) + d.astype(acc)).astype(out_dtype)
+    return _dora_scaled(lw, (base.astype(acc) + d.astype(acc)).astype(out_dtype), feat)
+
+
+def _dora_scaled(lw: LazyWeight, y, feat: int):
+    """``y`` times DoRA's ``g`` along its output-feature axis ``feat`` (no-op without DoRA)."""
+    if lw.g is None:
+        return y
+    labels = [None] * y.ndim
+    labels[feat] = (B, 0)
+    return (y * lw.g_along(labels).astype(y.dtype)).astype(y.dtype)
 
 
 def lowrank_gather(lw: LazyWeight, indices, *, params):
@@ -691,4 +792,4 @@ def lowrank_gather(lw: LazyWeight, indices, *, params):
     d = lax.dot_general(t, b, (((feat,), (0,)), ((), ())),
                         preferred_element_type=lw.a.dtype)
     d = jnp.moveaxis(d, -1, feat)
-    return (base.astype(acc) + d.astype(acc)).astype(out_dtype)
+    return _dora_scaled(lw, (base.astype(acc) + d.astype(acc)).astype(out_dtype), feat)

@@ -689,6 +689,3 @@ def test_errors(rng):
         lj.apply(_mlp, cfg)(params, {"l1": ad["l1"]}, x)
     with pytest.raises(ValueError, match=r"l2/w: the config targets this leaf"):
         lj.apply(_mlp, cfg)(params, {"l1": ad["l1"], "l2": {"w": None, "b": None}}, x)
-    dora = lj.LoraConfig(rank=3, targets=r".*/w", use_dora=True)
-    with pytest.raises(ValueError, match=r"l1/w: .*DoRA"):
-        lj.apply(_mlp, dora)(params, lj.init(params, dora, key=rng), x)

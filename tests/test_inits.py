@@ -43,6 +43,7 @@ def _product(node, scale):
 def test_random_inits_leave_model_unchanged(init):
     params = _params(_gen(1))
     cfg = lj.LoraConfig(init=init, **CFG)
+    merge = jax.jit(lambda p, ad: lj.merge(p, ad, cfg))
     same, ad = lj.init(params, cfg, key=jax.random.key(SEED), return_params=True)
     assert same is not params and all(x is y for x, y in zip(jax.tree.leaves(same),
                                                              jax.tree.leaves(params)))
@@ -50,7 +51,7 @@ def test_random_inits_leave_model_unchanged(init):
         node = ad[path]["kernel"]
         assert not np.any(np.asarray(node.b))
         assert np.any(np.asarray(node.a))
-    merged = lj.merge(params, ad, cfg)
+    merged = merge(params, ad)
     for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     if init == "gaussian":   # PEFT: std 1/r
@@ -77,8 +78,9 @@ def test_residual_inits_reconstruct_w(init):
         # base + adapter is the original weight (float32 SVD/QR, float64 check)
         assert rel_err(r_ + d, w) < 2e-6, (path, rel_err(r_ + d, w))
         if init == "pissa":
-            # s a b is the best rank-r approximation, and a, b share sqrt(S/s)
-            assert rel_err(d, _svd_rank_r(w, 4)) < 1e-5, path
+            # s a b is the best rank-r approximation (float32 SVD: the error grows
+            # as S_r and S_r+1 get close), and a, b share sqrt(S/s)
+            assert rel_err(d, _svd_rank_r(w, 4)) < 1e-4, path
             a, b = _f64(node.a), _f64(node.b)
             np.testing.assert_allclose(np.linalg.norm(a, axis=-2), np.linalg.norm(b, axis=-1),
                                        rtol=1e-4)
@@ -150,16 +152,23 @@ def test_subtract_init_is_plain_lora_on_original_base():
 
 
 def test_residual_init_on_quantized_base():
-    params = {"w": jnp.asarray(_gen(6).standard_normal((128, 64)), jnp.float32)}
-    q = lj.quantize(params, targets="w")
+    # like trained weights: a dominant rank-8 part plus a small dense rest (for a
+    # white-noise matrix the top 8 of 64 directions hold too little energy for
+    # the claim below to be more than a coin flip)
+    g = _gen(6)
+    signal = g.standard_normal((128, 8)) @ g.standard_normal((8, 64))
+    w = jnp.asarray(signal + 0.1 * g.standard_normal((128, 64)), jnp.float32)
+    q = lj.quantize({"w": w}, targets="w")
     cfg = lj.LoraConfig(rank=8, targets="w", init="pissa")
     res, ad = lj.init(q, cfg, return_params=True)
     assert lj.is_quantized(res["w"])
-    # the top-r part is exact in the adapter; only the residual carries NF4 error,
-    # which is smaller than quantizing W itself
-    err_res = rel_err(lj.merge(lj.dequantize(res), ad, cfg)["w"], q["w"].dequantize())
-    err_q = rel_err(q["w"].dequantize(), params["w"])
-    assert err_res < err_q
+    # init sees the dequantized W; the top-r part is exact in the adapter and only
+    # the (small) residual is requantized, so base + adapter is far closer to that
+    # W than NF4 is to the original
+    seen = q["w"].dequantize()
+    err_res = rel_err(lj.merge(lj.dequantize(res), ad, cfg)["w"], seen)
+    err_q = rel_err(seen, w)
+    assert err_res < 0.5 * err_q, (err_res, err_q)
 
 
 def test_init_errors():
