@@ -562,6 +562,19 @@ def _matmul(precision, out_dtype, concat: bool):
     return kernel
 
 
+@functools.lru_cache(maxsize=None)
+def _fuse_concat() -> bool:
+    """Whether the training forward fuses into one dot over ``[x | x a]``, ``[W ; s b]``.
+
+    Only on a single CPU device, where it was measured faster (it saves a
+    pass over the output). Under a mesh the concatenation of a sharded
+    ``W`` with the replicated ``s b`` makes XLA reshuffle ``W`` (all-to-alls,
+    benchmarks/RESULTS.md "Sharding"), and on accelerators it would copy
+    every weight each step for no gain.
+    """
+    return jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
 def _matmul_plan(x, lw: LazyWeight, xc, wc, first_is_a):
     """``(view, f1, f2, out_shape)`` when the product flattens to 2-D, else None.
 
@@ -671,7 +684,7 @@ def _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
             xl = x if lora_input is None else lora_input(x)
             k = f1_2d.shape[0]
             same = x.dtype == lw.dtype == f1.dtype == f2.dtype == out_dtype
-            kernel = _matmul(precision, out_dtype, same)
+            kernel = _matmul(precision, out_dtype, same and _fuse_concat())
             y = kernel(view, x.reshape(-1, k), xl.reshape(-1, k), w_src, f1_2d, f2_2d,
                        lw.scale)
             return y.reshape(out_shape)

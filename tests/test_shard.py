@@ -233,7 +233,7 @@ def test_opt_state_of_other_shapes_is_replicated():
 @pytest.fixture(scope="module")
 def one_device_setup():
     # Auto axes: the reference decoder's embedding lookup is not ready for
-    # jax.make_mesh's default Explicit axes (nor is lj.apply's fused matmul).
+    # jax.make_mesh's default Explicit axes.
     mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
     model, variables, cfg, _ = make_inputs(SEED)          # one block, numpy-filled
     rules = {r".*/(q|k|v|fc1)/kernel": P("data", "model"), r".*/(o|fc2)/kernel": P("model", "data")}
