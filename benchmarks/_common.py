@@ -91,10 +91,17 @@ def metadata(argv: list[str] | None = None) -> dict:
         "load_average_start": load_average(),
         "versions": versions(),
         "git": _git_revision(),
-        "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], ROOT)]
-                            + list(sys.argv[1:] if argv is None else argv)),
+        "command": " ".join(["python", os.path.relpath(sys.argv[0], ROOT)]
+                            + [_relative(a) for a in (sys.argv[1:] if argv is None else argv)]),
         "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+
+
+def _relative(arg: str) -> str:
+    """A command-line argument, with a path inside the repository made relative to it."""
+    if os.path.isabs(arg) and arg.startswith(ROOT + os.sep):
+        return os.path.relpath(arg, ROOT)
+    return arg
 
 
 def write_json(path: str, result: dict) -> str:

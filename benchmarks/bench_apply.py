@@ -145,19 +145,6 @@ def build(c: gpt.GPTConfig):
     return train, infer, lj.explain(model.apply, config, variables, adapters, x)
 
 
-def runner(compiled, make_state, advance):
-    """``() -> None`` running one step (threading the state), blocking."""
-    state = make_state()
-
-    def run():
-        nonlocal state
-        out = compiled(*state)
-        jax.block_until_ready(out)
-        if advance is not None:
-            state = advance(state, out)
-    return run
-
-
 def paired_ratio(times: dict, num: str, den: str, reps: int) -> float:
     """Median over rounds of (median of num's reps) / (median of den's reps)."""
     a, b = times[num]["times_s"], times[den]["times_s"]
@@ -174,7 +161,7 @@ def bench(c: gpt.GPTConfig, label: str, rounds: int, reps: int) -> dict:
     for name, (fn, make_state, advance) in {**train, **infer}.items():
         res, compiled = _common.analyse(fn, make_state())
         out[name] = res
-        runners[name] = runner(compiled, make_state, advance)
+        runners[name] = _common.runner(compiled, make_state, advance)
         print(f"[{label}] {name}: {res['flops'] / 1e9:.2f} GFLOP, compile "
               f"{res['compile_s']:.1f} s", flush=True)
     times = _common.interleaved(runners, rounds, reps)

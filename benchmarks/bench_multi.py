@@ -36,15 +36,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import flax  # noqa: E402
+import _common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -275,18 +275,6 @@ def swaps(model, variables, n_swaps: int) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
-def _git_revision() -> str | None:
-    import subprocess
-    try:
-        rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "lora_jax"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{rev}{' (lora_jax/ has uncommitted changes)' if dirty else ''}"
-
-
 def main():
     global BATCH, SEQ
     ap = argparse.ArgumentParser()
@@ -300,15 +288,9 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "bench_multi.json"))
     args = ap.parse_args()
     results = {
-        "machine": dict(platform=platform.platform(), cpu_count=os.cpu_count(),
-                        device=str(jax.devices()[0]), python=platform.python_version(),
-                        load_avg_start=os.getloadavg()),
-        "versions": dict(jax=jax.__version__, flax=flax.__version__, numpy=np.__version__,
-                         lora_jax=lj.__version__),
+        **_common.metadata(),
         "setup": dict(model="examples/gpt.py REFERENCE", adapters=N_ADAPTERS, rank=RANK,
                       batch=BATCH, seq=SEQ, rounds=args.rounds),
-        "command": "python " + " ".join(sys.argv),
-        "git": _git_revision(),
     }
     mcfg = gpt.REFERENCE
     if args.smoke:

@@ -67,6 +67,21 @@ class LeafContainer:
 
     shape: tuple
     dtype: Any
+    _children: tuple = ()     # names of the storage arrays (the pytree children)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage (all children)."""
+        return sum(math.prod(np.shape(c)) * np.dtype(c.dtype).itemsize
+                   for c in (getattr(self, f) for f in self._children))
 
 
 def is_container(x) -> bool:

@@ -160,20 +160,6 @@ class NF4Weight(LeafContainer):
         """The logical shape: ``(*stacked, *inner_shape)``."""
         return tuple(self.codes.shape[:-1]) + self.inner_shape
 
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return _prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of storage (all children)."""
-        return sum(_prod(np.shape(c)) * np.dtype(c.dtype).itemsize
-                   for c in (self.codes, self.absmax_codes, self.absmax_scale,
-                             self.absmax_offset))
 
     def absmax(self):
         """The dequantized block maxima, ``(*stacked, n_blocks)`` float32."""
@@ -238,18 +224,6 @@ class Int8Weight(LeafContainer):
     def shape(self) -> tuple:
         return tuple(self.q.shape)
 
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return _prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of storage (both children)."""
-        return sum(_prod(np.shape(c)) * np.dtype(c.dtype).itemsize for c in (self.q, self.scale))
 
     def dequantize(self, dtype=None):
         """The dense weight, in ``dtype`` (default: the logical dtype)."""
