@@ -32,7 +32,6 @@ sys.path.insert(0, HERE)
 import _common  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 

@@ -178,7 +178,6 @@ def run(s: Settings) -> dict:
 
 
 def parse(argv=None) -> Settings:
-    d = Settings()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Settings):
         if not isinstance(f.default, (int, float, str)) or isinstance(f.default, bool):

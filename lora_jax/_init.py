@@ -27,7 +27,7 @@ from jax import lax
 from lora_jax import _dora
 from lora_jax._config import LoraConfig
 from lora_jax._paths import LeafSpec, flatten_params, is_container, path_str, resolve
-from lora_jax._weights import LoraWeights, check_adapters, scale_array
+from lora_jax._weights import LoraWeights, scale_array
 
 __all__ = ["init", "leaf_key", "subtract_init"]
 

@@ -22,7 +22,7 @@ What a set is for:
   ordinary adapter tree, for `lj.apply` / `lj.merge` with ``aset.config``.
   Every adapter has the same shapes and the scale is data, so changing the
   adapter between calls of a jitted apply never recompiles.
-* **mixed batches** -- `apply_mixed` runs one forward pass in which every
+* **mixed batches** (`lora_jax._mixed`) -- `apply_mixed` runs one forward pass in which every
   example uses its own adapter, or none (``"__base__"``). It maps the
   low-rank apply over the examples with `jax.vmap`, each example's adapter
   gathered from the set by its index: under ``vmap`` the frozen products
@@ -31,7 +31,7 @@ What a set is for:
   ``(x_e @ a[i_e]) @ b[i_e]`` -- the gather-batched form of Punica's BGMV /
   S-LoRA. No Python loop over adapters, and the indices are data: a new
   assignment of adapters to examples reuses the compiled program.
-* **composition** -- `combine` builds one adapter from weighted adapters of
+* **composition** (`lora_jax._combine`) -- `combine` builds one adapter from weighted adapters of
   a set, as PEFT's ``add_weighted_adapter`` (``"cat"``, ``"svd"``,
   ``"linear"``); `merge_weighted` folds a weighted sum of adapters into the
   base weights at once.
@@ -43,9 +43,8 @@ What a set is for:
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -53,22 +52,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lora_jax._analysis import Analysis, Spectrum, _factor_svd
-from lora_jax._apply import apply
 from lora_jax._config import LoraConfig
-from lora_jax._merge import _check_merged
 from lora_jax._paths import path_str
-from lora_jax._weights import LoraWeights, check_adapters, is_lora
+from lora_jax._weights import LoraWeights, is_lora
 
-__all__ = ["BASE", "AdapterSet", "Member", "Combination", "adapter_set", "add_adapter",
-           "remove_adapter", "select_adapter", "adapter_ids", "apply_mixed", "combine",
-           "merge_weighted", "save_set", "restore_set"]
+__all__ = ["BASE", "AdapterSet", "Member", "adapter_set", "add_adapter", "remove_adapter",
+           "select_adapter", "adapter_ids", "save_set", "restore_set"]
 
 BASE = "__base__"
 """The name that means "no adapter" in `adapter_ids` / `apply_mixed` (as PEFT)."""
 
 _METADATA_KEY = "lora_jax.adapter_set"
-_METHODS = ("cat", "svd", "linear")
 
 
 # ----------------------------------------------------------------------------- the set
@@ -559,402 +553,6 @@ def adapter_ids(aset: AdapterSet, names: Sequence[str]):
             raise ValueError(f"example {k}: no adapter called {n!r}; the set holds "
                              f"{list(aset.names)} (and {BASE!r} means none).")
     return jnp.asarray(np.asarray(out, np.int32).reshape(len(out)))
-
-
-# ----------------------------------------------------------------------------- mixed batches
-
-
-def _ids_array(aset: AdapterSet, ids):
-    if isinstance(ids, (list, tuple)) and ids and all(isinstance(n, str) for n in ids):
-        return adapter_ids(aset, ids)
-    ids = jnp.asarray(ids)
-    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise ValueError(
-            f"adapter_ids must be one int per example (shape (batch,)), got "
-            f"{ids.dtype.name}{tuple(ids.shape)}. Fix: lj.adapter_ids(aset, names).")
-    if not isinstance(ids, jax.core.Tracer):
-        bad = np.asarray(ids)
-        bad = bad[(bad < -1) | (bad >= aset.n)]
-        if bad.size:
-            raise ValueError(
-                f"adapter_ids hold {sorted(set(bad.tolist()))[:5]}, outside [-1, {aset.n}) for a "
-                f"set of {aset.n} adapters (-1 means the base). Fix: lj.adapter_ids(aset, names).")
-    return ids.astype(jnp.int32)
-
-
-def _example_adapters(aset: AdapterSet, i):
-    """The adapter of one example (a vmapped index): zero scale for the base."""
-    n = aset.n
-    valid = (i >= 0) & (i < n)
-    j = jnp.clip(i, 0, n - 1)
-
-    def one(node):
-        if node is None:
-            return None
-        a = lax.dynamic_index_in_dim(node.a, j, 0, keepdims=False)
-        b = lax.dynamic_index_in_dim(node.b, j, 0, keepdims=False)
-        s = lax.dynamic_index_in_dim(node.scale, j, 0, keepdims=False)
-        return LoraWeights(a, b, jnp.where(valid, s, jnp.zeros_like(s)))
-    return jax.tree.map(one, aset.adapters, is_leaf=_is_node)
-
-
-def _arg_axes(in_axes, args) -> list:
-    if in_axes is None or (isinstance(in_axes, int) and not isinstance(in_axes, bool)):
-        return [in_axes] * len(args)
-    if isinstance(in_axes, (tuple, list)) and len(in_axes) == len(args) and all(
-            a is None or (isinstance(a, int) and not isinstance(a, bool)) for a in in_axes):
-        return list(in_axes)
-    raise ValueError(
-        f"in_axes={in_axes!r} must be an int, None, or a tuple with one int/None per "
-        f"positional argument of fn after params ({len(args)} given). Fix: e.g. in_axes=0 "
-        f"when every array argument has the examples on axis 0.")
-
-
-def apply_mixed(fn: Callable, *, in_axes=0, out_axes: int = 0,
-                strict: bool = False) -> Callable:
-    """Returns ``f(params, adapter_set, adapter_ids, *args, **kwargs)``: one adapter per example.
-
-    ``f`` runs ``fn`` on a batch in which example ``e`` uses adapter
-    ``adapter_ids[e]`` of the set (``-1``: none, the base model), all in one
-    call: output ``e`` equals ``lj.apply(fn, aset.config)(params,
-    lj.select_adapter(aset, adapter_ids[e]), *args_e)`` for that example
-    alone. ``fn`` is mapped over the examples with `jax.vmap` (each example
-    sees a batch of one), every example's factors gathered from the set by
-    its index: the frozen matmuls stay whole-batch matmuls, and the
-    low-rank ones become batched matmuls over the gathered factors (no loop
-    over adapters). ``adapter_ids`` is data: jit ``f`` once and any
-    assignment of adapters runs without recompiling.
-
-    Cost: the gathered factors take batch x the adapter's size of temporary
-    memory. On the reference decoder (2 CPU cores, ``benchmarks/RESULTS.md``)
-    a mixed batch of 64 x 128 tokens runs at the single-adapter speed; at one
-    token per example the gathers dominate (0.65x a single adapter, still 3x
-    a loop over the adapters).
-
-    ``fn`` must treat examples independently (inference: no batch
-    statistics, no cross-example ops). Array leaves of ``args`` carry the
-    examples on axis ``in_axes``; ``kwargs`` are the same for every example.
-
-    Args:
-      fn: ``fn(params, *args, **kwargs)`` as for `lj.apply`.
-      in_axes: the example axis of the array leaves of ``args``: an int for
-        all, or a tuple with one int (or None: shared by all examples) per
-        positional argument.
-      out_axes: the example axis of every output leaf.
-      strict: as for `lj.apply`: raise instead of materializing a weight at
-        a use with no low-rank rule.
-
-    The returned ``f`` takes the base ``params``, an `AdapterSet`, the
-    per-example indices (an int array from `adapter_ids`, or a list of names
-    outside ``jit``), then ``fn``'s arguments.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, lora_jax as lj
-      >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 4))}
-      >>> fn = lambda p, x: x @ p["w"]
-      >>> cfg = lj.LoraConfig(rank=2, targets="w")
-      >>> def adapter(seed):
-      ...     ad = lj.init(params, cfg, key=jax.random.key(seed))
-      ...     return {"w": ad["w"]._replace(b=jnp.ones((2, 4)))}, cfg
-      >>> aset = lj.adapter_set({"x": adapter(1), "y": adapter(2)})
-      >>> xs = jax.random.normal(jax.random.key(3), (3, 5, 8))     # 3 examples
-      >>> ids = lj.adapter_ids(aset, ["y", "__base__", "x"])
-      >>> out = jax.jit(lj.apply_mixed(fn))(params, aset, ids, xs)
-      >>> alone = lj.apply(fn, aset.config)(params, lj.select_adapter(aset, "y"), xs[:1])
-      >>> bool(jnp.allclose(out[0], alone[0], atol=1e-5)), bool(jnp.allclose(out[1], fn(params, xs[1])))
-      (True, True)
-    """
-    if not callable(fn):
-        raise TypeError(f"lj.apply_mixed: fn must be callable (e.g. model.apply); got "
-                        f"{type(fn).__name__}.")
-    if isinstance(out_axes, bool) or not isinstance(out_axes, int) or out_axes < 0:
-        raise ValueError(f"lj.apply_mixed: out_axes={out_axes!r} must be an int >= 0.")
-    if not isinstance(strict, bool):
-        raise TypeError(f"lj.apply_mixed: strict must be a bool; got {strict!r}.")
-    if not (in_axes is None or isinstance(in_axes, (int, tuple, list))) or isinstance(in_axes, bool):
-        _arg_axes(in_axes, ())  # raises, naming the accepted forms
-
-    def mixed(params, adapter_set, adapter_ids, *args, **kwargs):
-        _check_set(adapter_set, "apply_mixed")
-        check_adapters(params, adapter_set.adapters, adapter_set.config)
-        ids = _ids_array(adapter_set, adapter_ids)
-        n_ex = ids.shape[0]
-        axes = _arg_axes(in_axes, args)
-        leaves, where = [], []           # all leaves of args; (position, axis) of batched ones
-        per_arg = [jax.tree.flatten(a) for a in args]
-        for j, ((flat, _), ax) in enumerate(zip(per_arg, axes)):
-            for leaf in flat:
-                if ax is not None and hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-                    if leaf.ndim <= ax or leaf.shape[ax] != n_ex:
-                        raise ValueError(
-                            f"lj.apply_mixed: argument {j} has a leaf of shape "
-                            f"{tuple(leaf.shape)} whose axis {ax} should hold the {n_ex} "
-                            f"examples that adapter_ids names. Fix: one id per example, or "
-                            f"in_axes=(...) with None for arguments shared by all examples.")
-                    where.append((len(leaves), ax))
-                leaves.append(leaf)
-        inner = apply(fn, adapter_set.config, strict=strict)
-
-        def one(i, batched):
-            full = list(leaves)
-            for (pos, ax), x in zip(where, batched):
-                full[pos] = jnp.expand_dims(x, ax)     # each example is a batch of one
-            it = iter(full)
-            ex_args = [jax.tree.unflatten(td, [next(it) for _ in flat]) for flat, td in per_arg]
-            out = inner(params, _example_adapters(adapter_set, i), *ex_args, **kwargs)
-
-            def squeeze(y):
-                if jnp.ndim(y) <= out_axes or jnp.shape(y)[out_axes] != 1:
-                    raise ValueError(
-                        f"lj.apply_mixed: fn's output for one example has shape "
-                        f"{tuple(jnp.shape(y))}, with no example axis {out_axes} of size 1. "
-                        f"Fix: set out_axes to the outputs' batch axis; fn must keep one "
-                        f"output per example.")
-                return jnp.squeeze(y, out_axes)
-            return jax.tree.map(squeeze, out)
-
-        batched = [leaves[pos] for pos, _ in where]
-        return jax.vmap(one, in_axes=(0, [ax for _, ax in where]), out_axes=out_axes)(
-            ids, batched)
-
-    return mixed
-
-
-# ----------------------------------------------------------------------------- composition
-
-
-class Combination(NamedTuple):
-    """What `combine` returns: ``adapters, config, report = lj.combine(...)``.
-
-    Attributes:
-      adapters: the combined adapter (one adapter tree; scale 1).
-      config: its `LoraConfig` (``alpha = rank`` per path, so scale 1).
-      report: an `Analysis` with, per layer, the singular values of the exact
-        weighted sum ``sum_i w_i * scale_i * a_i @ b_i`` and ``error``, the
-        relative Frobenius distance of the result to it (0 for ``"cat"``;
-        with ``"svd"`` also ``rank_kept``, so its table shows the energy
-        kept).
-    """
-
-    adapters: Any
-    config: LoraConfig
-    report: Analysis
-
-
-def _weights(aset: AdapterSet, weights) -> list:
-    """``[(member index, weight), ...]`` validated."""
-    if isinstance(weights, Mapping):
-        pairs = [(_index(aset, n) if n != BASE else None, w) for n, w in weights.items()]
-        if any(i is None for i, _ in pairs):
-            raise ValueError(f"{BASE!r} is not an adapter and can't be weighted.")
-    elif isinstance(weights, Sequence) and not isinstance(weights, str):
-        if len(weights) != aset.n:
-            raise ValueError(
-                f"{len(weights)} weights for a set of {aset.n} adapters {list(aset.names)}. "
-                f"Fix: one weight per adapter, or a {{name: weight}} dict for some of them.")
-        pairs = list(enumerate(weights))
-    else:
-        raise TypeError(f"weights must be {{name: weight}} or a sequence with one weight per "
-                        f"adapter; got {type(weights).__name__}.")
-    for i, w in pairs:
-        if isinstance(w, bool) or not isinstance(w, (int, float, np.number)) \
-                or not math.isfinite(float(w)):
-            raise ValueError(f"the weight of {aset.names[i]!r} is {w!r}; weights must be "
-                             f"finite numbers (negative subtracts the adapter).")
-    if not pairs:
-        raise ValueError("no adapters to combine: weights is empty.")
-    return [(i, float(w)) for i, w in pairs]
-
-
-def _gram_error(a_new, b_new, a_ref, b_ref) -> np.ndarray:
-    """``||a_new b_new - a_ref b_ref||_F / ||a_ref b_ref||_F`` per leading index,
-    from the factors' Gram matrices (the in x out matrices are never formed)."""
-    x = np.concatenate([a_new, -a_ref], -1)
-    y = np.concatenate([b_new, b_ref], -2)
-    t = np.swapaxes
-
-    def sq(p, q):
-        return np.maximum(np.einsum("...ij,...ji->...", t(p, -1, -2) @ p, q @ t(q, -1, -2)), 0.0)
-    ref = sq(a_ref, b_ref)
-    return np.sqrt(sq(x, y) / np.where(ref > 0, ref, 1.0))
-
-
-def _refactor(a, b, k):
-    """Best rank-``k`` factors (scale 1) of ``a @ b`` from the factors, zero-padded to k."""
-    left, s, right = _factor_svd(LoraWeights(a, b, np.float64(1.0)))
-    kk = min(k, s.shape[-1])
-    root = np.sqrt(s[..., :kk])
-    a2 = left[..., :, :kk] * root[..., None, :]
-    b2 = root[..., :, None] * right[..., :kk, :]
-    if kk < k:
-        pad = k - kk
-        a2 = np.concatenate([a2, np.zeros((*a2.shape[:-1], pad))], -1)
-        b2 = np.concatenate([b2, np.zeros((*b2.shape[:-2], pad, b2.shape[-1]))], -2)
-    return a2, b2, s
-
-
-def combine(aset: AdapterSet, weights, *, method: str = "svd",
-            rank: int | None = None) -> Combination:
-    """One adapter from a weighted combination of a set's adapters (PEFT's
-    ``add_weighted_adapter``).
-
-    Each adapter ``i`` contributes ``w_i * scale_i * a_i @ b_i``; weights may
-    be negative (subtract an adapter). The result has scale 1 (its config has
-    ``alpha = rank``), as in PEFT. Methods:
-
-    * ``"cat"``: exact. ``a = [w_i s_i a_i]`` and ``b = [b_i]`` concatenated
-      along the rank: rank ``sum r_i``. Where that exceeds ``min(in, out)``
-      the factors are re-factorized (still exactly) at ``min(in, out)``.
-    * ``"svd"``: the weighted sum truncated to ``rank`` (default: the largest
-      member rank, PEFT's default) -- its best rank-k approximation, taken
-      from the factors: QR of the concatenated factors and the SVD of a
-      small ``sum r_i``-square core, never the dense ``in x out`` update.
-      The report gives the energy kept per layer.
-    * ``"linear"``: PEFT's ``linear``: ``a = sum_i sign(w_i s_i)
-      sqrt|w_i s_i| a_i``, ``b = sum_i sqrt|w_i s_i| b_i`` (all ranks
-      equal). Cheap, but **not** the weighted sum of the updates (cross
-      terms ``a_i b_j`` appear); the report measures how far off it is.
-
-    Factors are combined in float64 on the host and cast to the set's dtype.
-
-    Args:
-      aset: the set.
-      weights: ``{name: weight}`` for the adapters to combine, or a sequence
-        with one weight per adapter of the set.
-      method: ``"cat"``, ``"svd"`` or ``"linear"``.
-      rank: the target rank for ``"svd"`` (capped at ``min(in, out)``).
-
-    Returns:
-      ``Combination(adapters, config, report)``.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, lora_jax as lj
-      >>> params = {"w": jnp.zeros((16, 12))}
-      >>> cfg = lj.LoraConfig(rank=4, alpha=8, targets="w")
-      >>> def adapter(seed):
-      ...     ad = lj.init(params, cfg, key=jax.random.key(seed))
-      ...     b = jax.random.normal(jax.random.key(seed + 100), (4, 12))
-      ...     return {"w": ad["w"]._replace(b=b)}, cfg
-      >>> aset = lj.adapter_set({"x": adapter(0), "y": adapter(1)})
-      >>> exact = lj.merge_weighted(params, aset, {"x": 1.0, "y": -0.5})["w"]
-      >>> cat = lj.combine(aset, {"x": 1.0, "y": -0.5}, method="cat")
-      >>> cat.config.rank, bool(jnp.allclose(lj.merge(params, cat.adapters, cat.config)["w"], exact, atol=1e-5))
-      (8, True)
-      >>> svd = lj.combine(aset, {"x": 1.0, "y": -0.5}, method="svd", rank=8)   # full rank: exact
-      >>> float(svd.report.spectra[0].error) < 1e-6
-      True
-      >>> lj.combine(aset, {"x": 1.0, "y": -0.5}, method="svd").config.rank    # default: max rank
-      4
-    """
-    _check_set(aset, "combine")
-    if method not in _METHODS:
-        raise ValueError(f"combine: method={method!r}; use one of {_METHODS} ('cat' is exact, "
-                         f"'svd' truncates, 'linear' is PEFT's approximate one).")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, np.integer))
-                             or rank < 1):
-        raise ValueError(f"combine: rank={rank!r} must be a positive int.")
-    if rank is not None and method != "svd":
-        raise ValueError(f"combine: rank= applies to method='svd' only (cat's rank is the sum "
-                         f"of the ranks, linear's the common rank); got method={method!r}.")
-    pairs = _weights(aset, weights)
-    flat, treedef = _flat(aset.adapters)
-    nodes, ranks, rows = [], {}, []
-    for path, node in flat:
-        parts = [(i, w, aset.members[i].rank_for(path)) for i, w in pairs]
-        parts = [(i, w, r) for i, w, r in parts if r > 0]
-        if node is None or not parts:
-            nodes.append(None)
-            continue
-        a_all, b_all, s_all = _host(node.a), _host(node.b), _host(node.scale)
-        dtype = node.a.dtype
-        f64 = np.float64
-        # the exact weighted sum, as concatenated factors (PEFT's cat: weights on a)
-        a_cat = np.concatenate([w * f64(s_all[i]) * a_all[i, ..., :r].astype(f64)
-                                for i, w, r in parts], -1)
-        b_cat = np.concatenate([b_all[i, ..., :r, :].astype(f64) for i, _, r in parts], -2)
-        n_in, n_out = a_cat.shape[-2], b_cat.shape[-1]
-        _, sv, _ = _factor_svd(LoraWeights(a_cat, b_cat, f64(1.0)))
-        lead = a_cat.shape[:-2]
-        if method == "cat":
-            k = min(a_cat.shape[-1], n_in, n_out)
-            a_new, b_new = (a_cat, b_cat) if k == a_cat.shape[-1] else _refactor(a_cat, b_cat, k)[:2]
-            err = np.zeros(lead)
-        elif method == "svd":
-            k = min(rank or max(r for _, _, r in parts), n_in, n_out)
-            a_new, b_new, _ = _refactor(a_cat, b_cat, k)
-            err = None
-        else:
-            rs = {aset.names[i]: r for i, _, r in parts}
-            if len(set(rs.values())) > 1:
-                raise ValueError(
-                    f"combine(method='linear'): {path} has adapters of different ranks {rs}; "
-                    f"'linear' adds the factors themselves, so it needs one rank. Fix: use "
-                    f"method='cat' (exact) or 'svd'.")
-            k = next(iter(rs.values()))
-            a_new = sum(math.copysign(math.sqrt(abs(w * float(s_all[i]))), w * float(s_all[i]))
-                        * a_all[i, ..., :r].astype(f64) for i, w, r in parts)
-            b_new = sum(math.sqrt(abs(w * float(s_all[i]))) * b_all[i, ..., :r, :].astype(f64)
-                        for i, w, r in parts)
-            err = _gram_error(a_new, b_new, a_cat, b_cat)
-        ranks[path] = k
-        for idx in np.ndindex(*lead):
-            sp = Spectrum(path, tuple(int(j) for j in idx), (n_in, n_out), sv[idx])
-            if method == "svd":
-                sp = dataclasses.replace(sp, rank_kept=k, error=sp.error_at(k))
-            else:
-                sp = dataclasses.replace(sp, error=float(err[idx]))
-            rows.append(sp)
-        nodes.append(LoraWeights(jnp.asarray(a_new.astype(dtype)),
-                                 jnp.asarray(b_new.astype(node.b.dtype)),
-                                 jnp.asarray(1.0, jnp.float32)))
-    members = [aset.members[i] for i, _ in pairs]
-    config = _with_ranks(_targets_config(aset.config, members, list(ranks)), ranks,
-                         unit_scale=True)
-    adapters = jax.tree_util.tree_unflatten(treedef, nodes)
-    return Combination(adapters, config, Analysis(tuple(rows)))
-
-
-def merge_weighted(params, aset: AdapterSet, weights):
-    """Folds a weighted sum of a set's adapters into the base weights at once.
-
-    Each adapted weight becomes ``W + sum_i w_i * scale_i * a_i @ b_i``,
-    computed in float32 (as `lj.merge`) and cast back to ``W``'s dtype;
-    weights may be negative. Outside ``jit`` it raises on NaN/Inf updates and
-    warns when the cast erases most of an update, like `lj.merge`.
-
-    Args:
-      params: the base params the set is for.
-      aset: the set.
-      weights: ``{name: weight}`` or one weight per adapter of the set.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, lora_jax as lj
-      >>> params = {"w": jnp.zeros((4, 4))}
-      >>> cfg = lj.LoraConfig(rank=1, alpha=1, targets="w")
-      >>> ones = {"w": lj.LoraWeights(jnp.ones((4, 1)), jnp.ones((1, 4)), jnp.float32(1.0))}
-      >>> aset = lj.adapter_set({"x": (ones, cfg), "y": (ones, cfg)})
-      >>> float(lj.merge_weighted(params, aset, {"x": 2.0, "y": -0.5})["w"][0, 0])
-      1.5
-    """
-    _check_set(aset, "merge_weighted")
-    pairs = _weights(aset, weights)
-    w = np.zeros((aset.n,), np.float32)
-    for i, x in pairs:
-        w[i] += x
-    w = jnp.asarray(w)
-    leaves = []
-    for path, leaf, node, spec in check_adapters(params, aset.adapters, aset.config):
-        if spec is None:
-            leaves.append(leaf)
-            continue
-        coef = w * jnp.asarray(node.scale, jnp.float32)
-        a = jnp.asarray(node.a, jnp.float32) * coef.reshape((-1,) + (1,) * (node.a.ndim - 1))
-        d = jnp.einsum("n...ir,n...ro->...io", a, jnp.asarray(node.b, jnp.float32),
-                       precision=lax.Precision.HIGHEST).reshape(spec.shape)
-        new = (jnp.asarray(leaf, jnp.float32) + d).astype(leaf.dtype)
-        _check_merged(path, leaf, new, d)
-        leaves.append(new)
-    return jax.tree.unflatten(jax.tree.structure(params), leaves)
 
 
 # ----------------------------------------------------------------------------- checkpoints

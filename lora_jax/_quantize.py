@@ -32,7 +32,6 @@ import math
 import re
 import warnings
 from statistics import NormalDist
-from typing import Any
 
 import jax
 import jax.numpy as jnp

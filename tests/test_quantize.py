@@ -4,8 +4,6 @@ pytrees (jit, scan), the rest of the library on quantized params, merging
 into a quantized base, and `apply` dequantizing at each use (values,
 gradients, and XLA's memory analysis)."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,7 +63,14 @@ def test_nf4_roundtrip_error_matches_qlora():
     blocks = x.astype(np.float64).reshape(-1, 64)
     idx = np.abs((blocks / absmax[:, None])[..., None] - np.asarray(lj.nf4_levels())).argmin(-1)
     want = (lj.nf4_levels()[idx] * absmax[:, None]).reshape(x.shape)
-    assert np.max(np.abs(ours - want)) <= 1e-6 * np.max(np.abs(x))
+    # a value (float32) that sits on the midpoint of two levels may round to
+    # either: then the level taken is as near as the nearest, to rounding
+    scaled = blocks / absmax[:, None]
+    got_dist = np.abs(scaled - ours.reshape(-1, 64) / absmax[:, None])
+    best_dist = np.abs(scaled - lj.nf4_levels()[idx])
+    assert np.all(got_dist <= best_dist + 1e-6)
+    exact_level = np.abs(ours - want) <= 1e-6 * np.max(np.abs(x))
+    assert exact_level.mean() > 0.9999, exact_level.mean()
     # the double-quantized absmax is close to the exact one
     exact = np.abs(blocks).max(axis=1)
     assert np.max(np.abs(absmax - exact) / exact) < 0.01

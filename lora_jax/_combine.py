@@ -1,0 +1,266 @@
+"""Composition: one adapter from weighted adapters of a set, and weighted merges.
+
+`combine` is PEFT's ``add_weighted_adapter`` for an `lj.AdapterSet`
+(``"cat"``: the exact sum, ``"svd"``: the sum truncated to a rank from the
+factors, ``"linear"``: weights on the factors); `merge_weighted` folds a
+weighted sum of a set's adapters into the base weights at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lora_jax._analysis import Analysis, Spectrum, _factor_svd
+from lora_jax._config import LoraConfig
+from lora_jax._merge import _check_merged
+from lora_jax._multi import (BASE, AdapterSet, _check_set, _flat, _host, _index,
+                             _targets_config, _with_ranks)
+from lora_jax._weights import LoraWeights, check_adapters
+
+__all__ = ["Combination", "combine", "merge_weighted"]
+
+_METHODS = ("cat", "svd", "linear")
+
+
+class Combination(NamedTuple):
+    """What `combine` returns: ``adapters, config, report = lj.combine(...)``.
+
+    Attributes:
+      adapters: the combined adapter (one adapter tree; scale 1).
+      config: its `LoraConfig` (``alpha = rank`` per path, so scale 1).
+      report: an `Analysis` with, per layer, the singular values of the exact
+        weighted sum ``sum_i w_i * scale_i * a_i @ b_i`` and ``error``, the
+        relative Frobenius distance of the result to it (0 for ``"cat"``;
+        with ``"svd"`` also ``rank_kept``, so its table shows the energy
+        kept).
+    """
+
+    adapters: Any
+    config: LoraConfig
+    report: Analysis
+
+
+def _weights(aset: AdapterSet, weights) -> list:
+    """``[(member index, weight), ...]`` validated."""
+    if isinstance(weights, Mapping):
+        pairs = [(_index(aset, n) if n != BASE else None, w) for n, w in weights.items()]
+        if any(i is None for i, _ in pairs):
+            raise ValueError(f"{BASE!r} is not an adapter and can't be weighted.")
+    elif isinstance(weights, Sequence) and not isinstance(weights, str):
+        if len(weights) != aset.n:
+            raise ValueError(
+                f"{len(weights)} weights for a set of {aset.n} adapters {list(aset.names)}. "
+                f"Fix: one weight per adapter, or a {{name: weight}} dict for some of them.")
+        pairs = list(enumerate(weights))
+    else:
+        raise TypeError(f"weights must be {{name: weight}} or a sequence with one weight per "
+                        f"adapter; got {type(weights).__name__}.")
+    for i, w in pairs:
+        if isinstance(w, bool) or not isinstance(w, (int, float, np.number)) \
+                or not math.isfinite(float(w)):
+            raise ValueError(f"the weight of {aset.names[i]!r} is {w!r}; weights must be "
+                             f"finite numbers (negative subtracts the adapter).")
+    if not pairs:
+        raise ValueError("no adapters to combine: weights is empty.")
+    return [(i, float(w)) for i, w in pairs]
+
+
+def _gram_error(a_new, b_new, a_ref, b_ref) -> np.ndarray:
+    """``||a_new b_new - a_ref b_ref||_F / ||a_ref b_ref||_F`` per leading index,
+    from the factors' Gram matrices (the in x out matrices are never formed)."""
+    x = np.concatenate([a_new, -a_ref], -1)
+    y = np.concatenate([b_new, b_ref], -2)
+    t = np.swapaxes
+
+    def sq(p, q):
+        return np.maximum(np.einsum("...ij,...ji->...", t(p, -1, -2) @ p, q @ t(q, -1, -2)), 0.0)
+    ref = sq(a_ref, b_ref)
+    return np.sqrt(sq(x, y) / np.where(ref > 0, ref, 1.0))
+
+
+def _refactor(a, b, k):
+    """Best rank-``k`` factors (scale 1) of ``a @ b`` from the factors, zero-padded to k."""
+    left, s, right = _factor_svd(LoraWeights(a, b, np.float64(1.0)))
+    kk = min(k, s.shape[-1])
+    root = np.sqrt(s[..., :kk])
+    a2 = left[..., :, :kk] * root[..., None, :]
+    b2 = root[..., :, None] * right[..., :kk, :]
+    if kk < k:
+        pad = k - kk
+        a2 = np.concatenate([a2, np.zeros((*a2.shape[:-1], pad))], -1)
+        b2 = np.concatenate([b2, np.zeros((*b2.shape[:-2], pad, b2.shape[-1]))], -2)
+    return a2, b2, s
+
+
+def combine(aset: AdapterSet, weights, *, method: str = "svd",
+            rank: int | None = None) -> Combination:
+    """One adapter from a weighted combination of a set's adapters (PEFT's
+    ``add_weighted_adapter``).
+
+    Each adapter ``i`` contributes ``w_i * scale_i * a_i @ b_i``; weights may
+    be negative (subtract an adapter). The result has scale 1 (its config has
+    ``alpha = rank``), as in PEFT. Methods:
+
+    * ``"cat"``: exact. ``a = [w_i s_i a_i]`` and ``b = [b_i]`` concatenated
+      along the rank: rank ``sum r_i``. Where that exceeds ``min(in, out)``
+      the factors are re-factorized (still exactly) at ``min(in, out)``.
+    * ``"svd"``: the weighted sum truncated to ``rank`` (default: the largest
+      member rank, PEFT's default) -- its best rank-k approximation, taken
+      from the factors: QR of the concatenated factors and the SVD of a
+      small ``sum r_i``-square core, never the dense ``in x out`` update.
+      The report gives the energy kept per layer.
+    * ``"linear"``: PEFT's ``linear``: ``a = sum_i sign(w_i s_i)
+      sqrt|w_i s_i| a_i``, ``b = sum_i sqrt|w_i s_i| b_i`` (all ranks
+      equal). Cheap, but **not** the weighted sum of the updates (cross
+      terms ``a_i b_j`` appear); the report measures how far off it is.
+
+    Factors are combined in float64 on the host and cast to the set's dtype.
+
+    Args:
+      aset: the set.
+      weights: ``{name: weight}`` for the adapters to combine, or a sequence
+        with one weight per adapter of the set.
+      method: ``"cat"``, ``"svd"`` or ``"linear"``.
+      rank: the target rank for ``"svd"`` (capped at ``min(in, out)``).
+
+    Returns:
+      ``Combination(adapters, config, report)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> params = {"w": jnp.zeros((16, 12))}
+      >>> cfg = lj.LoraConfig(rank=4, alpha=8, targets="w")
+      >>> def adapter(seed):
+      ...     ad = lj.init(params, cfg, key=jax.random.key(seed))
+      ...     b = jax.random.normal(jax.random.key(seed + 100), (4, 12))
+      ...     return {"w": ad["w"]._replace(b=b)}, cfg
+      >>> aset = lj.adapter_set({"x": adapter(0), "y": adapter(1)})
+      >>> exact = lj.merge_weighted(params, aset, {"x": 1.0, "y": -0.5})["w"]
+      >>> cat = lj.combine(aset, {"x": 1.0, "y": -0.5}, method="cat")
+      >>> cat.config.rank, bool(jnp.allclose(lj.merge(params, cat.adapters, cat.config)["w"], exact, atol=1e-5))
+      (8, True)
+      >>> svd = lj.combine(aset, {"x": 1.0, "y": -0.5}, method="svd", rank=8)   # full rank: exact
+      >>> float(svd.report.spectra[0].error) < 1e-6
+      True
+      >>> lj.combine(aset, {"x": 1.0, "y": -0.5}, method="svd").config.rank    # default: max rank
+      4
+    """
+    _check_set(aset, "combine")
+    if method not in _METHODS:
+        raise ValueError(f"combine: method={method!r}; use one of {_METHODS} ('cat' is exact, "
+                         f"'svd' truncates, 'linear' is PEFT's approximate one).")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, np.integer))
+                             or rank < 1):
+        raise ValueError(f"combine: rank={rank!r} must be a positive int.")
+    if rank is not None and method != "svd":
+        raise ValueError(f"combine: rank= applies to method='svd' only (cat's rank is the sum "
+                         f"of the ranks, linear's the common rank); got method={method!r}.")
+    pairs = _weights(aset, weights)
+    flat, treedef = _flat(aset.adapters)
+    nodes, ranks, rows = [], {}, []
+    for path, node in flat:
+        parts = [(i, w, aset.members[i].rank_for(path)) for i, w in pairs]
+        parts = [(i, w, r) for i, w, r in parts if r > 0]
+        if node is None or not parts:
+            nodes.append(None)
+            continue
+        a_all, b_all, s_all = _host(node.a), _host(node.b), _host(node.scale)
+        dtype = node.a.dtype
+        f64 = np.float64
+        # the exact weighted sum, as concatenated factors (PEFT's cat: weights on a)
+        a_cat = np.concatenate([w * f64(s_all[i]) * a_all[i, ..., :r].astype(f64)
+                                for i, w, r in parts], -1)
+        b_cat = np.concatenate([b_all[i, ..., :r, :].astype(f64) for i, _, r in parts], -2)
+        n_in, n_out = a_cat.shape[-2], b_cat.shape[-1]
+        _, sv, _ = _factor_svd(LoraWeights(a_cat, b_cat, f64(1.0)))
+        lead = a_cat.shape[:-2]
+        if method == "cat":
+            k = min(a_cat.shape[-1], n_in, n_out)
+            a_new, b_new = (a_cat, b_cat) if k == a_cat.shape[-1] else _refactor(a_cat, b_cat, k)[:2]
+            err = np.zeros(lead)
+        elif method == "svd":
+            k = min(rank or max(r for _, _, r in parts), n_in, n_out)
+            a_new, b_new, _ = _refactor(a_cat, b_cat, k)
+            err = None
+        else:
+            rs = {aset.names[i]: r for i, _, r in parts}
+            if len(set(rs.values())) > 1:
+                raise ValueError(
+                    f"combine(method='linear'): {path} has adapters of different ranks {rs}; "
+                    f"'linear' adds the factors themselves, so it needs one rank. Fix: use "
+                    f"method='cat' (exact) or 'svd'.")
+            k = next(iter(rs.values()))
+            a_new = sum(math.copysign(math.sqrt(abs(w * float(s_all[i]))), w * float(s_all[i]))
+                        * a_all[i, ..., :r].astype(f64) for i, w, r in parts)
+            b_new = sum(math.sqrt(abs(w * float(s_all[i]))) * b_all[i, ..., :r, :].astype(f64)
+                        for i, w, r in parts)
+            err = _gram_error(a_new, b_new, a_cat, b_cat)
+        ranks[path] = k
+        for idx in np.ndindex(*lead):
+            sp = Spectrum(path, tuple(int(j) for j in idx), (n_in, n_out), sv[idx])
+            if method == "svd":
+                sp = dataclasses.replace(sp, rank_kept=k, error=sp.error_at(k))
+            else:
+                sp = dataclasses.replace(sp, error=float(err[idx]))
+            rows.append(sp)
+        nodes.append(LoraWeights(jnp.asarray(a_new.astype(dtype)),
+                                 jnp.asarray(b_new.astype(node.b.dtype)),
+                                 jnp.asarray(1.0, jnp.float32)))
+    members = [aset.members[i] for i, _ in pairs]
+    config = _with_ranks(_targets_config(aset.config, members, list(ranks)), ranks,
+                         unit_scale=True)
+    adapters = jax.tree_util.tree_unflatten(treedef, nodes)
+    return Combination(adapters, config, Analysis(tuple(rows)))
+
+
+def merge_weighted(params, aset: AdapterSet, weights):
+    """Folds a weighted sum of a set's adapters into the base weights at once.
+
+    Each adapted weight becomes ``W + sum_i w_i * scale_i * a_i @ b_i``,
+    computed in float32 (as `lj.merge`) and cast back to ``W``'s dtype;
+    weights may be negative. Outside ``jit`` it raises on NaN/Inf updates and
+    warns when the cast erases most of an update, like `lj.merge`.
+
+    Args:
+      params: the base params the set is for.
+      aset: the set.
+      weights: ``{name: weight}`` or one weight per adapter of the set.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> params = {"w": jnp.zeros((4, 4))}
+      >>> cfg = lj.LoraConfig(rank=1, alpha=1, targets="w")
+      >>> ones = {"w": lj.LoraWeights(jnp.ones((4, 1)), jnp.ones((1, 4)), jnp.float32(1.0))}
+      >>> aset = lj.adapter_set({"x": (ones, cfg), "y": (ones, cfg)})
+      >>> float(lj.merge_weighted(params, aset, {"x": 2.0, "y": -0.5})["w"][0, 0])
+      1.5
+    """
+    _check_set(aset, "merge_weighted")
+    pairs = _weights(aset, weights)
+    w = np.zeros((aset.n,), np.float32)
+    for i, x in pairs:
+        w[i] += x
+    w = jnp.asarray(w)
+    leaves = []
+    for path, leaf, node, spec in check_adapters(params, aset.adapters, aset.config):
+        if spec is None:
+            leaves.append(leaf)
+            continue
+        coef = w * jnp.asarray(node.scale, jnp.float32)
+        a = jnp.asarray(node.a, jnp.float32) * coef.reshape((-1,) + (1,) * (node.a.ndim - 1))
+        d = jnp.einsum("n...ir,n...ro->...io", a, jnp.asarray(node.b, jnp.float32),
+                       precision=lax.Precision.HIGHEST).reshape(spec.shape)
+        new = (jnp.asarray(leaf, jnp.float32) + d).astype(leaf.dtype)
+        _check_merged(path, leaf, new, d)
+        leaves.append(new)
+    return jax.tree.unflatten(jax.tree.structure(params), leaves)
+
+

@@ -1,0 +1,183 @@
+"""Mixed batches: one forward pass in which every example uses its own adapter.
+
+`apply_mixed` maps the low-rank apply (`lj.apply`) over the examples with
+`jax.vmap`, each example's adapter gathered from an `lj.AdapterSet` by its
+index: the frozen products ``x @ W`` stay single matmuls over the whole
+batch, the low-rank products become batched matmuls over the gathered
+per-example factors (the gather-batched form of Punica's BGMV / S-LoRA).
+No Python loop over adapters, and the indices are data, so a new
+assignment of adapters to examples reuses the compiled program.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lora_jax._apply import apply
+from lora_jax._multi import AdapterSet, _check_set, _is_node, adapter_ids
+from lora_jax._weights import LoraWeights, check_adapters
+
+__all__ = ["apply_mixed"]
+
+
+def _ids_array(aset: AdapterSet, ids):
+    if isinstance(ids, (list, tuple)) and ids and all(isinstance(n, str) for n in ids):
+        return adapter_ids(aset, ids)
+    ids = jnp.asarray(ids)
+    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(
+            f"adapter_ids must be one int per example (shape (batch,)), got "
+            f"{ids.dtype.name}{tuple(ids.shape)}. Fix: lj.adapter_ids(aset, names).")
+    if not isinstance(ids, jax.core.Tracer):
+        bad = np.asarray(ids)
+        bad = bad[(bad < -1) | (bad >= aset.n)]
+        if bad.size:
+            raise ValueError(
+                f"adapter_ids hold {sorted(set(bad.tolist()))[:5]}, outside [-1, {aset.n}) for a "
+                f"set of {aset.n} adapters (-1 means the base). Fix: lj.adapter_ids(aset, names).")
+    return ids.astype(jnp.int32)
+
+
+def _example_adapters(aset: AdapterSet, i):
+    """The adapter of one example (a vmapped index): zero scale for the base."""
+    n = aset.n
+    valid = (i >= 0) & (i < n)
+    j = jnp.clip(i, 0, n - 1)
+
+    def one(node):
+        if node is None:
+            return None
+        a = lax.dynamic_index_in_dim(node.a, j, 0, keepdims=False)
+        b = lax.dynamic_index_in_dim(node.b, j, 0, keepdims=False)
+        s = lax.dynamic_index_in_dim(node.scale, j, 0, keepdims=False)
+        return LoraWeights(a, b, jnp.where(valid, s, jnp.zeros_like(s)))
+    return jax.tree.map(one, aset.adapters, is_leaf=_is_node)
+
+
+def _arg_axes(in_axes, args) -> list:
+    if in_axes is None or (isinstance(in_axes, int) and not isinstance(in_axes, bool)):
+        return [in_axes] * len(args)
+    if isinstance(in_axes, (tuple, list)) and len(in_axes) == len(args) and all(
+            a is None or (isinstance(a, int) and not isinstance(a, bool)) for a in in_axes):
+        return list(in_axes)
+    raise ValueError(
+        f"in_axes={in_axes!r} must be an int, None, or a tuple with one int/None per "
+        f"positional argument of fn after params ({len(args)} given). Fix: e.g. in_axes=0 "
+        f"when every array argument has the examples on axis 0.")
+
+
+def apply_mixed(fn: Callable, *, in_axes=0, out_axes: int = 0,
+                strict: bool = False) -> Callable:
+    """Returns ``f(params, adapter_set, adapter_ids, *args, **kwargs)``: one adapter per example.
+
+    ``f`` runs ``fn`` on a batch in which example ``e`` uses adapter
+    ``adapter_ids[e]`` of the set (``-1``: none, the base model), all in one
+    call: output ``e`` equals ``lj.apply(fn, aset.config)(params,
+    lj.select_adapter(aset, adapter_ids[e]), *args_e)`` for that example
+    alone. ``fn`` is mapped over the examples with `jax.vmap` (each example
+    sees a batch of one), every example's factors gathered from the set by
+    its index: the frozen matmuls stay whole-batch matmuls, and the
+    low-rank ones become batched matmuls over the gathered factors (no loop
+    over adapters). ``adapter_ids`` is data: jit ``f`` once and any
+    assignment of adapters runs without recompiling.
+
+    Cost: the gathered factors take batch x the adapter's size of temporary
+    memory. On the reference decoder (2 CPU cores, ``benchmarks/RESULTS.md``)
+    a mixed batch of 64 x 128 tokens runs at the single-adapter speed; at one
+    token per example the gathers dominate (0.65x a single adapter, still 3x
+    a loop over the adapters).
+
+    ``fn`` must treat examples independently (inference: no batch
+    statistics, no cross-example ops). Array leaves of ``args`` carry the
+    examples on axis ``in_axes``; ``kwargs`` are the same for every example.
+
+    Args:
+      fn: ``fn(params, *args, **kwargs)`` as for `lj.apply`.
+      in_axes: the example axis of the array leaves of ``args``: an int for
+        all, or a tuple with one int (or None: shared by all examples) per
+        positional argument.
+      out_axes: the example axis of every output leaf.
+      strict: as for `lj.apply`: raise instead of materializing a weight at
+        a use with no low-rank rule.
+
+    The returned ``f`` takes the base ``params``, an `AdapterSet`, the
+    per-example indices (an int array from `adapter_ids`, or a list of names
+    outside ``jit``), then ``fn``'s arguments.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 4))}
+      >>> fn = lambda p, x: x @ p["w"]
+      >>> cfg = lj.LoraConfig(rank=2, targets="w")
+      >>> def adapter(seed):
+      ...     ad = lj.init(params, cfg, key=jax.random.key(seed))
+      ...     return {"w": ad["w"]._replace(b=jnp.ones((2, 4)))}, cfg
+      >>> aset = lj.adapter_set({"x": adapter(1), "y": adapter(2)})
+      >>> xs = jax.random.normal(jax.random.key(3), (3, 5, 8))     # 3 examples
+      >>> ids = lj.adapter_ids(aset, ["y", "__base__", "x"])
+      >>> out = jax.jit(lj.apply_mixed(fn))(params, aset, ids, xs)
+      >>> alone = lj.apply(fn, aset.config)(params, lj.select_adapter(aset, "y"), xs[:1])
+      >>> bool(jnp.allclose(out[0], alone[0], atol=1e-5)), bool(jnp.allclose(out[1], fn(params, xs[1])))
+      (True, True)
+    """
+    if not callable(fn):
+        raise TypeError(f"lj.apply_mixed: fn must be callable (e.g. model.apply); got "
+                        f"{type(fn).__name__}.")
+    if isinstance(out_axes, bool) or not isinstance(out_axes, int) or out_axes < 0:
+        raise ValueError(f"lj.apply_mixed: out_axes={out_axes!r} must be an int >= 0.")
+    if not isinstance(strict, bool):
+        raise TypeError(f"lj.apply_mixed: strict must be a bool; got {strict!r}.")
+    if not (in_axes is None or isinstance(in_axes, (int, tuple, list))) or isinstance(in_axes, bool):
+        _arg_axes(in_axes, ())  # raises, naming the accepted forms
+
+    def mixed(params, adapter_set, adapter_ids, *args, **kwargs):
+        _check_set(adapter_set, "apply_mixed")
+        check_adapters(params, adapter_set.adapters, adapter_set.config)
+        ids = _ids_array(adapter_set, adapter_ids)
+        n_ex = ids.shape[0]
+        axes = _arg_axes(in_axes, args)
+        leaves, where = [], []           # all leaves of args; (position, axis) of batched ones
+        per_arg = [jax.tree.flatten(a) for a in args]
+        for j, ((flat, _), ax) in enumerate(zip(per_arg, axes)):
+            for leaf in flat:
+                if ax is not None and hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+                    if leaf.ndim <= ax or leaf.shape[ax] != n_ex:
+                        raise ValueError(
+                            f"lj.apply_mixed: argument {j} has a leaf of shape "
+                            f"{tuple(leaf.shape)} whose axis {ax} should hold the {n_ex} "
+                            f"examples that adapter_ids names. Fix: one id per example, or "
+                            f"in_axes=(...) with None for arguments shared by all examples.")
+                    where.append((len(leaves), ax))
+                leaves.append(leaf)
+        inner = apply(fn, adapter_set.config, strict=strict)
+
+        def one(i, batched):
+            full = list(leaves)
+            for (pos, ax), x in zip(where, batched):
+                full[pos] = jnp.expand_dims(x, ax)     # each example is a batch of one
+            it = iter(full)
+            ex_args = [jax.tree.unflatten(td, [next(it) for _ in flat]) for flat, td in per_arg]
+            out = inner(params, _example_adapters(adapter_set, i), *ex_args, **kwargs)
+
+            def squeeze(y):
+                if jnp.ndim(y) <= out_axes or jnp.shape(y)[out_axes] != 1:
+                    raise ValueError(
+                        f"lj.apply_mixed: fn's output for one example has shape "
+                        f"{tuple(jnp.shape(y))}, with no example axis {out_axes} of size 1. "
+                        f"Fix: set out_axes to the outputs' batch axis; fn must keep one "
+                        f"output per example.")
+                return jnp.squeeze(y, out_axes)
+            return jax.tree.map(squeeze, out)
+
+        batched = [leaves[pos] for pos, _ in where]
+        return jax.vmap(one, in_axes=(0, [ax for _, ax in where]), out_axes=out_axes)(
+            ids, batched)
+
+    return mixed
+
+
