@@ -1,0 +1,233 @@
+"""The integrity record of an adapter checkpoint.
+
+Everything `lj.save` writes besides the arrays, and everything `lj.restore`
+checks before trusting them: the adapters and optimizer state flattened
+into ``'/'``-path-keyed arrays (non-finite values refused), the shape,
+dtype and sha256 of every array (hashed on threads: hashlib releases the
+GIL), and the JSON record -- format and version, the `LoraConfig`, the base
+fingerprint, user metadata and a sha256 of the record itself -- with its
+validation on read. Orbax (`lora_jax._checkpoint`) stores and loads; this
+module decides what is stored and whether what came back is what was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax._config import LoraConfig
+from lora_jax._paths import path_str
+from lora_jax._weights import check_adapters, is_lora
+
+FORMAT = "lora_jax.adapter_checkpoint"
+FORMAT_VERSION = 1
+_FIELDS = ("a", "b", "scale")
+
+
+def _fields(e) -> tuple:
+    """The saved fields of a LoraWeights entry (DoRA adds its magnitude ``m``)."""
+    return _FIELDS + (("m",) if "m" in e else ())
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupted, of an unknown format, or doesn't fit."""
+
+
+def _canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(_canonical(obj)).hexdigest()
+
+
+def _local(x):
+    """``x`` readable on this host. A global array of a multi-process run
+    (``jax.distributed``) spans devices of other processes: every process
+    gathers it, in the same order (a collective), and hashes the same bytes."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(x, tiled=True)
+    return x
+
+
+def _host(x) -> np.ndarray:
+    h = np.asarray(_local(x))
+    # (np.ascontiguousarray would turn a 0-d scale into shape (1,).)
+    return h if h.flags.c_contiguous else np.ascontiguousarray(h)
+
+
+def _digest(h: np.ndarray) -> str:
+    # A byte view, not tobytes(): no copy of a 100 MB array.
+    return hashlib.sha256(memoryview(h.reshape(-1).view(np.uint8))).hexdigest()
+
+
+def _array_record(x) -> dict:
+    h = _host(x)
+    return {"shape": list(h.shape), "dtype": h.dtype.name, "sha256": _digest(h)}
+
+
+def _records(arrays: list) -> list[dict]:
+    """`_array_record` of each array; large trees hash on several threads
+    (hashlib releases the GIL), so hashing keeps pace with Orbax's I/O."""
+    arrays = [_local(x) for x in arrays]  # collectives: here, in order, not on threads
+    total = sum(int(np.prod(np.shape(x))) for x in arrays)
+    if total < (1 << 22) or (os.cpu_count() or 1) < 2:
+        return [_array_record(x) for x in arrays]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(_array_record, arrays))
+
+
+def _is_node(x) -> bool:
+    return x is None or is_lora(x)
+
+
+def _nodes(tree) -> list[tuple[str, Any]]:
+    """``[(path, node)]`` for an adapter-shaped tree (None / LoraWeights / array)."""
+    return [(path_str(p), n) for p, n in
+            jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_node)[0]]
+
+
+def _as_array(x):
+    if isinstance(x, jax.Array):
+        return x
+    return jnp.asarray(x)
+
+
+def _check_finite(path: str, field: str, x, where: str) -> None:
+    h = np.asarray(_local(x))
+    if np.issubdtype(h.dtype, np.inexact) or h.dtype.name == "bfloat16":
+        if not np.isfinite(h).all():
+            n = int(np.sum(~np.isfinite(h)))
+            name = f"{path}/{field}" if field else path
+            raise CheckpointError(
+                f"{name}: {n} NaN/Inf value(s) {where}. An adapter with non-finite values "
+                f"breaks every forward pass. Fix: restore an earlier step (or, when saving, "
+                f"find where training diverged); pass check_finite=False to load it anyway.")
+
+
+def _matches(patterns, path: str) -> bool:
+    return any(re.fullmatch(p, path) for p in patterns)
+
+
+def _check_fits_config(entries: dict, config: LoraConfig) -> None:
+    """Without params: the adapter's paths and ranks must agree with the config."""
+    for path, node in entries.items():
+        if is_lora(node):
+            if not _matches(config.targets, path) or _matches(config.exclude, path):
+                raise ValueError(
+                    f"{path}: adapters hold LoraWeights here but the config does not target "
+                    f"this path (targets={config.targets!r}). Fix: save with the config the "
+                    f"adapters were created with.")
+            if np.ndim(node.a) < 2 or np.ndim(node.a) != np.ndim(node.b) or \
+                    np.shape(node.a)[-1] != np.shape(node.b)[-2]:
+                raise ValueError(
+                    f"{path}: a {tuple(np.shape(node.a))} and b {tuple(np.shape(node.b))} do not "
+                    f"form a low-rank pair (*stacked, in, r) / (*stacked, r, out). Fix: build "
+                    f"adapters with lj.init.")
+            r = config.rank_for(path)
+            if np.shape(node.a)[-1] != r:
+                raise ValueError(
+                    f"{path}: rank {np.shape(node.a)[-1]} in the adapters but the config says "
+                    f"{r}. Fix: save with the config the adapters were created with.")
+        elif not _matches(config.train, path):
+            raise ValueError(
+                f"{path}: adapters hold an array here but the config does not train this path "
+                f"(train={config.train!r}). Fix: save with the config the adapters were "
+                f"created with.")
+
+
+def _flatten_adapters(adapters, config, params, check_finite: bool):
+    """Returns (arrays item, entries record) for an adapter tree."""
+    if params is not None:
+        check_adapters(params, adapters, config)
+    entries = {p: n for p, n in _nodes(adapters) if n is not None}
+    if not entries:
+        raise ValueError(
+            "adapters hold no LoraWeights and no trained arrays; there is nothing to save. "
+            "Fix: pass the tree returned by lj.init (or restored by lj.restore).")
+    if params is None:
+        _check_fits_config(entries, config)
+    arrays, order = {}, []
+    for path, node in entries.items():
+        if is_lora(node):
+            item = {"a": _as_array(node.a), "b": _as_array(node.b),
+                    "scale": _as_array(jnp.asarray(node.scale, jnp.float32))}
+            if node.m is not None:
+                item["m"] = _as_array(node.m)
+            arrays[path] = item
+            order += [(path, f, item[f]) for f in _fields(item)]
+        else:
+            arrays[path] = _as_array(node)
+            order.append((path, "", arrays[path]))
+    if check_finite:
+        for path, f, x in order:
+            _check_finite(path, f, x, "in the adapter being saved")
+    record = {p: {"kind": "lora" if is_lora(n) else "train"} for p, n in entries.items()}
+    for (path, f, _), rec in zip(order, _records([x for _, _, x in order])):
+        record[path][f or "array"] = rec
+    return arrays, record
+
+
+def _flatten_state(opt_state, rng):
+    arrays, record = {}, {}
+    if opt_state is not None:
+        flat = {path_str(p): _as_array(x)
+                for p, x in jax.tree_util.tree_flatten_with_path(opt_state)[0]}
+        arrays["opt_state"] = flat
+        record["opt_state"] = dict(zip(flat, _records(list(flat.values()))))
+    if rng is not None:
+        rng = _as_array(rng)
+        if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+            impl, data = str(jax.random.key_impl(rng)), jax.random.key_data(rng)
+        else:
+            impl, data = None, rng
+        arrays["rng"] = data
+        record["rng"] = {"impl": impl, "array": _array_record(data)}
+    return arrays, record
+
+
+def _build_record(config, entries, state, fingerprint, metadata, step) -> dict:
+    from lora_jax import __version__
+    cfg = config.to_dict()
+    rec = {"format": FORMAT, "format_version": FORMAT_VERSION, "lora_jax_version": __version__,
+           "step": int(step), "config": cfg, "config_sha256": _sha256_json(cfg),
+           "entries": entries, "state": state or None, "fingerprint": fingerprint,
+           "metadata": metadata or {}}
+    rec["sha256"] = _sha256_json(rec)
+    return rec
+
+
+def _check_record(rec, where: str) -> dict:
+    if not isinstance(rec, Mapping) or rec.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{where}: not a lora_jax adapter checkpoint (format "
+            f"{rec.get('format') if isinstance(rec, Mapping) else type(rec).__name__!r}). "
+            f"Fix: point at a directory written by lj.save / lj.Checkpointer.")
+    version = rec.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise CheckpointError(
+            f"{where}: checkpoint format version {version!r} is not supported; this lora_jax "
+            f"reads version {FORMAT_VERSION} (the file was written by lora_jax "
+            f"{rec.get('lora_jax_version')!r}). Fix: upgrade lora_jax to read it.")
+    body = {k: v for k, v in rec.items() if k != "sha256"}
+    if _sha256_json(rec.get("config")) != rec.get("config_sha256"):
+        raise CheckpointError(
+            f"{where}: the stored LoraConfig does not match its sha256; the metadata file was "
+            f"modified or corrupted. Fix: restore another step.")
+    if _sha256_json(body) != rec.get("sha256"):
+        raise CheckpointError(
+            f"{where}: the checkpoint metadata does not match its sha256; the file was "
+            f"modified or corrupted. Fix: restore another step.")
+    return rec
+
+
