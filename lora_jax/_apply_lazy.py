@@ -509,9 +509,13 @@ def _matmul(precision, out_dtype, concat: bool):
     the adapters' dtype; ``concat`` (all dtypes equal) computes the training
     forward as one dot over ``[x | xl a]`` and ``[W ; s b]``.
     """
-    def dot(u, v, cu, cv, dtype=None):
+    def dot(u, v, cu, cv, dtype=None, like=None, flip=False):
+        # On a mesh with Explicit axes a product that contracts a sharded
+        # axis must name its output's sharding: that of ``like`` (the array
+        # the result is the cotangent of), transposed with ``flip``.
+        spec = None if like is None else _explicit_spec(like, flip)
         return lax.dot_general(u, v, (((cu,), (cv,)), ((), ())), precision=precision,
-                               preferred_element_type=dtype)
+                               preferred_element_type=dtype, out_sharding=spec)
 
     def forward(x, xl, w, a, sb, train):
         ad = a.dtype
@@ -547,19 +551,32 @@ def _matmul(precision, out_dtype, concat: bool):
         w, pull = jax.vjp(lambda w: dense(view, w, g), w_src)
         ad = a.dtype
         ga = g.astype(ad)
-        dt = dot(ga, sb, 1, 1, ad)                          # (M, r)
-        dx = dot(g, w, 1, 1, jnp.promote_types(g.dtype, x.dtype)).astype(x.dtype)
-        dxl = dot(dt, a, 1, 1, ad).astype(xl.dtype)
-        da = dot(dt, xl.astype(ad), 0, 0, ad).T             # via (r, K): transposes dt only
-        db = (s * dot(t, ga, 0, 0, ad)).astype(b.dtype)     # transposes t only
+        dt = dot(ga, sb, 1, 1, ad, like=t)                  # (M, r)
+        dx = dot(g, w, 1, 1, jnp.promote_types(g.dtype, x.dtype), like=x).astype(x.dtype)
+        dxl = dot(dt, a, 1, 1, ad, like=xl).astype(xl.dtype)
+        # via (r, K): transposes dt only
+        da = dot(dt, xl.astype(ad), 0, 0, ad, like=a, flip=True).T
+        db = (s * dot(t, ga, 0, 0, ad, like=b)).astype(b.dtype)     # transposes t only
         # The frozen weight's cotangent is dead code unless params are
         # differentiated too (XLA then drops it).
-        (dw,) = pull(dot(x, g, 0, 0, jnp.promote_types(g.dtype, w.dtype)).astype(w.dtype))
+        (dw,) = pull(dot(x, g, 0, 0, jnp.promote_types(g.dtype, w.dtype), like=w)
+                     .astype(w.dtype))
         return dx, dxl, dw, da.astype(a.dtype), db, jnp.zeros_like(s)
 
     kernel = jax.custom_vjp(matmul, nondiff_argnums=(0,))
     kernel.defvjp(fwd, bwd)
     return kernel
+
+
+def _explicit_spec(x, flip: bool = False):
+    """``x``'s PartitionSpec (axes reversed with ``flip``) on a mesh with Explicit
+    axes; None elsewhere (Auto axes, no mesh), where XLA chooses."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if not any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+        return None
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    return jax.sharding.PartitionSpec(*(spec[::-1] if flip else spec))
 
 
 @functools.lru_cache(maxsize=None)

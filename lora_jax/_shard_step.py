@@ -198,8 +198,9 @@ def make_sharded_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
     are what this is tested with: XLA propagates shardings through the
     model. ``jax.make_mesh`` defaults to ``Explicit`` axes in jax 0.10,
     where every op of the model must resolve its output sharding itself
-    (the reference decoder's embedding lookup does not, and `lj.apply` is
-    not tested there); pass ``axis_types=(AxisType.Auto,) * n``.
+    (the reference decoder's embedding lookup does not; `lj.apply` is
+    tested there for data-parallel and FSDP-style layouts only); pass
+    ``axis_types=(AxisType.Auto,) * n``.
 
     Args:
       loss_fn: ``loss_fn(params, adapters, *batch)`` returning the loss
