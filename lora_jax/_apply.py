@@ -35,7 +35,7 @@ each consumer instead of storing it) and transposes every output cotangent
 to form ``b``'s gradient; the kernel removes both (``custom_grad=False``
 gives the autodiff form back, e.g. for forward-mode differentiation).
 
-Extension points:
+Where the variants hook in, and where to extend:
 
 * Quantized frozen weights (QLoRA, `lj.quantize`): a container leaf is
   traced as the dense weight it stands for (`_trace_value`); a targeted one
@@ -43,12 +43,10 @@ Extension points:
   registered with `lora_jax._apply_lazy.dequantizer` (shape ops on it are
   queued in `LazyWeight.pending`); the kernel recomputes the dense view in
   its backward instead of saving it.
-* DoRA (done): the magnitude rescales each output unit of the adapted product by
-  ``m / ||W + s a b||`` (norm detached). In `lowrank_dot` the weight's output
-  axes are known (``w_free`` there; all of ``B`` in the flattened kernel), so
-  it is one multiply of the result (or of ``x`` when the product contracts
-  the output axes), with the norm from `lora_jax._dora.column_norm`:
-  `LazyWeight.g` carries ``m / ||V||`` through every shape op like ``b``.
+* DoRA: `LazyWeight.g` holds ``m / ||W + s a b||`` (norm from
+  `lora_jax._dora.column_norm`, detached) and moves through every shape op
+  as ``b`` does; `lowrank_dot`/`_conv`/`_gather` multiply their result by it
+  over the weight's output axes (or ``x``, when a product contracts them).
 * Mixed-batch serving: an adapter *set* has a leading adapter axis on
   ``a``, ``b``, ``scale``; `lowrank_dot` forms ``t = x @ a`` in one
   ``dot_general``, so gathering each example's ``a``/``b`` there (a batch

@@ -394,9 +394,9 @@ def _scan(trace, eqn, invals):
             except NotLowRank as e:
                 x = trace.fallback(x, "scan", str(e))
         if _is_lazy(x):
-            # sliced per layer: w, a, b (and DoRA's g); not the scale
+            # sliced per layer: w, a, b (and DoRA's g); not the scale (index 3)
             scanned.append((i, x, len(xs_lazy)))
-            xs_lazy.extend(x.arrays()[:3] + x.arrays()[4:])
+            xs_lazy.extend(v for k, v in enumerate(x.arrays()) if k != 3)
         else:
             xs_plain.append(x)
     c_flat = _Flat(consts)

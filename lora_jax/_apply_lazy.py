@@ -219,15 +219,14 @@ class LazyWeight:
         Every stacked and output axis must appear once.
         """
         own = [lab for lab in _factor_labels(self, False) if lab != "r"]
-        g = jnp.reshape(self.g, [n for i, n in enumerate(self.g.shape) if i != self.count(S)])
-        where = [labels.index(lab) if lab in labels else -1 for lab in own]
-        if -1 in where:
+        g = jnp.squeeze(self.g, self.count(S))         # drop the size-1 rank axis
+        if any(lab not in labels for lab in own):
             raise NotLowRank("DoRA: the product keeps only part of the weight's output axes")
-        g = jnp.transpose(g, np.argsort(where))
+        where = [labels.index(lab) for lab in own]
         shape = [1] * len(labels)
-        for lab, n in zip(own, self.g.shape[:self.count(S)] + self.g.shape[self.count(S) + 1:]):
-            shape[labels.index(lab)] = n
-        return jnp.reshape(g, shape)
+        for pos, n in zip(where, g.shape):
+            shape[pos] = n
+        return jnp.reshape(jnp.transpose(g, np.argsort(where)), shape)
 
     # -- shape-only ops (each returns a LazyWeight or raises NotLowRank) -------
     def _with(self, op, **changes) -> LazyWeight:
@@ -678,10 +677,9 @@ def lowrank_dot(x, lw: LazyWeight, *, x_is_lhs: bool, dimension_numbers, precisi
     w_free = [dims[i] for i in range(lw.ndim) if i not in wc and i not in wb]
     none = [None] * len(x_free)
     labels = [dims[j] for j in wb] + (none + w_free if x_is_lhs else w_free + none)
-    g = lw.g_along(labels)
     y = _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
                      preferred_element_type, out_sharding, lora_input, custom_grad)
-    return (y * g.astype(y.dtype)).astype(y.dtype)
+    return _dora_scaled(lw, y, labels)
 
 
 def _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
@@ -780,15 +778,21 @@ def lowrank_conv(x, lw: LazyWeight, *, params, lora_input=None):
     d = lax.dot_general(t, b, (((feat,), (0,)), ((), ())), precision=params["precision"],
                         preferred_element_type=lw.a.dtype)
     d = jnp.moveaxis(d, -1, feat)
-    return _dora_scaled(lw, (base.astype(acc) + d.astype(acc)).astype(out_dtype), feat)
+    return _dora_scaled(lw, (base.astype(acc) + d.astype(acc)).astype(out_dtype),
+                        _feature_labels(y_ndim=base.ndim, feat=feat))
 
 
-def _dora_scaled(lw: LazyWeight, y, feat: int):
-    """``y`` times DoRA's ``g`` along its output-feature axis ``feat`` (no-op without DoRA)."""
+def _feature_labels(y_ndim: int, feat: int) -> list:
+    """Labels of a conv/gather result: the weight's one output axis at ``feat``."""
+    labels = [None] * y_ndim
+    labels[feat] = (B, 0)
+    return labels
+
+
+def _dora_scaled(lw: LazyWeight, y, labels):
+    """``y`` (axes labelled ``labels``) times DoRA's ``g``; unchanged without DoRA."""
     if lw.g is None:
         return y
-    labels = [None] * y.ndim
-    labels[feat] = (B, 0)
     return (y * lw.g_along(labels).astype(y.dtype)).astype(y.dtype)
 
 
@@ -822,4 +826,5 @@ def lowrank_gather(lw: LazyWeight, indices, *, params):
     d = lax.dot_general(t, b, (((feat,), (0,)), ((), ())),
                         preferred_element_type=lw.a.dtype)
     d = jnp.moveaxis(d, -1, feat)
-    return _dora_scaled(lw, (base.astype(acc) + d.astype(acc)).astype(out_dtype), feat)
+    return _dora_scaled(lw, (base.astype(acc) + d.astype(acc)).astype(out_dtype),
+                        _feature_labels(y_ndim=base.ndim, feat=feat))
