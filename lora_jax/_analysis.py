@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._checkpoint import restore
 from lora_jax._config import LoraConfig, LoraWarning
 from lora_jax._init import leaf_key
 from lora_jax._paths import leaves_with_paths, path_str, resolve
@@ -628,7 +629,6 @@ def spectra_summary(directory, *, step: int | None = None) -> str:
     """The per-leaf spectra table of a checkpoint's adapters (``python -m lora_jax
     inspect`` prints it): restores ``(adapters, config)`` with `lj.restore` (no base
     needed) and returns ``analyze(adapters, config).summary()``."""
-    from lora_jax._checkpoint import restore
 
     adapters, config = restore(directory, step=step)
     return "spectra of s*A@B (energy ranks at 90%/99%; erank: entropy effective rank)\n" + \

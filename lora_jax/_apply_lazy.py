@@ -38,8 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["LazyWeight", "NotLowRank", "lowrank_dot", "lowrank_conv", "lowrank_gather",
-           "dequantizer"]
+from lora_jax import _dora
+from lora_jax._paths import as_matrix, dense_float32, is_container
+
+__all__ = ["LazyWeight", "NotLowRank", "lowrank_dot", "lowrank_conv", "lowrank_gather"]
 
 S, A, B = "S", "A", "B"
 
@@ -52,35 +54,6 @@ def _is_array(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray))
 
 
-# Frozen weights that are not arrays (e.g. a quantized container, QLoRA) are
-# turned into dense arrays at their use site by the function registered for
-# their type. Shape-only ops on such a weight are queued in
-# `LazyWeight.pending` and applied after dequantization.
-_DEQUANTIZERS: dict[type, Any] = {}
-
-
-def dequantizer(cls: type, fn=None):
-    """Registers ``fn(container) -> array`` that densifies a frozen weight type.
-
-    The extension point for quantized frozen weights (QLoRA): the apply
-    interpreter calls it where the frozen weight is used, inside the traced
-    function, so only the dense *view* needed by one product exists at a
-    time. Usable as a decorator: ``@dequantizer(NF4)``.
-
-    Example:
-      >>> class Halved:
-      ...     def __init__(self, x): self.x = x
-      >>> _ = dequantizer(Halved, lambda c: c.x * 2)
-      >>> import jax.numpy as jnp
-      >>> LazyWeight.frozen_value(Halved(jnp.ones(2)), jnp.float32, ())
-      Array([2., 2.], dtype=float32)
-    """
-    if fn is None:
-        return lambda f: dequantizer(cls, f)
-    _DEQUANTIZERS[cls] = fn
-    return fn
-
-
 @dataclasses.dataclass(frozen=True)
 class LazyWeight:
     """``W + scale * a @ b`` in one view of the weight (see the module doc).
@@ -89,7 +62,8 @@ class LazyWeight:
       path: the leaf's ``'/'``-joined path (for reports and errors).
       w: the frozen weight in this view, in its *source* dtype (casts are
         applied at use, so a fallback sums in float32 and rounds once, like
-        `lj.merge`); or a container registered with `dequantizer`.
+        `lj.merge`); or a quantized container (`LeafContainer`), densified
+        with its own ``dequantize()`` where it is used.
       dtype: the dtype the model sees (after ``convert_element_type``).
       a: ``(*S, *A, r)``; b: ``(*S, r, *B)`` (see ``dims``).
       scale: float32 array, already behind ``stop_gradient``.
@@ -125,8 +99,7 @@ class LazyWeight:
             tuple((A, k) for k in range(lay.n_in)) + tuple((B, k) for k in range(lay.n_out))
         g = None
         if weights.m is not None:
-            from lora_jax import _dora  # _dora imports the weights module, not this one
-            norm = _dora.column_norm(_dora.as_matrix(_dora.dense_float32(w), spec),
+            norm = _dora.column_norm(as_matrix(dense_float32(w), spec),
                                      jnp.reshape(weights.a, (*stacked, spec.in_size, spec.rank)),
                                      jnp.reshape(weights.b, (*stacked, spec.rank, spec.out_size)),
                                      scale)
@@ -171,16 +144,13 @@ class LazyWeight:
     # -- the dense forms ------------------------------------------------------
     @staticmethod
     def frozen_value(w, dtype, pending):
-        if not _is_array(w):
-            for cls, fn in _DEQUANTIZERS.items():
-                if isinstance(w, cls):
-                    w = fn(w)
-                    break
-            else:
-                raise TypeError(
-                    f"lj.apply: a frozen weight of type {type(w).__name__} is neither an "
-                    f"array nor a registered quantized type. Fix: register how to densify "
-                    f"it with lora_jax._apply_lazy.dequantizer({type(w).__name__}, fn).")
+        if is_container(w):
+            w = w.dequantize()
+        elif not _is_array(w):
+            raise TypeError(
+                f"lj.apply: a frozen weight of type {type(w).__name__} is neither an array "
+                f"nor a lora_jax LeafContainer. Fix: store it as an array, or as a subclass "
+                f"of lora_jax.LeafContainer with a dequantize() method.")
         for op in pending:
             w = op(w)
         return w.astype(dtype)

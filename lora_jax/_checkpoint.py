@@ -42,6 +42,7 @@ from lora_jax._paths import path_str
 from lora_jax._record import (FORMAT_VERSION, CheckpointError, _array_record, _build_record,
                               _canonical, _check_finite, _check_record, _fields,
                               _flatten_adapters, _flatten_state, _is_node, _records)
+from lora_jax._report import _table
 from lora_jax._weights import LoraWeights, check_adapters, is_lora
 
 __all__ = ["save", "restore", "restore_state", "inspect", "Checkpointer", "TrainState",
@@ -641,7 +642,6 @@ class CheckpointInfo:
         return sum(r[7] for r in self.rows)
 
     def __str__(self) -> str:
-        from lora_jax._report import _table
         cfg = self.config
         out = [f"checkpoint {self.directory} step {self.step} (steps: {self.steps}); "
                f"format v{self.format_version}, written by lora_jax {self.lora_jax_version}",

@@ -31,24 +31,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from lora_jax._config import LoraConfig
-from lora_jax._paths import LeafSpec, flatten_params, is_container
-from lora_jax._weights import LoraWeights, check_adapters
+from lora_jax._paths import LeafSpec, as_matrix, dense_float32, flatten_params
+from lora_jax._weights import LoraWeights, check_adapters, delta
 
 __all__ = ["dora_norms", "column_norm", "dense_column_norm", "magnitude_init"]
 
 _HI = lax.Precision.HIGHEST
-
-
-def as_matrix(x, spec: LeafSpec):
-    """A weight-shaped array as ``(*stacked, in, out)``."""
-    return jnp.reshape(x, (*spec.stacked_shape, spec.in_size, spec.out_size))
-
-
-def dense_float32(leaf):
-    """The base weight as a float32 array (dequantized if it is a container)."""
-    if is_container(leaf):
-        return leaf.dequantize(jnp.float32)
-    return jnp.asarray(leaf, jnp.float32)
 
 
 def dense_column_norm(v):
@@ -130,7 +118,6 @@ def dora_norms(params, adapters, config: LoraConfig):
     if not config.use_dora:
         raise ValueError("dora_norms: config.use_dora is False; only DoRA adapters need "
                          "norms to be unmerged. Fix: call lj.unmerge without norms=.")
-    from lora_jax._merge import delta  # merge imports this module
     entries = check_adapters(params, adapters, config)
     out = []
     for _, leaf, node, spec in entries:

@@ -26,8 +26,9 @@ from jax import lax
 
 from lora_jax import _dora
 from lora_jax._config import LoraConfig
-from lora_jax._paths import LeafSpec, flatten_params, is_container, path_str, resolve
-from lora_jax._weights import LoraWeights, scale_array
+from lora_jax._paths import (LeafSpec, as_matrix, dense_float32, flatten_params, is_container,
+                             path_str, resolve)
+from lora_jax._weights import LoraWeights, delta, scale_array
 
 __all__ = ["init", "leaf_key", "subtract_init"]
 
@@ -151,7 +152,7 @@ def init(params, config: LoraConfig, *, key=None, return_params: bool = False):
         base = leaf
         if spec is not None:
             if residual_init:
-                w32 = _dora.as_matrix(_dora.dense_float32(leaf), spec)
+                w32 = as_matrix(dense_float32(leaf), spec)
                 a, b, res = _factorize(w32, spec, config)
                 a, b = a.astype(config.dtype), b.astype(config.dtype)
                 res = res.reshape(spec.shape)
@@ -161,8 +162,7 @@ def init(params, config: LoraConfig, *, key=None, return_params: bool = False):
                 b = jnp.zeros(spec.b_shape, config.dtype)
             node = LoraWeights(a, b, scale_array(spec))
             if config.use_dora:
-                from lora_jax._merge import delta
-                v = _dora.as_matrix(_dora.dense_float32(base) + delta(node, spec), spec)
+                v = as_matrix(dense_float32(base) + delta(node, spec), spec)
                 node = node._replace(m=_dora.dense_column_norm(v).astype(config.dtype))
             nodes.append(node)
         elif path in train:

@@ -14,39 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import _dora
+from lora_jax._quantize import requantize_merged
 from lora_jax._config import LoraConfig, LoraWarning
-from lora_jax._paths import LeafSpec, flatten_params, is_container, path_str
-from lora_jax._weights import LoraWeights, check_adapters
+from lora_jax._paths import dense_float32, flatten_params, is_container, path_str
+from lora_jax._weights import check_adapters, delta
 
 __all__ = ["merge", "unmerge", "delta"]
 
 # Warn when casting the merged weight back erases more than this fraction of
 # the update's non-zero entries (bf16 erased 88% at |dW|/|W| = 6e-4).
 _ERASED_WARN_FRACTION = 0.5
-
-
-def delta(weights: LoraWeights, spec: LeafSpec):
-    """``scale * a @ b`` in float32, reshaped to the weight's shape.
-
-    Example:
-      >>> import jax.numpy as jnp, lora_jax as lj
-      >>> params = {"w": jnp.zeros((4, 6))}
-      >>> cfg = lj.LoraConfig(rank=2, alpha=4, targets="w")
-      >>> spec = lj.describe(params, cfg).specs["w"]
-      >>> w = lj.LoraWeights(jnp.ones((4, 2)), jnp.ones((2, 6)), jnp.float32(2.0))
-      >>> float(delta(w, spec)[0, 0])  # 2 * (1 + 1)
-      4.0
-    """
-    if np.ndim(weights.a) != len(spec.a_shape):
-        raise ValueError(
-            f"{spec.path}: a has shape {tuple(np.shape(weights.a))}, expected "
-            f"{spec.a_shape}. An adapter set (leading adapter axis) can't be merged as "
-            f"one adapter. Fix: select one adapter from the set first.")
-    a = jnp.asarray(weights.a, jnp.float32)
-    b = jnp.asarray(weights.b, jnp.float32)
-    ab = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
-    scale = jax.lax.stop_gradient(jnp.asarray(weights.scale, jnp.float32))
-    return (scale * ab).reshape(spec.shape)
 
 
 def _is_concrete(x) -> bool:
@@ -84,7 +61,7 @@ def _combine(params, adapters, config, sign: float, norms=None):
     for path, leaf, node, spec in entries:
         if spec is not None:
             d = delta(node, spec)
-            w32 = _dora.dense_float32(leaf)
+            w32 = dense_float32(leaf)
             if node.m is None:
                 new32 = w32 + sign * d
             elif sign > 0:
@@ -93,7 +70,6 @@ def _combine(params, adapters, config, sign: float, norms=None):
                 new32 = _dora.unmerged(w32, node, spec, d, norm_of[path])
             if is_container(leaf):
                 what = "merging an adapter" if sign > 0 else "unmerging an adapter"
-                from lora_jax._quantize import requantize_merged
                 leaves.append(requantize_merged(path, leaf, new32, what=what))
                 continue
             new = new32.astype(leaf.dtype)

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lora_jax._checkpoint import CheckpointError, Checkpointer, save
 from lora_jax._config import LoraConfig
 from lora_jax._paths import path_str
 from lora_jax._weights import LoraWeights, is_lora
@@ -589,8 +590,6 @@ def save_set(directory, aset: AdapterSet, *, params=None, step: int | None = Non
       >>> back.names, back.members[0].config == c2, bool((back.adapters["w"].b == aset.adapters["w"].b).all())
       (('a', 'b'), True, True)
     """
-    from lora_jax._checkpoint import save
-
     _check_set(aset, "save_set")
     meta = dict(metadata or {})
     if _METADATA_KEY in meta:
@@ -634,8 +633,6 @@ def restore_set(directory, params=None, *, step: int | None = None,
       ...     lj.restore_set(d).names
       ('a',)
     """
-    from lora_jax._checkpoint import CheckpointError, Checkpointer
-
     with Checkpointer(directory, read_only=True) as ck:
         info = ck.inspect(step)
         meta = (info.metadata or {}).get(_METADATA_KEY)

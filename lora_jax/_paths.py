@@ -16,12 +16,13 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._config import Layout, LoraConfig, LoraWarning
 
 __all__ = ["path_str", "leaves_with_paths", "flatten_params", "LeafContainer",
-           "is_container", "LeafSpec", "resolve", "Resolved"]
+           "is_container", "LeafSpec", "resolve", "Resolved", "dense_float32", "as_matrix"]
 
 
 def _key_str(k) -> str:
@@ -87,6 +88,13 @@ class LeafContainer:
 def is_container(x) -> bool:
     """True for a `LeafContainer` (use as ``is_leaf=`` when flattening params)."""
     return isinstance(x, LeafContainer)
+
+
+def dense_float32(leaf):
+    """The weight ``leaf`` as a float32 array (dequantized if it is a container)."""
+    if is_container(leaf):
+        return leaf.dequantize(jnp.float32)
+    return jnp.asarray(leaf, jnp.float32)
 
 
 def flatten_params(params):
@@ -162,6 +170,11 @@ class LeafSpec(NamedTuple):
     @property
     def n_adapter_params(self) -> int:
         return math.prod(self.a_shape) + math.prod(self.b_shape)
+
+
+def as_matrix(x, spec: LeafSpec):
+    """A weight-shaped array as ``(*stacked, in, out)``."""
+    return jnp.reshape(x, (*spec.stacked_shape, spec.in_size, spec.out_size))
 
 
 class Resolved(NamedTuple):

@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._apply_lazy import dequantizer
 from lora_jax._config import Layout, LoraConfig, LoraWarning, _normalize_patterns
 from lora_jax._paths import LeafContainer, _matcher, flatten_params, is_container, path_str
 
@@ -465,6 +464,3 @@ def requantize_merged(path: str, leaf, dense, *, what: str):
         f"into, or serve unmerged with lj.apply.", LoraWarning, stacklevel=4)
     return out
 
-
-dequantizer(NF4Weight, lambda c: c.dequantize())
-dequantizer(Int8Weight, lambda c: c.dequantize())

@@ -196,10 +196,17 @@ def _flatten_state(opt_state, rng):
     return arrays, record
 
 
+def _version() -> str:
+    from importlib import metadata
+    try:
+        return metadata.version("lora-jax")
+    except metadata.PackageNotFoundError:   # a source tree on sys.path, not installed
+        return "unknown"
+
+
 def _build_record(config, entries, state, fingerprint, metadata, step) -> dict:
-    from lora_jax import __version__
     cfg = config.to_dict()
-    rec = {"format": FORMAT, "format_version": FORMAT_VERSION, "lora_jax_version": __version__,
+    rec = {"format": FORMAT, "format_version": FORMAT_VERSION, "lora_jax_version": _version(),
            "step": int(step), "config": cfg, "config_sha256": _sha256_json(cfg),
            "entries": entries, "state": state or None, "fingerprint": fingerprint,
            "metadata": metadata or {}}

@@ -23,7 +23,7 @@ import numpy as np
 
 from lora_jax._paths import LeafSpec, Resolved, flatten_params, path_str, resolve
 
-__all__ = ["LoraWeights", "is_lora", "pair_with_params", "check_adapters"]
+__all__ = ["LoraWeights", "is_lora", "pair_with_params", "check_adapters", "delta"]
 
 
 class LoraWeights(NamedTuple):
@@ -184,3 +184,27 @@ def _check_magnitude(path, node, spec: LeafSpec, extra: tuple, config) -> None:
 def scale_array(spec: LeafSpec):
     """The float32 scale of one leaf, as stored in `LoraWeights.scale`."""
     return jnp.asarray(spec.scale, jnp.float32)
+
+
+def delta(weights: LoraWeights, spec: LeafSpec):
+    """``scale * a @ b`` in float32, reshaped to the weight's shape.
+
+    Example:
+      >>> import jax.numpy as jnp, lora_jax as lj
+      >>> params = {"w": jnp.zeros((4, 6))}
+      >>> cfg = lj.LoraConfig(rank=2, alpha=4, targets="w")
+      >>> spec = lj.describe(params, cfg).specs["w"]
+      >>> w = lj.LoraWeights(jnp.ones((4, 2)), jnp.ones((2, 6)), jnp.float32(2.0))
+      >>> float(delta(w, spec)[0, 0])  # 2 * (1 + 1)
+      4.0
+    """
+    if np.ndim(weights.a) != len(spec.a_shape):
+        raise ValueError(
+            f"{spec.path}: a has shape {tuple(np.shape(weights.a))}, expected "
+            f"{spec.a_shape}. An adapter set (leading adapter axis) can't be merged as "
+            f"one adapter. Fix: select one adapter from the set first.")
+    a = jnp.asarray(weights.a, jnp.float32)
+    b = jnp.asarray(weights.b, jnp.float32)
+    ab = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+    scale = jax.lax.stop_gradient(jnp.asarray(weights.scale, jnp.float32))
+    return (scale * ab).reshape(spec.shape)

@@ -23,6 +23,8 @@ import os
 
 import numpy as np
 
+from lora_jax._analysis import Spectrum
+
 __all__ = ["spectra", "truncation_error"]
 
 _MAX_LEGEND = 12
@@ -39,8 +41,6 @@ def _figure(ncols: int):
 
 
 def _rows(report, paths) -> list:
-    from lora_jax._analysis import Spectrum
-
     rows = list(report)
     bad = [type(r).__name__ for r in rows if not isinstance(r, Spectrum)]
     if bad:

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._config import Layout, LoraConfig, LoraWarning
-from lora_jax._fingerprint import base_fingerprint, check_base
+from lora_jax._fingerprint import BaseMismatchError, base_fingerprint, check_base
 from lora_jax._paths import path_str, resolve
 from lora_jax._weights import LoraWeights, check_adapters, is_lora
 from lora_jax.interop._keymap import HFName, lookup, resolve_key_map, to_torch_layout
@@ -663,7 +663,6 @@ def _check_base_copies(base_copies, flat, km, on_mismatch, folder) -> None:
         if ours.shape != stored.shape or not np.array_equal(ours, np.asarray(stored, ours.dtype)):
             differ.append(f"{path}: file {tuple(stored.shape)}, params {tuple(ours.shape)}")
     if differ:
-        from lora_jax._fingerprint import BaseMismatchError
         msg = (f"the adapter in {folder} stores base weights that differ from the params "
                f"given (a resized vocabulary, or another base): {differ[:4]}. Fix: pass the "
                f"base the adapter was trained on; on_base_mismatch='warn' or 'ignore' to "
