@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lora_jax._plan import add_plan_command
+from lora_jax._analysis.plan import add_plan_command
 
 
 def add_inspect_command(subparsers) -> None:
@@ -39,8 +39,8 @@ def add_inspect_command(subparsers) -> None:
 
 
 def _run_inspect(args) -> int:
-    from lora_jax._analysis import spectra_summary
-    from lora_jax._checkpoint import inspect
+    from lora_jax._analysis.analyze import spectra_summary
+    from lora_jax._checkpoint.checkpointer import inspect
 
     print(inspect(args.directory, step=args.step))
     if not args.no_spectra:

@@ -24,11 +24,11 @@ import jax.numpy as jnp
 
 from jax import lax
 
-from lora_jax import _dora
-from lora_jax._config import LoraConfig
-from lora_jax._paths import (LeafSpec, as_matrix, dense_float32, flatten_params, is_container,
+from lora_jax._variants import dora as _dora
+from lora_jax._core.config import LoraConfig
+from lora_jax._core.paths import (LeafSpec, as_matrix, dense_float32, flatten_params, is_container,
                              path_str, resolve)
-from lora_jax._weights import LoraWeights, delta, scale_array
+from lora_jax._core.weights import LoraWeights, delta, scale_array
 
 __all__ = ["init", "leaf_key", "subtract_init"]
 

@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import _dora
-from lora_jax._quantize import requantize_merged
-from lora_jax._config import LoraConfig, LoraWarning
-from lora_jax._paths import dense_float32, flatten_params, is_container, path_str
-from lora_jax._weights import check_adapters, delta
+from lora_jax._variants import dora as _dora
+from lora_jax._variants.quantize import requantize_merged
+from lora_jax._core.config import LoraConfig, LoraWarning
+from lora_jax._core.paths import dense_float32, flatten_params, is_container, path_str
+from lora_jax._core.weights import check_adapters, delta
 
 __all__ = ["merge", "unmerge", "delta"]
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import jax
 import optax
 
-from lora_jax._weights import LoraWeights, is_lora
+from lora_jax._core.weights import LoraWeights, is_lora
 
 __all__ = ["trainable_labels", "optimizer", "make_train_step"]
 

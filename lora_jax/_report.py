@@ -12,9 +12,9 @@ from collections import Counter
 import jax
 import numpy as np
 
-from lora_jax._config import LoraConfig
-from lora_jax._paths import is_container, leaves_with_paths, resolve
-from lora_jax._weights import is_lora, pair_with_params
+from lora_jax._core.config import LoraConfig
+from lora_jax._core.paths import is_container, leaves_with_paths, resolve
+from lora_jax._core.weights import is_lora, pair_with_params
 
 __all__ = ["describe", "summary", "Description", "Summary"]
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._paths import path_str
+from lora_jax._core.paths import path_str
 
 # Relative tolerances used across the suite, by the dtype being compared.
 RTOL = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-3}

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
-from lora_jax import _analysis
+from lora_jax._analysis import analyze as _analysis
 from examples import gpt
 from tests._asserts import assert_close, perturb_b, rel_err
 from tests.conftest import SMALL

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import lora_jax as lj
-from lora_jax import _dora
+from lora_jax._variants import dora as _dora
 from tests._asserts import assert_close, rel_err
 from tests.conftest import SEED
 

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import lora_jax as lj
-from lora_jax._paths import leaves_with_paths, path_str, resolve
+from lora_jax._core.paths import leaves_with_paths, path_str, resolve
 
 
 def test_path_str_kinds():

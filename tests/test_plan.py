@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 import lora_jax as lj
-from lora_jax import _plan
+from lora_jax._analysis import plan as _plan
 from examples import gpt
 from tests.conftest import SMALL
 

@@ -15,7 +15,7 @@ import os
 import jax
 import numpy as np
 
-from lora_jax._paths import path_str
+from lora_jax._core.paths import path_str
 
 __all__ = ["save_params", "load_params"]
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._paths import path_str
+from lora_jax._core.paths import path_str
 
 __all__ = ["KeyMap", "HFName", "KEY_MAPS", "resolve_key_map", "to_hf_state_dict",
            "from_hf_state_dict"]

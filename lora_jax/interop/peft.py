@@ -43,10 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._config import Layout, LoraConfig, LoraWarning
-from lora_jax._fingerprint import BaseMismatchError, base_fingerprint, check_base
-from lora_jax._paths import path_str, resolve
-from lora_jax._weights import LoraWeights, check_adapters, is_lora
+from lora_jax._core.config import Layout, LoraConfig, LoraWarning
+from lora_jax._checkpoint.fingerprint import BaseMismatchError, base_fingerprint, check_base
+from lora_jax._core.paths import path_str, resolve
+from lora_jax._core.weights import LoraWeights, check_adapters, is_lora
 from lora_jax.interop._keymap import HFName, lookup, resolve_key_map, to_torch_layout
 
 __all__ = ["export_peft", "import_peft", "UnsupportedPeftFeature", "CONFIG_NAME",

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._paths import LeafSpec, Resolved, flatten_params, path_str, resolve
+from lora_jax._core.paths import LeafSpec, Resolved, flatten_params, path_str, resolve
 
 __all__ = ["LoraWeights", "is_lora", "pair_with_params", "check_adapters", "delta"]
 

@@ -36,14 +36,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._config import LoraConfig
-from lora_jax._fingerprint import base_fingerprint, check_base, fingerprint_summary
-from lora_jax._paths import path_str
-from lora_jax._record import (FORMAT_VERSION, CheckpointError, _array_record, _build_record,
+from lora_jax._core.config import LoraConfig
+from lora_jax._checkpoint.fingerprint import base_fingerprint, check_base, fingerprint_summary
+from lora_jax._core.paths import path_str
+from lora_jax._checkpoint.record import (FORMAT_VERSION, CheckpointError, _array_record, _build_record,
                               _canonical, _check_finite, _check_record, _fields,
                               _flatten_adapters, _flatten_state, _is_node, _records)
 from lora_jax._report import _table
-from lora_jax._weights import LoraWeights, check_adapters, is_lora
+from lora_jax._core.weights import LoraWeights, check_adapters, is_lora
 
 __all__ = ["save", "restore", "restore_state", "inspect", "Checkpointer", "TrainState",
            "CheckpointInfo", "CheckpointError", "FORMAT_VERSION"]

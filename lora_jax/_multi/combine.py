@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lora_jax._analysis import Analysis, Spectrum, _factor_svd
-from lora_jax._config import LoraConfig
+from lora_jax._analysis.analyze import Analysis, Spectrum, _factor_svd
+from lora_jax._core.config import LoraConfig
 from lora_jax._merge import _check_merged
-from lora_jax._multi import (BASE, AdapterSet, _check_set, _flat, _host, _index,
+from lora_jax._multi.set import (BASE, AdapterSet, _check_set, _flat, _host, _index,
                              _targets_config, _with_ranks)
-from lora_jax._weights import LoraWeights, check_adapters
+from lora_jax._core.weights import LoraWeights, check_adapters
 
 __all__ = ["Combination", "combine", "merge_weighted"]
 

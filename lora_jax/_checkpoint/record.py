@@ -6,7 +6,7 @@ into ``'/'``-path-keyed arrays (non-finite values refused), the shape,
 dtype and sha256 of every array (hashed on threads: hashlib releases the
 GIL), and the JSON record -- format and version, the `LoraConfig`, the base
 fingerprint, user metadata and a sha256 of the record itself -- with its
-validation on read. Orbax (`lora_jax._checkpoint`) stores and loads; this
+validation on read. Orbax (`lora_jax._checkpoint.checkpointer`) stores and loads; this
 module decides what is stored and whether what came back is what was.
 """
 
@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._config import LoraConfig
-from lora_jax._paths import path_str
-from lora_jax._weights import check_adapters, is_lora
+from lora_jax._core.config import LoraConfig
+from lora_jax._core.paths import path_str
+from lora_jax._core.weights import check_adapters, is_lora
 
 FORMAT = "lora_jax.adapter_checkpoint"
 FORMAT_VERSION = 1

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._config import Layout, LoraConfig, LoraWarning
+from lora_jax._core.config import Layout, LoraConfig, LoraWarning
 
 __all__ = ["path_str", "leaves_with_paths", "flatten_params", "LeafContainer",
            "is_container", "LeafSpec", "resolve", "Resolved", "dense_float32", "as_matrix"]

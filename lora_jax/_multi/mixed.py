@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lora_jax._apply import apply
-from lora_jax._multi import AdapterSet, _check_set, _is_node, adapter_ids
-from lora_jax._weights import LoraWeights, check_adapters
+from lora_jax._apply.transform import apply
+from lora_jax._multi.set import AdapterSet, _check_set, _is_node, adapter_ids
+from lora_jax._core.weights import LoraWeights, check_adapters
 
 __all__ = ["apply_mixed"]
 

@@ -30,7 +30,7 @@ from jax import lax
 from jax.extend import core as jcore
 from jax.extend.core import primitives as P
 
-from lora_jax._apply_lazy import (LazyWeight, NotLowRank, lowrank_conv, lowrank_dot,
+from lora_jax._apply.lazy import (LazyWeight, NotLowRank, lowrank_conv, lowrank_dot,
                                   lowrank_gather)
 
 __all__ = ["Trace", "Record", "evaluate", "RULES"]

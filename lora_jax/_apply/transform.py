@@ -13,12 +13,12 @@ use only; `explain` lists every use, ``strict=True`` refuses fallbacks.
 
 How it is built (the modules, for whoever extends it):
 
-* `lora_jax._apply_lazy` -- `LazyWeight`, "a lazily adapted weight": the
+* `lora_jax._apply.lazy` -- `LazyWeight`, "a lazily adapted weight": the
   frozen weight in its current view plus ``a``, ``b``, ``scale`` and one
   label per view axis (stacked / input / output). Shape-only ops are pushed
   into the factors; `lowrank_dot`, `lowrank_conv` and `lowrank_gather` are
   the only places a low-rank product is formed.
-* `lora_jax._apply_interp` -- the interpreter: `RULES` maps each primitive
+* `lora_jax._apply.interp` -- the interpreter: `RULES` maps each primitive
   (by identity, from `jax.extend.core.primitives`) to a rule; jit bodies are
   inlined, remat re-wrapped with the same policy, scan rebuilt with the
   sliced factors as extra ``xs``, cond rebuilt branch by branch; everything
@@ -27,7 +27,7 @@ How it is built (the modules, for whoever extends it):
 
 The matmul kernel. Matmuls that flatten to ``(M, K) @ (K, N)`` (Dense,
 DenseGeneral, Einsum, tied projections) go through one ``custom_vjp``
-(`lora_jax._apply_lazy._matmul`): its training forward is a single dot of
+(`lora_jax._apply.lazy._matmul`): its training forward is a single dot of
 ``[x | x a]`` with ``[W ; s b]`` and its backward keeps every transpose on
 an ``(N, r)`` operand. Left to autodiff, XLA:CPU keeps both addends of
 ``x W + s (x a) b`` alive until the backward pass (it fuses the sum into
@@ -44,7 +44,7 @@ Where the variants hook in, and where to extend:
   queued in `LazyWeight.pending`); the kernel recomputes the dense view in
   its backward instead of saving it.
 * DoRA: `LazyWeight.g` holds ``m / ||W + s a b||`` (norm from
-  `lora_jax._dora.column_norm`, detached) and moves through every shape op
+  `lora_jax._variants.dora.column_norm`, detached) and moves through every shape op
   as ``b`` does; `lowrank_dot`/`_conv`/`_gather` multiply their result by it
   over the weight's output axes (or ``x``, when a product contracts them).
 * Mixed-batch serving: an adapter *set* has a leading adapter axis on
@@ -55,7 +55,7 @@ Where the variants hook in, and where to extend:
 * Sharding: a ``sharding_constraint`` on a weight stays on the frozen part;
   constraints for ``t`` (batch-sharded, rank replicated) belong in
   `lowrank_dot` and the kernel.
-* New primitives: add a rule to `lora_jax._apply_interp.RULES` keyed by the
+* New primitives: add a rule to `lora_jax._apply.interp.RULES` keyed by the
   primitive object; a rule returns the outputs or raises `NotLowRank`.
 """
 
@@ -69,11 +69,11 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from lora_jax._apply_interp import Record, Trace, densify_output, evaluate
-from lora_jax._apply_lazy import LazyWeight
-from lora_jax._config import LoraConfig, LoraWarning
-from lora_jax._paths import flatten_params, is_container
-from lora_jax._weights import check_adapters
+from lora_jax._apply.interp import Record, Trace, densify_output, evaluate
+from lora_jax._apply.lazy import LazyWeight
+from lora_jax._core.config import LoraConfig, LoraWarning
+from lora_jax._core.paths import flatten_params, is_container
+from lora_jax._core.weights import check_adapters
 
 __all__ = ["apply", "explain", "Explanation"]
 

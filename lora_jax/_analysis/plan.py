@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._config import LoraConfig
-from lora_jax._paths import leaves_with_paths, resolve
+from lora_jax._core.config import LoraConfig
+from lora_jax._core.paths import leaves_with_paths, resolve
 from lora_jax._report import _table
 
 __all__ = ["plan", "Plan", "preset", "PRESETS", "OPTIMIZER_STATES", "BITS_PER_PARAM"]

@@ -3,7 +3,7 @@
 `quantize` replaces chosen weights of a params tree by containers that
 store them in 4 or 8 bits; everything else in lora_jax (`resolve`, `init`,
 `merge`, `describe`, `summary`, `apply`) sees a container as one leaf with
-the weight's logical ``shape`` and ``dtype`` (see `lora_jax._paths.LeafContainer`).
+the weight's logical ``shape`` and ``dtype`` (see `lora_jax._core.paths.LeafContainer`).
 `lj.apply` dequantizes each weight where the model uses it, inside the
 traced function, so a dense copy of one weight exists at a time; the LoRA
 factors stay in their own dtype.
@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._config import Layout, LoraConfig, LoraWarning, _normalize_patterns
-from lora_jax._paths import LeafContainer, _matcher, flatten_params, is_container, path_str
+from lora_jax._core.config import Layout, LoraConfig, LoraWarning, _normalize_patterns
+from lora_jax._core.paths import LeafContainer, _matcher, flatten_params, is_container, path_str
 
 __all__ = ["NF4Weight", "Int8Weight", "quantize", "dequantize", "is_quantized",
            "nf4_levels", "METHODS"]

@@ -28,12 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._checkpoint import restore
-from lora_jax._config import LoraConfig, LoraWarning
+from lora_jax._checkpoint.checkpointer import restore
+from lora_jax._core.config import LoraConfig, LoraWarning
 from lora_jax._init import leaf_key
-from lora_jax._paths import leaves_with_paths, path_str, resolve
+from lora_jax._core.paths import leaves_with_paths, path_str, resolve
 from lora_jax._report import _table
-from lora_jax._weights import LoraWeights, check_adapters, is_lora
+from lora_jax._core.weights import LoraWeights, check_adapters, is_lora
 
 __all__ = ["Spectrum", "Analysis", "Truncation", "Extraction", "analyze", "truncate",
            "extract"]

@@ -22,7 +22,7 @@ What a set is for:
   ordinary adapter tree, for `lj.apply` / `lj.merge` with ``aset.config``.
   Every adapter has the same shapes and the scale is data, so changing the
   adapter between calls of a jitted apply never recompiles.
-* **mixed batches** (`lora_jax._mixed`) -- `apply_mixed` runs one forward pass in which every
+* **mixed batches** (`lora_jax._multi.mixed`) -- `apply_mixed` runs one forward pass in which every
   example uses its own adapter, or none (``"__base__"``). It maps the
   low-rank apply over the examples with `jax.vmap`, each example's adapter
   gathered from the set by its index: under ``vmap`` the frozen products
@@ -31,7 +31,7 @@ What a set is for:
   ``(x_e @ a[i_e]) @ b[i_e]`` -- the gather-batched form of Punica's BGMV /
   S-LoRA. No Python loop over adapters, and the indices are data: a new
   assignment of adapters to examples reuses the compiled program.
-* **composition** (`lora_jax._combine`) -- `combine` builds one adapter from weighted adapters of
+* **composition** (`lora_jax._multi.combine`) -- `combine` builds one adapter from weighted adapters of
   a set, as PEFT's ``add_weighted_adapter`` (``"cat"``, ``"svd"``,
   ``"linear"``); `merge_weighted` folds a weighted sum of adapters into the
   base weights at once.
@@ -52,10 +52,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lora_jax._checkpoint import CheckpointError, Checkpointer, save
-from lora_jax._config import LoraConfig
-from lora_jax._paths import path_str
-from lora_jax._weights import LoraWeights, is_lora
+from lora_jax._checkpoint.checkpointer import CheckpointError, Checkpointer, save
+from lora_jax._core.config import LoraConfig
+from lora_jax._core.paths import path_str
+from lora_jax._core.weights import LoraWeights, is_lora
 
 __all__ = ["BASE", "AdapterSet", "Member", "adapter_set", "add_adapter", "remove_adapter",
            "select_adapter", "adapter_ids", "save_set", "restore_set"]

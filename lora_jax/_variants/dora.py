@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lora_jax._config import LoraConfig
-from lora_jax._paths import LeafSpec, as_matrix, dense_float32, flatten_params
-from lora_jax._weights import LoraWeights, check_adapters, delta
+from lora_jax._core.config import LoraConfig
+from lora_jax._core.paths import LeafSpec, as_matrix, dense_float32, flatten_params
+from lora_jax._core.weights import LoraWeights, check_adapters, delta
 
 __all__ = ["dora_norms", "column_norm", "dense_column_norm", "magnitude_init"]
 

@@ -23,11 +23,11 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
-from lora_jax._config import LoraConfig
+from lora_jax._core.config import LoraConfig
 from lora_jax._init import init
 from lora_jax._optim import make_train_step
-from lora_jax._paths import path_str
-from lora_jax._shard import adapter_shardings, opt_state_shardings, replicated
+from lora_jax._core.paths import path_str
+from lora_jax._shard.rules import adapter_shardings, opt_state_shardings, replicated
 
 __all__ = ["TrainShardings", "train_shardings", "shard_train_state",
            "make_sharded_train_step"]

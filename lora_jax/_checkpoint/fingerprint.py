@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._config import LoraConfig, LoraWarning
-from lora_jax._paths import leaves_with_paths, resolve
+from lora_jax._core.config import LoraConfig, LoraWarning
+from lora_jax._core.paths import leaves_with_paths, resolve
 
 __all__ = ["base_fingerprint", "check_base", "BaseMismatchError", "FINGERPRINT_VERSION"]
 

@@ -38,9 +38,9 @@ from collections.abc import Mapping
 import jax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
-from lora_jax._config import LoraConfig
-from lora_jax._paths import LeafSpec, path_str, resolve
-from lora_jax._weights import LoraWeights
+from lora_jax._core.config import LoraConfig
+from lora_jax._core.paths import LeafSpec, path_str, resolve
+from lora_jax._core.weights import LoraWeights
 
 __all__ = ["param_shardings", "adapter_shardings", "opt_state_shardings", "replicated",
            "spec_axes_size"]

@@ -22,7 +22,7 @@ exactly the ``A`` axes is ``(x @ a) @ b``; over exactly the ``B`` axes (a
 tied embedding used as the output projection, ``x @ W.T``) it is
 ``(x @ b.T) @ a.T``: the same code with the factors' roles swapped.
 
-Nothing here knows about jaxprs; `lora_jax._apply_interp` maps primitives
+Nothing here knows about jaxprs; `lora_jax._apply.interp` maps primitives
 onto these functions.
 """
 
@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lora_jax import _dora
-from lora_jax._paths import as_matrix, dense_float32, is_container
+from lora_jax._variants import dora as _dora
+from lora_jax._core.paths import as_matrix, dense_float32, is_container
 
 __all__ = ["LazyWeight", "NotLowRank", "lowrank_dot", "lowrank_conv", "lowrank_gather"]
 

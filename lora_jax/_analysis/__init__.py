@@ -1,0 +1,1 @@
+"""Understanding adapters: spectra, truncation, extraction and memory plans."""

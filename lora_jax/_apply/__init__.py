@@ -1,0 +1,1 @@
+"""`lj.apply`: the jaxpr interpreter that runs a function with adapters in low-rank form."""

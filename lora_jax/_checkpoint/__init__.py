@@ -1,0 +1,1 @@
+"""Verified adapter checkpoints on Orbax: the record, base fingerprints, the manager."""

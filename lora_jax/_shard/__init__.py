@@ -1,0 +1,1 @@
+"""Sharded training: sharding rules for adapters and optimizer state, the sharded step."""

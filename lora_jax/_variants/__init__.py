@@ -1,0 +1,1 @@
+"""Adapter and base variants built on the core: DoRA, quantized bases (QLoRA)."""
