@@ -26,9 +26,9 @@ from jax import lax
 
 from lora_jax._variants import dora as _dora
 from lora_jax._core.config import LoraConfig
-from lora_jax._core.paths import (LeafSpec, as_matrix, dense_float32, flatten_params, is_container,
-                             path_str, resolve)
-from lora_jax._core.weights import LoraWeights, delta, scale_array
+from lora_jax._core.leaf import as_matrix, dense_float32, is_container
+from lora_jax._core.paths import LeafSpec, flatten_params, path_str, resolve
+from lora_jax._core.weights import LoraWeights, delta, flatten_adapters, scale_array
 
 __all__ = ["init", "leaf_key", "subtract_init"]
 
@@ -216,16 +216,14 @@ def subtract_init(adapters, initial, config: LoraConfig):
     if not isinstance(config, LoraConfig):
         raise TypeError(f"subtract_init: config must be a lj.LoraConfig, got "
                         f"{type(config).__name__}.")
-    is_node = lambda x: x is None or isinstance(x, LoraWeights)  # noqa: E731
-    flat, treedef = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=is_node)
+    flat, treedef = flatten_adapters(adapters)
     try:
         init_nodes = treedef.flatten_up_to(initial)
     except (ValueError, TypeError) as e:
         raise ValueError(f"subtract_init: initial does not mirror adapters ({e}). Fix: pass "
                          f"the tree lj.init returned for this config.") from None
     out = []
-    for (keypath, node), node0 in zip(flat, init_nodes):
-        path = path_str(keypath)
+    for (path, node), node0 in zip(flat, init_nodes):
         if not isinstance(node, LoraWeights):
             out.append(node)
             continue

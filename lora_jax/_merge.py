@@ -11,15 +11,15 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lora_jax._variants import dora as _dora
 from lora_jax._variants.quantize import requantize_merged
 from lora_jax._core.config import LoraConfig, LoraWarning
-from lora_jax._core.paths import dense_float32, flatten_params, is_container, path_str
+from lora_jax._core.leaf import dense_float32, is_container
+from lora_jax._core.paths import leaves_with_paths, mirror, unflatten_params
 from lora_jax._core.weights import check_adapters, delta
 
-__all__ = ["merge", "unmerge", "delta"]
+__all__ = ["merge", "unmerge", "delta", "check_merged"]
 
 # Warn when casting the merged weight back erases more than this fraction of
 # the update's non-zero entries (bf16 erased 88% at |dW|/|W| = 6e-4).
@@ -30,7 +30,7 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _check_merged(path, base, merged, d):
+def check_merged(path, base, merged, d):
     """Eager-only checks: non-finite results, and deltas erased by the cast."""
     if not (_is_concrete(merged) and _is_concrete(d)):
         return
@@ -73,14 +73,14 @@ def _combine(params, adapters, config, sign: float, norms=None):
                 leaves.append(requantize_merged(path, leaf, new32, what=what))
                 continue
             new = new32.astype(leaf.dtype)
-            _check_merged(path, leaf, new, new32 - w32)
+            check_merged(path, leaf, new, new32 - w32)
             leaves.append(new)
         elif node is not None:
             trained.append(path)
             leaves.append(node if sign > 0 else leaf)
         else:
             leaves.append(leaf)
-    return jax.tree_util.tree_unflatten(flatten_params(params)[1], leaves), trained
+    return unflatten_params(params, leaves), trained
 
 
 def _norms_by_path(params, norms, config) -> dict:
@@ -95,13 +95,9 @@ def _norms_by_path(params, norms, config) -> dict:
             "columns have norm m; the norm ||W + scale * a @ b|| they were divided by is "
             "gone). Fix: norms = lj.dora_norms(params, adapters, config) before merging, "
             "then lj.unmerge(merged, adapters, config, norms=norms).")
-    flat, treedef = flatten_params(params)
-    try:
-        nodes = treedef.flatten_up_to(norms)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"unmerge: norms= does not mirror params ({e}). Fix: pass the tree "
-                         f"lj.dora_norms(params, adapters, config) returned.") from None
-    return {path_str(p): n for (p, _), n in zip(flat, nodes)}
+    nodes = mirror(params, norms, what="norms=",
+                   fix="pass the tree lj.dora_norms(params, adapters, config) returned.")
+    return {path: n for (path, _), n in zip(leaves_with_paths(params), nodes)}
 
 
 def merge(params, adapters, config: LoraConfig):

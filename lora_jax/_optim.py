@@ -13,7 +13,7 @@ from collections.abc import Callable
 import jax
 import optax
 
-from lora_jax._core.weights import LoraWeights, is_lora
+from lora_jax._core.weights import LoraWeights, is_lora, is_node
 
 __all__ = ["trainable_labels", "optimizer", "make_train_step"]
 
@@ -40,7 +40,7 @@ def trainable_labels(adapters):
             return LoraWeights(TRAIN, TRAIN, FROZEN, None if node.m is None else TRAIN)
         return None if node is None else TRAIN
 
-    return jax.tree.map(label, adapters, is_leaf=lambda x: x is None or is_lora(x))
+    return jax.tree.map(label, adapters, is_leaf=is_node)
 
 
 def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:

@@ -13,22 +13,12 @@ import jax
 import numpy as np
 
 from lora_jax._core.config import LoraConfig
-from lora_jax._core.paths import is_container, leaves_with_paths, resolve
+from lora_jax._core.fmt import table
+from lora_jax._core.leaf import is_container
+from lora_jax._core.paths import leaves_with_paths, resolve
 from lora_jax._core.weights import is_lora, pair_with_params
 
 __all__ = ["describe", "summary", "Description", "Summary"]
-
-
-def _table(header: list[str], rows: list[list], align: str) -> str:
-    cells = [header] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = []
-    for j, r in enumerate(cells):
-        parts = [c.ljust(w) if a == "<" else c.rjust(w) for c, w, a in zip(r, widths, align)]
-        lines.append("  ".join(parts).rstrip())
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def _nbytes(x) -> int:
@@ -60,7 +50,7 @@ class Description:
             rows.append([s.path, "x".join(map(str, s.shape)) or "()", np.dtype(s.dtype).name,
                          f"{s.layout.n_stacked}/{s.layout.n_in}/{s.layout.n_out}",
                          s.rank, f"{s.alpha:g}", f"{s.scale:g}", f"{s.n_adapter_params:,}"])
-        out = [_table(["path", "shape", "dtype", "stk/in/out", "rank", "alpha", "scale",
+        out = [table(["path", "shape", "dtype", "stk/in/out", "rank", "alpha", "scale",
                        "adapter params"], rows, "<<<>>>>>")]
         for p in self.train:
             out.append(f"trained fully: {p}")
@@ -119,7 +109,7 @@ class Summary:
     def __str__(self) -> str:
         rows = [[p, "x".join(map(str, a)), "x".join(map(str, b)), r, f"{n:,}", f"{nb:,}"]
                 for p, a, b, r, n, nb in self.rows]
-        out = [_table(["path", "a", "b", "rank", "params", "bytes"], rows, "<<<>>>")]
+        out = [table(["path", "a", "b", "rank", "params", "bytes"], rows, "<<<>>>")]
         out.append(f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
                    f"trainable%: {self.percent:.4f}")
         out.append(f"LoRA factors: {self.lora:,}; fully trained leaves: {self.fully_trained:,}")

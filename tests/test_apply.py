@@ -685,7 +685,7 @@ def test_errors(rng):
                                is_leaf=lj.is_lora)
     with pytest.raises(ValueError, match=r"l1/w: adapters hold a set of 2 adapters"):
         lj.apply(_mlp, cfg)(params, adapter_set, x)
-    with pytest.raises(ValueError, match="adapters do not mirror params"):
+    with pytest.raises(ValueError, match="the adapter tree does not mirror params"):
         lj.apply(_mlp, cfg)(params, {"l1": ad["l1"]}, x)
     with pytest.raises(ValueError, match=r"l2/w: the config targets this leaf"):
         lj.apply(_mlp, cfg)(params, {"l1": ad["l1"], "l2": {"w": None, "b": None}}, x)

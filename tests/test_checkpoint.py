@@ -270,9 +270,9 @@ def _edit_record(directory, step, fn, rehash=False):
     rec = json.load(open(path))
     fn(rec)
     if rehash:
-        from lora_jax._checkpoint.record import _sha256_json
-        rec["config_sha256"] = _sha256_json(rec["config"])
-        rec["sha256"] = _sha256_json({k: v for k, v in rec.items() if k != "sha256"})
+        from lora_jax._checkpoint.record import sha256_json
+        rec["config_sha256"] = sha256_json(rec["config"])
+        rec["sha256"] = sha256_json({k: v for k, v in rec.items() if k != "sha256"})
     json.dump(rec, open(path, "w"))
 
 

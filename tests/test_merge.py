@@ -256,7 +256,7 @@ def test_mismatched_adapters_name_the_path(rng):
     bad = {"a": {"w": ad["a"]["w"]._replace(a=jnp.ones((7, 2)))}, "b": None}
     with pytest.raises(ValueError, match=r"a/w: adapter shapes do not fit the weight \(8, 6\)"):
         lj.merge(p, bad, cfg)
-    with pytest.raises(ValueError, match=r"adapters do not mirror params"):
+    with pytest.raises(ValueError, match=r"the adapter tree does not mirror params"):
         lj.merge(p, {"a": ad["a"]}, cfg)
     with pytest.raises(ValueError, match=r"a/w: the config targets this leaf but adapters hold NoneType"):
         lj.merge(p, {"a": {"w": None}, "b": None}, cfg)

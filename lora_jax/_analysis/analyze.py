@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import warnings
 from functools import partial
 from typing import Any, NamedTuple
@@ -31,9 +30,10 @@ import numpy as np
 from lora_jax._checkpoint.checkpointer import restore
 from lora_jax._core.config import LoraConfig, LoraWarning
 from lora_jax._init import leaf_key
-from lora_jax._core.paths import leaves_with_paths, path_str, resolve
-from lora_jax._report import _table
-from lora_jax._core.weights import LoraWeights, check_adapters, is_lora
+from lora_jax._core.leaf import dense_float32
+from lora_jax._core.paths import leaves_with_paths, mirror, resolve, unflatten_params
+from lora_jax._core.fmt import table
+from lora_jax._core.weights import LoraWeights, check_adapters, flatten_adapters, is_lora, map_adapters
 
 __all__ = ["Spectrum", "Analysis", "Truncation", "Extraction", "analyze", "truncate",
            "extract"]
@@ -192,7 +192,7 @@ class Analysis:
                 row += ["-", "-", "-"] if k is None else [
                     k, f"{(1.0 - s.error_at(k) ** 2 if s.norm else 1.0):.4f}", _fmt(s.error)]
             rows.append(row)
-        return _table(header, rows, align)
+        return table(header, rows, align)
 
     __repr__ = __str__
 
@@ -220,7 +220,7 @@ class Analysis:
                          max(s.rank_for_energy(0.9) for s in ss),
                          max(s.rank_for_energy(0.99) for s in ss),
                          f"{np.mean([s.effective_rank for s in ss]):.2f}"])
-        return _table(["path", "layers", "in x out", "rank", "mean |dW|", "max r90",
+        return table(["path", "layers", "in x out", "rank", "mean |dW|", "max r90",
                        "max r99", "mean erank"], rows, "<>>>>>>>")
 
 
@@ -238,13 +238,10 @@ def _lora_nodes(adapters, config: LoraConfig, params=None):
     if params is not None:
         return [(p, n, leaf, spec) for p, leaf, n, spec in
                 check_adapters(params, adapters, config) if is_lora(n)]
-    flat = jax.tree_util.tree_flatten_with_path(
-        adapters, is_leaf=lambda x: x is None or is_lora(x))[0]
     out = []
-    for kp, node in flat:
+    for path, node in flatten_adapters(adapters)[0]:
         if not is_lora(node):
             continue  # None (frozen) or a fully-trained leaf
-        path = path_str(kp)
         sa, sb = tuple(np.shape(node.a)), tuple(np.shape(node.b))
         if len(sa) < 2 or len(sa) != len(sb) or sa[:-2] != sb[:-2] or sa[-1] != sb[-2]:
             raise ValueError(
@@ -277,7 +274,7 @@ def _scales(node: LoraWeights, lead: tuple) -> np.ndarray:
     return np.broadcast_to(s.reshape(s.shape + (1,) * (len(lead) - s.ndim)), lead)
 
 
-def _factor_svd(node: LoraWeights):
+def factor_svd(node: LoraWeights):
     """``(left, s, right)`` with ``scale * a @ b == left @ diag(s) @ right``, from
     QR of a and b.T and the SVD of the ``r x r`` core; float64, batched."""
     a, b = _f64(node.a), _f64(node.b)
@@ -292,7 +289,7 @@ def _factor_svd(node: LoraWeights):
 
 def _base_norms(leaf, spec, lead: tuple) -> np.ndarray:
     """``||W||_F`` per stacked layer, broadcast over an adapter set's extra axis."""
-    w = jnp.asarray(leaf, jnp.float32).reshape(*spec.stacked_shape, -1)
+    w = dense_float32(leaf).reshape(*spec.stacked_shape, -1)
     return np.broadcast_to(_f64(jnp.linalg.norm(w, axis=-1)), lead)
 
 
@@ -338,7 +335,7 @@ def analyze(adapters, config: LoraConfig, params=None) -> Analysis:
     for path, node, leaf, spec in _lora_nodes(adapters, config, params):
         lead = tuple(np.shape(node.a)[:-2])
         shape = (int(np.shape(node.a)[-2]), int(np.shape(node.b)[-1]))
-        _, s, _ = _factor_svd(node)
+        _, s, _ = factor_svd(node)
         norms = _base_norms(leaf, spec, lead) if leaf is not None else None
         for idx in np.ndindex(*lead):
             rows.append(Spectrum(path, tuple(int(i) for i in idx), shape, s[idx],
@@ -355,17 +352,6 @@ class Truncation(NamedTuple):
     adapters: Any
     config: LoraConfig
     report: Analysis
-
-
-def _with_ranks(config: LoraConfig, new: dict, all_paths: list) -> LoraConfig:
-    """``config`` whose ranks for the paths in ``new`` are ``new[path]``."""
-    if not new:
-        return config
-    ranks = {new.get(p, config.rank_for(p)) for p in all_paths}
-    if len(ranks) == 1 and not config.rank_pattern:
-        return config.replace(rank=ranks.pop())
-    pattern = tuple((re.escape(p), k) for p, k in new.items()) + tuple(config.rank_pattern)
-    return config.replace(rank_pattern=pattern)
 
 
 def truncate(adapters, config: LoraConfig, *, rank: int | None = None,
@@ -431,7 +417,7 @@ def truncate(adapters, config: LoraConfig, *, rank: int | None = None,
         lead = tuple(np.shape(node.a)[:-2])
         r = int(np.shape(node.a)[-1])
         shape = (int(np.shape(node.a)[-2]), int(np.shape(node.b)[-1]))
-        left, s, right = _factor_svd(node)
+        left, s, right = factor_svd(node)
         specs = [Spectrum(path, tuple(int(i) for i in idx), shape, s[idx])
                  for idx in np.ndindex(*lead)]
         if rank is not None:
@@ -444,10 +430,9 @@ def truncate(adapters, config: LoraConfig, *, rank: int | None = None,
         new_ranks[path] = k
         replaced[path] = (node, left, s, right, k)
 
-    new_config = _with_ranks(config, new_ranks, [p for p, *_ in nodes])
+    new_config = config.with_ranks(new_ranks, paths=[p for p, *_ in nodes])
 
-    def rebuild(keypath, node):
-        path = path_str(keypath)
+    def rebuild(path, node):
         if path not in replaced:
             return node
         node, left, s, right, k = replaced[path]
@@ -459,9 +444,7 @@ def truncate(adapters, config: LoraConfig, *, rank: int | None = None,
         return LoraWeights(jnp.asarray(a, node.a.dtype), jnp.asarray(b, node.b.dtype),
                            jnp.asarray(scale))
 
-    out = jax.tree_util.tree_map_with_path(
-        rebuild, adapters, is_leaf=lambda x: x is None or is_lora(x))
-    return Truncation(out, new_config, Analysis(tuple(rows)))
+    return Truncation(map_adapters(rebuild, adapters), new_config, Analysis(tuple(rows)))
 
 
 # ----------------------------------------------------------------------------- extract
@@ -573,15 +556,8 @@ def extract(base_params, tuned_params, config: LoraConfig, *, svd: str = "auto",
     train = set(resolved.train)
 
     base_items = leaves_with_paths(base_params)
-    try:
-        tuned_leaves = jax.tree.structure(base_params).flatten_up_to(tuned_params)
-    except (ValueError, TypeError):
-        bp = {p for p, _ in base_items}
-        tp = {p for p, _ in leaves_with_paths(tuned_params)}
-        raise ValueError(
-            "extract: tuned_params does not have the structure of base_params.\n"
-            f"  only in base: {sorted(bp - tp)[:5]}\n  only in tuned: {sorted(tp - bp)[:5]}\n"
-            "Fix: pass the same model's parameters before and after fine-tuning.") from None
+    tuned_leaves = mirror(base_params, tuned_params, what="tuned_params", against="base_params",
+                          fix="pass the same model's parameters before and after fine-tuning.")
 
     rows, nodes, untargeted = [], [], []
     for (path, w), t in zip(base_items, tuned_leaves):
@@ -596,13 +572,14 @@ def extract(base_params, tuned_params, config: LoraConfig, *, svd: str = "auto",
                 nodes.append(jnp.array(t, copy=True))
             else:
                 nodes.append(None)
-                if hasattr(w, "shape") and not np.array_equal(np.asarray(w), np.asarray(t)):
+                if hasattr(w, "shape") and not np.array_equal(np.asarray(dense_float32(w)),
+                                                              np.asarray(dense_float32(t))):
                     untargeted.append(path)
             continue
         lead, (n_in, n_out), k = spec.stacked_shape, (spec.in_size, spec.out_size), spec.rank
         randomized = svd == "randomized" or (svd == "auto" and min(n_in, n_out) > _EXACT_SVD_MAX)
         a, b, sv, err, norm, wn = _extract_leaf(
-            w, t, leaf_key(key, path), jnp.float32(spec.scale), n_in=n_in, n_out=n_out, k=k,
+            dense_float32(w), dense_float32(t), leaf_key(key, path), jnp.float32(spec.scale), n_in=n_in, n_out=n_out, k=k,
             randomized=randomized, oversample=oversample, power_iters=power_iters,
             dtype=config.dtype)
         sv, err, norm, wn = _f64(sv), _f64(err), _f64(norm), _f64(wn)
@@ -621,8 +598,7 @@ def extract(base_params, tuned_params, config: LoraConfig, *, svd: str = "auto",
             f"{untargeted[:8]}{' ...' if len(untargeted) > 8 else ''}. Fix: add them to "
             f"LoraConfig.targets (matrices) or LoraConfig.train (biases, norms).",
             LoraWarning, stacklevel=2)
-    adapters = jax.tree.unflatten(jax.tree.structure(base_params), nodes)
-    return Extraction(adapters, Analysis(tuple(rows)))
+    return Extraction(unflatten_params(base_params, nodes), Analysis(tuple(rows)))
 
 
 def spectra_summary(directory, *, step: int | None = None) -> str:

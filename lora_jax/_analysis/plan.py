@@ -20,7 +20,7 @@ import numpy as np
 
 from lora_jax._core.config import LoraConfig
 from lora_jax._core.paths import leaves_with_paths, resolve
-from lora_jax._report import _table
+from lora_jax._core.fmt import fmt_bytes, table
 
 __all__ = ["plan", "Plan", "preset", "PRESETS", "OPTIMIZER_STATES", "BITS_PER_PARAM"]
 
@@ -53,19 +53,6 @@ def _dtype_name(dtype, what: str) -> str:
 
 def _nbytes(n: int, dtype: str) -> int:
     return int(math.ceil(n * BITS_PER_PARAM[dtype] / 8))
-
-
-def fmt_bytes(n: float) -> str:
-    """Decimal units, as disk and model sizes are quoted: ``8.4 MB``, ``13.5 GB``.
-
-    Example:
-      >>> fmt_bytes(8_388_608), fmt_bytes(13_476_831_232), fmt_bytes(512)
-      ('8.4 MB', '13.5 GB', '512 B')
-    """
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +137,7 @@ class Plan:
             ["total (no activations)", b(self.total_bytes), b(self.full_total_bytes)],
             [f"storage, {n_adapters} tasks", b(lora_disk), b(full_disk)],
         ]
-        return head + "\n" + _table(["", "LoRA", "full fine-tuning"], rows, "<>>")
+        return head + "\n" + table(["", "LoRA", "full fine-tuning"], rows, "<>>")
 
     def __str__(self) -> str:
         return self.table()

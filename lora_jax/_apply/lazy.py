@@ -39,7 +39,7 @@ import numpy as np
 from jax import lax
 
 from lora_jax._variants import dora as _dora
-from lora_jax._core.paths import as_matrix, dense_float32, is_container
+from lora_jax._core.leaf import as_matrix, dense_float32, is_container
 
 __all__ = ["LazyWeight", "NotLowRank", "lowrank_dot", "lowrank_conv", "lowrank_gather"]
 

@@ -72,8 +72,9 @@ import numpy as np
 from lora_jax._apply.interp import Record, Trace, densify_output, evaluate
 from lora_jax._apply.lazy import LazyWeight
 from lora_jax._core.config import LoraConfig, LoraWarning
-from lora_jax._core.paths import flatten_params, is_container
-from lora_jax._core.weights import check_adapters
+from lora_jax._core.leaf import is_container
+from lora_jax._core.paths import flatten_params, unflatten_params
+from lora_jax._core.weights import LoraWeights, check_adapters, flatten_adapters
 
 __all__ = ["apply", "explain", "Explanation"]
 
@@ -330,18 +331,25 @@ def explain(fn: Callable, config: LoraConfig, params, adapters, *args, **kwargs
     """
     _check_fn(fn, config, "lj.explain")
     got = {}
-    leaves, treedef = jax.tree.flatten((params, adapters, args, kwargs),
-                                       is_leaf=lambda x: x is None or is_container(x))
-    dyn_pos = [i for i, x in enumerate(leaves) if _is_array(x) or is_container(x)]
+    # params (containers whole), adapters (LoraWeights whole) and the call's args
+    p_leaves = [x for _, x in flatten_params(params)[0]]
+    ad_flat, ad_treedef = flatten_adapters(adapters)
+    ad_leaves = [n for _, n in ad_flat]
+    arg_leaves, arg_treedef = jax.tree.flatten((args, kwargs))
+    groups = (p_leaves, ad_leaves, arg_leaves)
 
-    def run(dynamic):
-        full = list(leaves)
-        for i, x in zip(dyn_pos, dynamic):
-            full[i] = x
-        p, ad, a, kw = jax.tree.unflatten(treedef, full)
-        out, record, paths = _rewrite(fn, config, p, ad, a, kw, lora_rng=None, strict=False)
+    def dynamic(x) -> bool:
+        return _is_array(x) or is_container(x) or isinstance(x, LoraWeights)
+
+    def run(values):
+        it = iter(values)
+        p, ad, rest = ([next(it) if dynamic(x) else x for x in g] for g in groups)
+        a, kw = jax.tree.unflatten(arg_treedef, rest)
+        out, record, paths = _rewrite(fn, config, unflatten_params(params, p),
+                                      jax.tree_util.tree_unflatten(ad_treedef, ad), a, kw,
+                                      lora_rng=None, strict=False)
         got["record"], got["paths"] = record, paths
         return out
 
-    jax.eval_shape(run, [leaves[i] for i in dyn_pos])
+    jax.eval_shape(run, [x for g in groups for x in g if dynamic(x)])
     return _explanation(got["record"], got["paths"])

@@ -38,12 +38,12 @@ import numpy as np
 
 from lora_jax._core.config import LoraConfig
 from lora_jax._checkpoint.fingerprint import base_fingerprint, check_base, fingerprint_summary
-from lora_jax._core.paths import path_str
-from lora_jax._checkpoint.record import (FORMAT_VERSION, CheckpointError, _array_record, _build_record,
-                              _canonical, _check_finite, _check_record, _fields,
-                              _flatten_adapters, _flatten_state, _is_node, _records)
-from lora_jax._report import _table
-from lora_jax._core.weights import LoraWeights, check_adapters, is_lora
+from lora_jax._core.paths import flatten_params, path_str
+from lora_jax._checkpoint.record import (FORMAT_VERSION, CheckpointError, array_record, build_record,
+                              canonical, check_finite_values, check_record, fields,
+                              adapter_arrays, state_arrays, records)
+from lora_jax._core.fmt import table
+from lora_jax._core.weights import LoraWeights, check_adapters, flatten_adapters, is_lora
 
 __all__ = ["save", "restore", "restore_state", "inspect", "Checkpointer", "TrainState",
            "CheckpointInfo", "CheckpointError", "FORMAT_VERSION"]
@@ -146,7 +146,7 @@ def _read_record(mngr, step, where) -> dict:
         raise CheckpointError(
             f"{where}: reading the checkpoint metadata ({_META}/metadata) failed: "
             f"{type(e).__name__}: {e}. Fix: restore another step.") from e
-    return _check_record(rec, where)
+    return check_record(rec, where)
 
 
 # ----------------------------------------------------------------------------- skeletons
@@ -159,9 +159,7 @@ def _default_sharding():
 def _shardings_by_path(shardings) -> dict | jax.sharding.Sharding | None:
     if shardings is None or isinstance(shardings, jax.sharding.Sharding):
         return shardings
-    is_leaf = lambda x: x is None or is_lora(x) or isinstance(x, jax.sharding.Sharding)  # noqa
-    return {path_str(p): n for p, n in
-            jax.tree_util.tree_flatten_with_path(shardings, is_leaf=is_leaf)[0]}
+    return dict(flatten_adapters(shardings)[0])
 
 
 def _sharding(shardings, path, field, like_leaf):
@@ -184,10 +182,9 @@ def _expected_nodes(rec, params, like) -> tuple[list[tuple[str, Any]], Any]:
     """
     entries = rec["entries"]
     if like is not None:
-        flat, treedef = jax.tree_util.tree_flatten_with_path(like, is_leaf=_is_node)
-        return [(path_str(p), n) for p, n in flat], treedef
+        return flatten_adapters(like)
     if params is not None:
-        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+        flat, treedef = flatten_params(params)
         out = []
         for p, _ in flat:
             path = path_str(p)
@@ -195,14 +192,14 @@ def _expected_nodes(rec, params, like) -> tuple[list[tuple[str, Any]], Any]:
             if e is None:
                 out.append((path, None))
             elif e["kind"] == "lora":
-                out.append((path, LoraWeights(*(_sds(e[f]) for f in _fields(e)))))
+                out.append((path, LoraWeights(*(_sds(e[f]) for f in fields(e)))))
             else:
                 out.append((path, _sds(e["array"])))
         return out, treedef
     nodes = []
     for path, e in entries.items():
         if e["kind"] == "lora":
-            nodes.append((path, LoraWeights(*(_sds(e[f]) for f in _fields(e)))))
+            nodes.append((path, LoraWeights(*(_sds(e[f]) for f in fields(e)))))
         else:
             nodes.append((path, _sds(e["array"])))
     return nodes, None
@@ -232,7 +229,7 @@ def _check_slots(rec, slots, where, dtype, used_like: bool):
             f"decides which leaves are adapted), or a like= tree with exactly these paths.")
     for path, node in want.items():
         e = entries[path]
-        pairs = ([(f, getattr(node, f), e[f]) for f in _fields(e)] if e["kind"] == "lora"
+        pairs = ([(f, getattr(node, f), e[f]) for f in fields(e)] if e["kind"] == "lora"
                  else [("", node, e["array"])])
         if (e["kind"] == "lora") != is_lora(node):
             raise CheckpointError(
@@ -270,7 +267,7 @@ def _restore_arrays(mngr, step, rec, slots, shardings, where, check_finite, stat
         if e["kind"] == "lora":
             abstract[path] = {f: jax.ShapeDtypeStruct(
                 tuple(e[f]["shape"]), jnp.dtype(e[f]["dtype"]),
-                sharding=_sharding(sh, path, f, getattr(node, f))) for f in _fields(e)}
+                sharding=_sharding(sh, path, f, getattr(node, f))) for f in fields(e)}
         else:
             abstract[path] = jax.ShapeDtypeStruct(
                 tuple(e["array"]["shape"]), jnp.dtype(e["array"]["dtype"]),
@@ -288,17 +285,17 @@ def _restore_arrays(mngr, step, rec, slots, shardings, where, check_finite, stat
     arrays = out[_ARRAYS]
     order = [(path, f, arrays[path][f] if f else arrays[path], e[f] if f else e["array"])
              for path, e in entries.items()
-             for f in (_fields(e) if e["kind"] == "lora" else ("",))]
-    got = _records([x for _, _, x, _ in order])
+             for f in (fields(e) if e["kind"] == "lora" else ("",))]
+    got = records([x for _, _, x, _ in order])
     for (path, f, x, arec), rec in zip(order, got):
         _verify(rec, arec, f"{path}/{f}" if f else path, where)
         if check_finite:
-            _check_finite(path, f, x, f"in the checkpoint ({where})")
+            check_finite_values(path, f, x, f"in the checkpoint ({where})")
     return arrays, (out[_STATE] if state_like is not None else None)
 
 
 def _verify(got, arec, name, where):
-    """Compares a restored array's record (`_array_record`) with the saved one."""
+    """Compares a restored array's record (`array_record`) with the saved one."""
     if got["shape"] != list(arec["shape"]) or got["dtype"] != arec["dtype"]:
         raise CheckpointError(
             f"{where}: {name} restored as {got['dtype']}{tuple(got['shape'])}, saved as "
@@ -462,11 +459,11 @@ class Checkpointer:
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a lj.LoraConfig, got {type(config).__name__}.")
         config.to_dict()  # fails early for configs that can't be written
-        arrays, entries = _flatten_adapters(adapters, config, params, check_finite)
-        st_arrays, st_record = _flatten_state(opt_state, rng)
-        record = _build_record(config, entries, st_record, self._fingerprint(params, config),
+        arrays, entries = adapter_arrays(adapters, config, params, check_finite)
+        st_arrays, st_record = state_arrays(opt_state, rng)
+        record = build_record(config, entries, st_record, self._fingerprint(params, config),
                                dict(metadata or {}), step)
-        _canonical(record)  # user metadata must be JSON-able before anything is written
+        canonical(record)  # user metadata must be JSON-able before anything is written
         latest = self.latest_step
         if latest is not None and step <= latest:
             raise ValueError(
@@ -550,7 +547,7 @@ class Checkpointer:
         for p, node in slots:
             if node is not None:
                 e = entries[p]
-                abstract[p] = ({f: _sds(e[f]) for f in _fields(e)} if e["kind"] == "lora"
+                abstract[p] = ({f: _sds(e[f]) for f in fields(e)} if e["kind"] == "lora"
                                else _sds(e["array"]))
         return jax.eval_shape(tx.init, _assemble(rec, slots, treedef, abstract, None))
 
@@ -600,14 +597,14 @@ def _unpack_state(rec, st, where, opt_like):
     opt_state = rng = None
     if "opt_state" in state:
         saved = state["opt_state"]
-        got = _records([st["opt_state"][p] for p in saved])
+        got = records([st["opt_state"][p] for p in saved])
         for (p, arec), rec in zip(saved.items(), got):
             _verify(rec, arec, f"opt_state/{p}", where)
         flat, treedef = jax.tree_util.tree_flatten_with_path(opt_like)
         opt_state = jax.tree_util.tree_unflatten(
             treedef, [st["opt_state"][path_str(p)] for p, _ in flat])
     if "rng" in state:
-        _verify(_array_record(st["rng"]), state["rng"]["array"], "rng", where)
+        _verify(array_record(st["rng"]), state["rng"]["array"], "rng", where)
         impl = state["rng"]["impl"]
         rng = st["rng"] if impl is None else jax.random.wrap_key_data(st["rng"], impl=impl)
     return opt_state, rng
@@ -651,7 +648,7 @@ class CheckpointInfo:
         rows = [[p, k, "x".join(map(str, a)) or "()", "x".join(map(str, b)) if b else "-",
                  r if r else "-", f"{s:g}" if s is not None else "-", f"{n:,}", f"{nb:,}", d]
                 for p, k, a, b, r, s, n, nb, d in self.rows]
-        out.append(_table(["path", "kind", "a / array", "b", "rank", "scale", "params",
+        out.append(table(["path", "kind", "a / array", "b", "rank", "scale", "params",
                            "bytes", "dtype"], rows, "<<<<>>>><"))
         out.append(f"{len(self.rows)} entries, {self.n_params:,} parameters, "
                    f"{self.array_bytes:,} array bytes, {self.disk_bytes:,} bytes on disk")

@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._core.config import LoraConfig, LoraWarning
+from lora_jax._core.leaf import is_container
 from lora_jax._core.paths import leaves_with_paths, resolve
+from lora_jax._variants.quantize import quantize_as
 
 __all__ = ["base_fingerprint", "check_base", "BaseMismatchError", "FINGERPRINT_VERSION"]
 
@@ -64,6 +66,14 @@ def _is_concrete(x) -> bool:
 
 def _leaf_record(leaf) -> dict:
     rec = {"shape": list(leaf.shape), "dtype": jnp.dtype(leaf.dtype).name}
+    if is_container(leaf):
+        # A quantized weight: its dequantized values, and how it is stored (so a
+        # float base can be checked by quantizing it the same way).
+        rec["storage"] = leaf.settings()
+        if all(_is_concrete(x) for x in jax.tree.leaves(leaf)):
+            leaf = leaf.dequantize()
+        else:
+            return rec
     if _is_concrete(leaf):
         s = np.ascontiguousarray(_samples(leaf))
         rec["sha256"] = hashlib.sha256(s.tobytes()).hexdigest()[:32]
@@ -104,9 +114,21 @@ def _compare(path: str, saved: dict, leaf) -> str | None:
     shape = list(leaf.shape)
     if shape != list(saved["shape"]):
         return f"{path}: shape {tuple(shape)}, the adapter's base had {tuple(saved['shape'])}"
-    if "sha256" not in saved or not _is_concrete(leaf):
+    concrete = all(_is_concrete(x) for x in jax.tree.leaves(leaf))
+    if "sha256" not in saved or not concrete:
         return None
+    if "storage" in saved and not is_container(leaf):
+        # trained on a quantized base, given the float weights: quantize them the same way
+        leaf = quantize_as(saved["storage"], leaf)
     now = _leaf_record(leaf)
+    if "storage" in now and "storage" not in saved:
+        # trained on float weights, given a quantized copy: within its rounding
+        a, b = np.asarray(now["values"]), np.asarray(saved["values"])
+        if not np.allclose(a, b, rtol=0, atol=leaf.rounding_bound()):
+            return (f"{path}: the quantized weight's values differ from the adapter's base "
+                    f"beyond its {now['storage']['method']} rounding (e.g. "
+                    f"{_fmt(now['values'])} vs {_fmt(saved['values'])})")
+        return None
     if now["dtype"] == saved["dtype"]:
         if now["sha256"] != saved["sha256"]:
             return (f"{path}: sampled values differ (e.g. {_fmt(now['values'])} vs the "

@@ -17,7 +17,6 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,14 +24,18 @@ import numpy as np
 
 from lora_jax._core.config import LoraConfig
 from lora_jax._core.paths import path_str
-from lora_jax._core.weights import check_adapters, is_lora
+from lora_jax._core.weights import check_adapters, flatten_adapters, is_lora
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "fields", "canonical", "sha256_json",
+           "array_record", "records", "check_finite_values", "adapter_arrays", "state_arrays",
+           "build_record", "check_record"]
 
 FORMAT = "lora_jax.adapter_checkpoint"
 FORMAT_VERSION = 1
 _FIELDS = ("a", "b", "scale")
 
 
-def _fields(e) -> tuple:
+def fields(e) -> tuple:
     """The saved fields of a LoraWeights entry (DoRA adds its magnitude ``m``)."""
     return _FIELDS + (("m",) if "m" in e else ())
 
@@ -41,12 +44,12 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupted, of an unknown format, or doesn't fit."""
 
 
-def _canonical(obj) -> bytes:
+def canonical(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-def _sha256_json(obj) -> str:
-    return hashlib.sha256(_canonical(obj)).hexdigest()
+def sha256_json(obj) -> str:
+    return hashlib.sha256(canonical(obj)).hexdigest()
 
 
 def _local(x):
@@ -70,31 +73,21 @@ def _digest(h: np.ndarray) -> str:
     return hashlib.sha256(memoryview(h.reshape(-1).view(np.uint8))).hexdigest()
 
 
-def _array_record(x) -> dict:
+def array_record(x) -> dict:
     h = _host(x)
     return {"shape": list(h.shape), "dtype": h.dtype.name, "sha256": _digest(h)}
 
 
-def _records(arrays: list) -> list[dict]:
-    """`_array_record` of each array; large trees hash on several threads
+def records(arrays: list) -> list[dict]:
+    """`array_record` of each array; large trees hash on several threads
     (hashlib releases the GIL), so hashing keeps pace with Orbax's I/O."""
     arrays = [_local(x) for x in arrays]  # collectives: here, in order, not on threads
     total = sum(int(np.prod(np.shape(x))) for x in arrays)
     if total < (1 << 22) or (os.cpu_count() or 1) < 2:
-        return [_array_record(x) for x in arrays]
+        return [array_record(x) for x in arrays]
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(_array_record, arrays))
-
-
-def _is_node(x) -> bool:
-    return x is None or is_lora(x)
-
-
-def _nodes(tree) -> list[tuple[str, Any]]:
-    """``[(path, node)]`` for an adapter-shaped tree (None / LoraWeights / array)."""
-    return [(path_str(p), n) for p, n in
-            jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_node)[0]]
+        return list(pool.map(array_record, arrays))
 
 
 def _as_array(x):
@@ -103,7 +96,7 @@ def _as_array(x):
     return jnp.asarray(x)
 
 
-def _check_finite(path: str, field: str, x, where: str) -> None:
+def check_finite_values(path: str, field: str, x, where: str) -> None:
     h = np.asarray(_local(x))
     if np.issubdtype(h.dtype, np.inexact) or h.dtype.name == "bfloat16":
         if not np.isfinite(h).all():
@@ -146,11 +139,11 @@ def _check_fits_config(entries: dict, config: LoraConfig) -> None:
                 f"created with.")
 
 
-def _flatten_adapters(adapters, config, params, check_finite: bool):
+def adapter_arrays(adapters, config, params, check_finite: bool):
     """Returns (arrays item, entries record) for an adapter tree."""
     if params is not None:
         check_adapters(params, adapters, config)
-    entries = {p: n for p, n in _nodes(adapters) if n is not None}
+    entries = {p: n for p, n in flatten_adapters(adapters)[0] if n is not None}
     if not entries:
         raise ValueError(
             "adapters hold no LoraWeights and no trained arrays; there is nothing to save. "
@@ -165,26 +158,26 @@ def _flatten_adapters(adapters, config, params, check_finite: bool):
             if node.m is not None:
                 item["m"] = _as_array(node.m)
             arrays[path] = item
-            order += [(path, f, item[f]) for f in _fields(item)]
+            order += [(path, f, item[f]) for f in fields(item)]
         else:
             arrays[path] = _as_array(node)
             order.append((path, "", arrays[path]))
     if check_finite:
         for path, f, x in order:
-            _check_finite(path, f, x, "in the adapter being saved")
+            check_finite_values(path, f, x, "in the adapter being saved")
     record = {p: {"kind": "lora" if is_lora(n) else "train"} for p, n in entries.items()}
-    for (path, f, _), rec in zip(order, _records([x for _, _, x in order])):
+    for (path, f, _), rec in zip(order, records([x for _, _, x in order])):
         record[path][f or "array"] = rec
     return arrays, record
 
 
-def _flatten_state(opt_state, rng):
+def state_arrays(opt_state, rng):
     arrays, record = {}, {}
     if opt_state is not None:
         flat = {path_str(p): _as_array(x)
                 for p, x in jax.tree_util.tree_flatten_with_path(opt_state)[0]}
         arrays["opt_state"] = flat
-        record["opt_state"] = dict(zip(flat, _records(list(flat.values()))))
+        record["opt_state"] = dict(zip(flat, records(list(flat.values()))))
     if rng is not None:
         rng = _as_array(rng)
         if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
@@ -192,7 +185,7 @@ def _flatten_state(opt_state, rng):
         else:
             impl, data = None, rng
         arrays["rng"] = data
-        record["rng"] = {"impl": impl, "array": _array_record(data)}
+        record["rng"] = {"impl": impl, "array": array_record(data)}
     return arrays, record
 
 
@@ -204,17 +197,17 @@ def _version() -> str:
         return "unknown"
 
 
-def _build_record(config, entries, state, fingerprint, metadata, step) -> dict:
+def build_record(config, entries, state, fingerprint, metadata, step) -> dict:
     cfg = config.to_dict()
     rec = {"format": FORMAT, "format_version": FORMAT_VERSION, "lora_jax_version": _version(),
-           "step": int(step), "config": cfg, "config_sha256": _sha256_json(cfg),
+           "step": int(step), "config": cfg, "config_sha256": sha256_json(cfg),
            "entries": entries, "state": state or None, "fingerprint": fingerprint,
            "metadata": metadata or {}}
-    rec["sha256"] = _sha256_json(rec)
+    rec["sha256"] = sha256_json(rec)
     return rec
 
 
-def _check_record(rec, where: str) -> dict:
+def check_record(rec, where: str) -> dict:
     if not isinstance(rec, Mapping) or rec.get("format") != FORMAT:
         raise CheckpointError(
             f"{where}: not a lora_jax adapter checkpoint (format "
@@ -227,11 +220,11 @@ def _check_record(rec, where: str) -> dict:
             f"reads version {FORMAT_VERSION} (the file was written by lora_jax "
             f"{rec.get('lora_jax_version')!r}). Fix: upgrade lora_jax to read it.")
     body = {k: v for k, v in rec.items() if k != "sha256"}
-    if _sha256_json(rec.get("config")) != rec.get("config_sha256"):
+    if sha256_json(rec.get("config")) != rec.get("config_sha256"):
         raise CheckpointError(
             f"{where}: the stored LoraConfig does not match its sha256; the metadata file was "
             f"modified or corrupted. Fix: restore another step.")
-    if _sha256_json(body) != rec.get("sha256"):
+    if sha256_json(body) != rec.get("sha256"):
         raise CheckpointError(
             f"{where}: the checkpoint metadata does not match its sha256; the file was "
             f"modified or corrupted. Fix: restore another step.")

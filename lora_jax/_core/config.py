@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, Union
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LoraConfig", "Layout", "INITS", "LoraWarning"]
+__all__ = ["LoraConfig", "Layout", "INITS", "LoraWarning", "normalize_patterns"]
 
 
 class LoraWarning(UserWarning):
@@ -62,7 +62,7 @@ def _field_error(field: str, value: Any, why: str, fix: str) -> ValueError:
     return ValueError(f"LoraConfig.{field}={value!r} is invalid: {why}. Fix: {fix}.")
 
 
-def _normalize_patterns(field: str, spec: PathSpec, *, allow_none: bool):
+def normalize_patterns(field: str, spec: PathSpec, *, allow_none: bool):
     """Returns a tuple of compiled-checked regex strings, or the callable."""
     if spec is None:
         if allow_none:
@@ -226,9 +226,9 @@ class LoraConfig:
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        set_("targets", _normalize_patterns("targets", self.targets, allow_none=False))
-        set_("exclude", _normalize_patterns("exclude", self.exclude, allow_none=True))
-        set_("train", _normalize_patterns("train", self.train, allow_none=True))
+        set_("targets", normalize_patterns("targets", self.targets, allow_none=False))
+        set_("exclude", normalize_patterns("exclude", self.exclude, allow_none=True))
+        set_("train", normalize_patterns("train", self.train, allow_none=True))
         set_("rank", _check_rank("rank", self.rank))
         set_("alpha", _check_alpha("alpha", self.alpha))
         set_("rank_pattern", _normalize_pattern_map(
@@ -280,6 +280,51 @@ class LoraConfig:
     def layout_for(self, path: str) -> Layout | None:
         """The explicit ``layouts`` entry for ``path``, or None for the default."""
         return _first_match(self.layouts, path)
+
+    def with_ranks(self, ranks: Mapping[str, int], *, paths=None,
+                   unit_scale: bool = False) -> LoraConfig:
+        """A copy giving rank ``ranks[path]`` at each path in ``ranks``.
+
+        Paths in ``paths`` (default: those of ``ranks``) that ``ranks`` does not
+        name keep their rank. When every one of ``paths`` ends up at one rank
+        (and no other ``rank_pattern`` entry is needed) that becomes ``rank``;
+        otherwise exact-path ``rank_pattern`` entries are added in front.
+        ``alpha`` is kept (so the scale follows the new rank), unless
+        ``unit_scale``: then ``alpha = rank`` per path and rsLoRA is off, so
+        every scale is 1 (PEFT's combined adapters).
+
+        Example:
+          >>> import lora_jax as lj
+          >>> cfg = lj.LoraConfig(rank=8, targets=".*")
+          >>> c = cfg.with_ranks({"q/kernel": 4}, paths=["q/kernel", "v/kernel"])
+          >>> c.rank_for("q/kernel"), c.rank_for("v/kernel")
+          (4, 8)
+          >>> cfg.with_ranks({"q/kernel": 2, "v/kernel": 2}).rank
+          2
+        """
+        if not ranks and not unit_scale:
+            return self
+        paths = list(ranks) if paths is None else list(paths)
+        for p, r in ranks.items():
+            _check_rank(f"with_ranks[{p!r}]", r)
+        final = {p: int(ranks.get(p, self.rank_for(p))) for p in paths}
+        covers = set(ranks) >= set(paths)
+        values = set(final.values())
+        changes: dict = {}
+        if len(values) == 1 and (covers or not self.rank_pattern):
+            changes.update(rank=values.pop(), rank_pattern=())
+        else:
+            keep = () if covers else tuple(self.rank_pattern)
+            changes.update(rank_pattern=tuple((re.escape(p), int(r)) for p, r in ranks.items())
+                           + keep)
+        if unit_scale:
+            changes.update(use_rslora=False, alpha_pattern=())
+            if "rank" in changes:
+                changes.update(alpha=float(changes["rank"]))
+            else:
+                changes.update(alpha_pattern=tuple((re.escape(p), float(r))
+                                                   for p, r in final.items()))
+        return self.replace(**changes)
 
     def replace(self, **changes) -> LoraConfig:
         """A copy with some fields changed (validated again).

@@ -16,13 +16,15 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._core.config import Layout, LoraConfig, LoraWarning
+from lora_jax._core.fmt import sample_paths
+from lora_jax._core.leaf import is_container
 
-__all__ = ["path_str", "leaves_with_paths", "flatten_params", "LeafContainer",
-           "is_container", "LeafSpec", "resolve", "Resolved", "dense_float32", "as_matrix"]
+__all__ = ["path_str", "flatten_params", "leaves_with_paths", "unflatten_params",
+           "map_params", "mirror", "matcher", "is_array_like", "LeafSpec", "Resolved",
+           "resolve"]
 
 
 def _key_str(k) -> str:
@@ -44,9 +46,8 @@ def path_str(keypath) -> str:
     its pure dict show the same paths.
 
     Example:
-      >>> import jax
       >>> tree = {"params": {"dense": {"kernel": 1.0}}, "layers": [2.0]}
-      >>> [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+      >>> [path for path, _ in leaves_with_paths(tree)]
       ['layers/0', 'params/dense/kernel']
     """
     keys = list(keypath)
@@ -56,65 +57,84 @@ def path_str(keypath) -> str:
     return "/".join(_key_str(k) for k in keys)
 
 
-class LeafContainer:
-    """Base of pytree nodes that stand for *one* params leaf (quantized weights).
-
-    A subclass (`lora_jax.NF4Weight`, `lora_jax.Int8Weight`) is a registered
-    pytree whose children are storage arrays, so it passes through ``jit``,
-    ``scan`` and ``device_put``; lora_jax flattens params with `is_container`
-    as ``is_leaf``, so its path is the weight's path and ``shape``/``dtype``
-    are the weight's logical ones.
-    """
-
-    shape: tuple
-    dtype: Any
-    _children: tuple = ()     # names of the storage arrays (the pytree children)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of storage (all children)."""
-        return sum(math.prod(np.shape(c)) * np.dtype(c.dtype).itemsize
-                   for c in (getattr(self, f) for f in self._children))
-
-
-def is_container(x) -> bool:
-    """True for a `LeafContainer` (use as ``is_leaf=`` when flattening params)."""
-    return isinstance(x, LeafContainer)
-
-
-def dense_float32(leaf):
-    """The weight ``leaf`` as a float32 array (dequantized if it is a container)."""
-    if is_container(leaf):
-        return leaf.dequantize(jnp.float32)
-    return jnp.asarray(leaf, jnp.float32)
+# ----------------------------------------------------------------------------- THE walk
+#
+# Every function of lora_jax that visits a params tree goes through the three
+# functions below, so quantized containers (and any future LeafContainer) are
+# one leaf everywhere: a test fails on any other flattening of params.
 
 
 def flatten_params(params):
-    """``(flat_with_paths, treedef)`` of params, containers kept as leaves."""
+    """``(flat_with_keypaths, treedef)`` of params, containers kept as leaves."""
     return jax.tree_util.tree_flatten_with_path(params, is_leaf=is_container)
 
 
-def leaves_with_paths(tree) -> list[tuple[str, Any]]:
-    """``[(path, leaf), ...]`` in flattening order (containers are leaves)."""
-    return [(path_str(p), x) for p, x in flatten_params(tree)[0]]
+def leaves_with_paths(params) -> list[tuple[str, Any]]:
+    """``[(path, leaf), ...]`` of params in flattening order (containers are leaves)."""
+    return [(path_str(p), x) for p, x in flatten_params(params)[0]]
 
 
-def _matcher(spec) -> Callable[[str, Any], bool]:
+def unflatten_params(params, leaves):
+    """A tree of ``params``' structure holding ``leaves`` (in flattening order)."""
+    return jax.tree_util.tree_unflatten(flatten_params(params)[1], list(leaves))
+
+
+def map_params(fn: Callable[[str, Any], Any], params):
+    """``fn(path, leaf)`` at every leaf of params (containers are leaves).
+
+    Example:
+      >>> map_params(lambda path, x: path, {"a": {"b": 1.0}, "c": 2.0})
+      {'a': {'b': 'a/b'}, 'c': 'c'}
+    """
+    return unflatten_params(params, [fn(p, x) for p, x in leaves_with_paths(params)])
+
+
+def mirror(params, tree, *, what: str, fix: str, is_leaf=None, against: str = "params") -> list:
+    """``tree``'s nodes at the leaf positions of ``params``, in flattening order.
+
+    ``tree`` must have the structure of ``params`` down to its leaves (an
+    adapter tree, DoRA norms, shardings); below them its nodes are taken
+    whole. ``is_leaf`` says what a node of ``tree`` is when it is not a leaf
+    of params' structure (e.g. ``None``, which is an empty pytree);
+    ``against`` is how messages name ``params``.
+
+    Raises:
+      ValueError: ``tree`` does not mirror ``params``, naming the paths
+        missing on each side, ``what`` the tree is and ``fix``.
+    """
+    flat, treedef = flatten_params(params)
+    try:
+        return treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as e:
+        leaf = is_leaf or (lambda x: x is None)
+        ours = [path_str(p) for p, _ in
+                jax.tree_util.tree_flatten_with_path(tree, is_leaf=leaf)[0]]
+        theirs = [path_str(p) for p, _ in flat]
+        missing = sorted(set(theirs) - set(ours))[:5]
+        extra = sorted(set(ours) - set(theirs))[:5]
+        raise ValueError(
+            f"{what} does not mirror {against}: it must have the structure of {against}, "
+            f"with one entry at each leaf.\n"
+            f"  {against} leaves missing from {what}: {missing}\n"
+            f"  {what} entries not in {against}: {extra}\n"
+            f"  ({e})\n"
+            f"Fix: {fix}") from None
+
+
+# ----------------------------------------------------------------------------- matching
+
+
+def matcher(spec) -> Callable[[str, Any], bool]:
+    """A ``(path, leaf) -> bool`` predicate from a normalized pattern spec
+    (a tuple of regexes, fullmatched, or a callable)."""
     if callable(spec) and not isinstance(spec, tuple):
         return spec
     compiled = [re.compile(p) for p in spec]
     return lambda path, leaf: any(c.fullmatch(path) for c in compiled)
 
 
-def _is_array_like(x) -> bool:
+def is_array_like(x) -> bool:
+    """Has ``shape`` and ``dtype``: an array, a ShapeDtypeStruct or a container."""
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
@@ -172,22 +192,11 @@ class LeafSpec(NamedTuple):
         return math.prod(self.a_shape) + math.prod(self.b_shape)
 
 
-def as_matrix(x, spec: LeafSpec):
-    """A weight-shaped array as ``(*stacked, in, out)``."""
-    return jnp.reshape(x, (*spec.stacked_shape, spec.in_size, spec.out_size))
-
-
 class Resolved(NamedTuple):
     """The outcome of matching a config against a params tree."""
 
     targets: dict  # path -> LeafSpec, in flattening order
     train: tuple   # paths trained fully
-
-
-def _sample_paths(paths: list[str], n: int = 8) -> str:
-    shown = paths[:n]
-    more = f" ... ({len(paths) - n} more)" if len(paths) > n else ""
-    return "\n  ".join(shown) + more
 
 
 def _no_match_error(field, spec, arrays):
@@ -197,7 +206,7 @@ def _no_match_error(field, spec, arrays):
     return ValueError(
         f"LoraConfig.{field}={spec!r} matched no leaf of params. Patterns are "
         f"regexes fullmatched against '/'-joined paths; some real paths are:\n  "
-        f"{_sample_paths([p for p, _ in arrays])}\n"
+        f"{sample_paths([p for p, _ in arrays])}\n"
         f"Fix: write the pattern against these, e.g. {field}=r'{re.escape(example)}' "
         f"or r'.*/kernel'.")
 
@@ -214,10 +223,10 @@ def resolve(params, config: LoraConfig) -> Resolved:
     if not isinstance(config, LoraConfig):
         raise TypeError(f"expected a lj.LoraConfig, got {type(config).__name__}.")
     items = leaves_with_paths(params)
-    arrays = [(p, x) for p, x in items if _is_array_like(x)]
-    is_target = _matcher(config.targets)
-    is_excluded = _matcher(config.exclude)
-    is_train = _matcher(config.train)
+    arrays = [(p, x) for p, x in items if is_array_like(x)]
+    is_target = matcher(config.targets)
+    is_excluded = matcher(config.exclude)
+    is_train = matcher(config.train)
 
     if isinstance(config.targets, tuple) and len(config.targets) > 1:
         for pat in config.targets:
@@ -237,7 +246,7 @@ def resolve(params, config: LoraConfig) -> Resolved:
                 f"is adapted with LoRA or trained fully, not both. Fix: narrow one pattern, "
                 f"or add the path to exclude=.")
         if trained:
-            if not _is_array_like(leaf):
+            if not is_array_like(leaf):
                 raise ValueError(f"{path}: LoraConfig.train matched a {type(leaf).__name__}, "
                                  f"not an array. Fix: narrow the train pattern.")
             train.append(path)
@@ -252,7 +261,7 @@ def resolve(params, config: LoraConfig) -> Resolved:
 
 
 def _leaf_spec(path: str, leaf, config: LoraConfig) -> LeafSpec:
-    if not _is_array_like(leaf):
+    if not is_array_like(leaf):
         raise ValueError(
             f"{path}: LoraConfig.targets matched a {type(leaf).__name__}, not an array. "
             f"Fix: narrow the pattern to weight arrays, e.g. r'.*/kernel'.")

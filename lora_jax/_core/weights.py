@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._core.paths import LeafSpec, Resolved, flatten_params, path_str, resolve
+from lora_jax._core.paths import LeafSpec, Resolved, leaves_with_paths, mirror, path_str, resolve
 
-__all__ = ["LoraWeights", "is_lora", "pair_with_params", "check_adapters", "delta"]
+__all__ = ["LoraWeights", "is_lora", "is_node", "flatten_adapters", "map_adapters",
+           "pair_with_params", "check_adapters", "delta", "scale_array"]
 
 
 class LoraWeights(NamedTuple):
@@ -76,8 +77,31 @@ def is_lora(x) -> bool:
     return isinstance(x, LoraWeights)
 
 
-def _is_node(x) -> bool:
+def is_node(x) -> bool:
+    """True for what an adapter tree holds at a params leaf that is not an array:
+    a `LoraWeights` or ``None`` (use as ``is_leaf=`` when walking adapter trees)."""
     return x is None or is_lora(x)
+
+
+def flatten_adapters(adapters):
+    """``([(path, node), ...], treedef)`` of an adapter-shaped tree.
+
+    Nodes are `LoraWeights`, arrays (fully-trained leaves) or ``None``;
+    `LoraWeights` stay whole. Works on adapter sets' trees and flat
+    ``{path: node}`` dicts alike.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=is_node)
+    return [(path_str(p), n) for p, n in flat], treedef
+
+
+def map_adapters(fn, adapters):
+    """``fn(path, node)`` at every node of an adapter tree (see `flatten_adapters`)."""
+    flat, treedef = flatten_adapters(adapters)
+    return jax.tree_util.tree_unflatten(treedef, [fn(p, n) for p, n in flat])
+
+
+_REBUILD = ("build adapters with lj.init(params, config, key=...) from these params (or "
+            "restore them with the params as the skeleton).")
 
 
 def pair_with_params(params, adapters) -> list[tuple[str, Any, Any]]:
@@ -86,24 +110,8 @@ def pair_with_params(params, adapters) -> list[tuple[str, Any, Any]]:
     Raises:
       ValueError: ``adapters`` does not mirror ``params`` (showing where).
     """
-    flat, treedef = flatten_params(params)
-    try:
-        nodes = treedef.flatten_up_to(adapters)
-    except (ValueError, TypeError) as e:
-        adapter_paths = [path_str(p) for p, _ in
-                         jax.tree_util.tree_flatten_with_path(adapters, is_leaf=_is_node)[0]]
-        param_paths = [path_str(p) for p, _ in flat]
-        missing = sorted(set(param_paths) - set(adapter_paths))[:5]
-        extra = sorted(set(adapter_paths) - set(param_paths))[:5]
-        raise ValueError(
-            "adapters do not mirror params: an adapter tree must have the structure of "
-            "params, with LoraWeights / an array / None at each leaf.\n"
-            f"  params leaves missing from adapters: {missing}\n"
-            f"  adapter entries not in params: {extra}\n"
-            f"  ({e})\n"
-            "Fix: build adapters with lj.init(params, config, key=...) from these params "
-            "(or restore them with the params as the skeleton).") from None
-    return [(path_str(p), x, n) for (p, x), n in zip(flat, nodes)]
+    nodes = mirror(params, adapters, what="the adapter tree", fix=_REBUILD, is_leaf=is_node)
+    return [(path, x, n) for (path, x), n in zip(leaves_with_paths(params), nodes)]
 
 
 def _shape(x):

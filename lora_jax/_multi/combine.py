@@ -18,12 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lora_jax._analysis.analyze import Analysis, Spectrum, _factor_svd
+from lora_jax._analysis.analyze import Analysis, Spectrum, factor_svd
 from lora_jax._core.config import LoraConfig
-from lora_jax._merge import _check_merged
-from lora_jax._multi.set import (BASE, AdapterSet, _check_set, _flat, _host, _index,
-                             _targets_config, _with_ranks)
-from lora_jax._core.weights import LoraWeights, check_adapters
+from lora_jax._core.leaf import dense_float32, is_container
+from lora_jax._core.paths import unflatten_params
+from lora_jax._merge import check_merged
+from lora_jax._variants.quantize import requantize_merged
+from lora_jax._multi.set import BASE, AdapterSet, check_set, index_of, targets_config
+from lora_jax._core.weights import LoraWeights, check_adapters, flatten_adapters
 
 __all__ = ["Combination", "combine", "merge_weighted"]
 
@@ -51,7 +53,7 @@ class Combination(NamedTuple):
 def _weights(aset: AdapterSet, weights) -> list:
     """``[(member index, weight), ...]`` validated."""
     if isinstance(weights, Mapping):
-        pairs = [(_index(aset, n) if n != BASE else None, w) for n, w in weights.items()]
+        pairs = [(index_of(aset, n) if n != BASE else None, w) for n, w in weights.items()]
         if any(i is None for i, _ in pairs):
             raise ValueError(f"{BASE!r} is not an adapter and can't be weighted.")
     elif isinstance(weights, Sequence) and not isinstance(weights, str):
@@ -88,7 +90,7 @@ def _gram_error(a_new, b_new, a_ref, b_ref) -> np.ndarray:
 
 def _refactor(a, b, k):
     """Best rank-``k`` factors (scale 1) of ``a @ b`` from the factors, zero-padded to k."""
-    left, s, right = _factor_svd(LoraWeights(a, b, np.float64(1.0)))
+    left, s, right = factor_svd(LoraWeights(a, b, np.float64(1.0)))
     kk = min(k, s.shape[-1])
     root = np.sqrt(s[..., :kk])
     a2 = left[..., :, :kk] * root[..., None, :]
@@ -153,7 +155,7 @@ def combine(aset: AdapterSet, weights, *, method: str = "svd",
       >>> lj.combine(aset, {"x": 1.0, "y": -0.5}, method="svd").config.rank    # default: max rank
       4
     """
-    _check_set(aset, "combine")
+    check_set(aset, "combine")
     if method not in _METHODS:
         raise ValueError(f"combine: method={method!r}; use one of {_METHODS} ('cat' is exact, "
                          f"'svd' truncates, 'linear' is PEFT's approximate one).")
@@ -164,7 +166,7 @@ def combine(aset: AdapterSet, weights, *, method: str = "svd",
         raise ValueError(f"combine: rank= applies to method='svd' only (cat's rank is the sum "
                          f"of the ranks, linear's the common rank); got method={method!r}.")
     pairs = _weights(aset, weights)
-    flat, treedef = _flat(aset.adapters)
+    flat, treedef = flatten_adapters(aset.adapters)
     nodes, ranks, rows = [], {}, []
     for path, node in flat:
         parts = [(i, w, aset.members[i].rank_for(path)) for i, w in pairs]
@@ -172,7 +174,7 @@ def combine(aset: AdapterSet, weights, *, method: str = "svd",
         if node is None or not parts:
             nodes.append(None)
             continue
-        a_all, b_all, s_all = _host(node.a), _host(node.b), _host(node.scale)
+        a_all, b_all, s_all = np.asarray(node.a), np.asarray(node.b), np.asarray(node.scale)
         dtype = node.a.dtype
         f64 = np.float64
         # the exact weighted sum, as concatenated factors (PEFT's cat: weights on a)
@@ -180,7 +182,7 @@ def combine(aset: AdapterSet, weights, *, method: str = "svd",
                                 for i, w, r in parts], -1)
         b_cat = np.concatenate([b_all[i, ..., :r, :].astype(f64) for i, _, r in parts], -2)
         n_in, n_out = a_cat.shape[-2], b_cat.shape[-1]
-        _, sv, _ = _factor_svd(LoraWeights(a_cat, b_cat, f64(1.0)))
+        _, sv, _ = factor_svd(LoraWeights(a_cat, b_cat, f64(1.0)))
         lead = a_cat.shape[:-2]
         if method == "cat":
             k = min(a_cat.shape[-1], n_in, n_out)
@@ -215,8 +217,7 @@ def combine(aset: AdapterSet, weights, *, method: str = "svd",
                                  jnp.asarray(b_new.astype(node.b.dtype)),
                                  jnp.asarray(1.0, jnp.float32)))
     members = [aset.members[i] for i, _ in pairs]
-    config = _with_ranks(_targets_config(aset.config, members, list(ranks)), ranks,
-                         unit_scale=True)
+    config = targets_config(aset.config, members, list(ranks)).with_ranks(ranks, unit_scale=True)
     adapters = jax.tree_util.tree_unflatten(treedef, nodes)
     return Combination(adapters, config, Analysis(tuple(rows)))
 
@@ -243,7 +244,7 @@ def merge_weighted(params, aset: AdapterSet, weights):
       >>> float(lj.merge_weighted(params, aset, {"x": 2.0, "y": -0.5})["w"][0, 0])
       1.5
     """
-    _check_set(aset, "merge_weighted")
+    check_set(aset, "merge_weighted")
     pairs = _weights(aset, weights)
     w = np.zeros((aset.n,), np.float32)
     for i, x in pairs:
@@ -258,9 +259,13 @@ def merge_weighted(params, aset: AdapterSet, weights):
         a = jnp.asarray(node.a, jnp.float32) * coef.reshape((-1,) + (1,) * (node.a.ndim - 1))
         d = jnp.einsum("n...ir,n...ro->...io", a, jnp.asarray(node.b, jnp.float32),
                        precision=lax.Precision.HIGHEST).reshape(spec.shape)
-        new = (jnp.asarray(leaf, jnp.float32) + d).astype(leaf.dtype)
-        _check_merged(path, leaf, new, d)
+        new32 = dense_float32(leaf) + d
+        if is_container(leaf):
+            leaves.append(requantize_merged(path, leaf, new32, what="merging adapters"))
+            continue
+        new = new32.astype(leaf.dtype)
+        check_merged(path, leaf, new, d)
         leaves.append(new)
-    return jax.tree.unflatten(jax.tree.structure(params), leaves)
+    return unflatten_params(params, leaves)
 
 

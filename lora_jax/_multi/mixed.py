@@ -19,8 +19,8 @@ import numpy as np
 from jax import lax
 
 from lora_jax._apply.transform import apply
-from lora_jax._multi.set import AdapterSet, _check_set, _is_node, adapter_ids
-from lora_jax._core.weights import LoraWeights, check_adapters
+from lora_jax._multi.set import AdapterSet, adapter_ids, check_set
+from lora_jax._core.weights import LoraWeights, check_adapters, is_node
 
 __all__ = ["apply_mixed"]
 
@@ -56,7 +56,7 @@ def _example_adapters(aset: AdapterSet, i):
         b = lax.dynamic_index_in_dim(node.b, j, 0, keepdims=False)
         s = lax.dynamic_index_in_dim(node.scale, j, 0, keepdims=False)
         return LoraWeights(a, b, jnp.where(valid, s, jnp.zeros_like(s)))
-    return jax.tree.map(one, aset.adapters, is_leaf=_is_node)
+    return jax.tree.map(one, aset.adapters, is_leaf=is_node)
 
 
 def _arg_axes(in_axes, args) -> list:
@@ -136,7 +136,7 @@ def apply_mixed(fn: Callable, *, in_axes=0, out_axes: int = 0,
         _arg_axes(in_axes, ())  # raises, naming the accepted forms
 
     def mixed(params, adapter_set, adapter_ids, *args, **kwargs):
-        _check_set(adapter_set, "apply_mixed")
+        check_set(adapter_set, "apply_mixed")
         check_adapters(params, adapter_set.adapters, adapter_set.config)
         ids = _ids_array(adapter_set, adapter_ids)
         n_ex = ids.shape[0]

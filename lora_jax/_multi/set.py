@@ -54,11 +54,11 @@ from jax import lax
 
 from lora_jax._checkpoint.checkpointer import CheckpointError, Checkpointer, save
 from lora_jax._core.config import LoraConfig
-from lora_jax._core.paths import path_str
-from lora_jax._core.weights import LoraWeights, is_lora
+from lora_jax._core.weights import LoraWeights, flatten_adapters, is_lora, is_node, map_adapters
 
 __all__ = ["BASE", "AdapterSet", "Member", "adapter_set", "add_adapter", "remove_adapter",
-           "select_adapter", "adapter_ids", "save_set", "restore_set"]
+           "select_adapter", "adapter_ids", "save_set", "restore_set", "check_set", "index_of",
+           "targets_config"]
 
 BASE = "__base__"
 """The name that means "no adapter" in `adapter_ids` / `apply_mixed` (as PEFT)."""
@@ -134,7 +134,7 @@ class AdapterSet:
 
     def index(self, name: str) -> int:
         """The index of the adapter called ``name``."""
-        return _index(self, name)
+        return index_of(self, name)
 
     def __len__(self) -> int:
         return len(self.members)
@@ -150,16 +150,7 @@ jax.tree_util.register_dataclass(AdapterSet, data_fields=["adapters"],
                                  meta_fields=["config", "members"])
 
 
-def _is_node(x) -> bool:
-    return x is None or is_lora(x)
-
-
-def _flat(tree):
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_node)
-    return [(path_str(p), n) for p, n in flat], treedef
-
-
-def _index(aset: AdapterSet, name) -> int:
+def index_of(aset: AdapterSet, name) -> int:
     if isinstance(name, str):
         if name in aset.names:
             return aset.names.index(name)
@@ -193,7 +184,7 @@ def _check_member(name, adapters, config):
     if not isinstance(config, LoraConfig):
         raise TypeError(f"adapter {name!r}: expected its lj.LoraConfig, got "
                         f"{type(config).__name__}. Fix: pass (adapters, config) pairs.")
-    flat, treedef = _flat(adapters)
+    flat, treedef = flatten_adapters(adapters)
     ranks = []
     for path, node in flat:
         if node is None:
@@ -231,29 +222,7 @@ def _check_member(name, adapters, config):
     return flat, treedef, tuple(ranks)
 
 
-def _host(x) -> np.ndarray:
-    return np.asarray(x)
-
-
-def _with_ranks(config: LoraConfig, ranks: dict, *, unit_scale: bool = False) -> LoraConfig:
-    """``config`` giving exactly ``ranks[path]`` at each path (scale 1 if asked)."""
-    values = set(ranks.values())
-    changes: dict = {}
-    if len(values) == 1:
-        changes.update(rank=values.pop(), rank_pattern=())
-    else:
-        changes.update(rank_pattern=tuple((re.escape(p), r) for p, r in ranks.items()))
-    if unit_scale:  # alpha = rank: scale_for(path) == 1, as PEFT's combined adapters
-        changes.update(use_rslora=False, alpha_pattern=())
-        if "rank" in changes:
-            changes.update(alpha=float(changes["rank"]))
-        else:
-            changes.update(alpha_pattern=tuple((re.escape(p), float(r))
-                                               for p, r in ranks.items()))
-    return config.replace(**changes)
-
-
-def _targets_config(config: LoraConfig, members, paths: list) -> LoraConfig:
+def targets_config(config: LoraConfig, members, paths: list) -> LoraConfig:
     """``config`` whose targets are ``paths``: kept as is if every member adapts
     exactly these paths, else exact-path targets (with the members' layouts)."""
     if all({p for p, _ in m.ranks} == set(paths) for m in members):
@@ -321,12 +290,12 @@ def _build(items) -> AdapterSet:
             if x is None:
                 continue  # this adapter leaves the weight alone: zero factors
             r = np.shape(x.a)[-1]
-            a[i, ..., :r] = _host(x.a)
-            b[i, ..., :r, :] = _host(x.b)
+            a[i, ..., :r] = np.asarray(x.a)
+            b[i, ..., :r, :] = np.asarray(x.b)
             scale[i] = float(x.scale)
         nodes.append(LoraWeights(jnp.asarray(a), jnp.asarray(b), jnp.asarray(scale)))
     paths = list(padded)
-    config = _with_ranks(_targets_config(members[0].config, members, paths), padded)
+    config = targets_config(members[0].config, members, paths).with_ranks(padded)
     adapters = jax.tree_util.tree_unflatten(treedef0, nodes)
     return AdapterSet(adapters, config, members)
 
@@ -413,7 +382,7 @@ def add_adapter(aset: AdapterSet, name: str, adapters, config: LoraConfig, *,
       >>> aset.names, aset.adapters["w"].a.shape
       (('a', 'b'), (2, 8, 2))
     """
-    _check_set(aset, "add_adapter")
+    check_set(aset, "add_adapter")
     _check_name(name)
     items = [(m.name, select_adapter(aset, m.name, trim=True), m.config) for m in aset.members]
     if name in aset.names:
@@ -446,8 +415,8 @@ def remove_adapter(aset: AdapterSet, name: str) -> AdapterSet:
       >>> small.names, small.config.rank
       (('a',), 2)
     """
-    _check_set(aset, "remove_adapter")
-    i = _index(aset, name)
+    check_set(aset, "remove_adapter")
+    i = index_of(aset, name)
     if aset.n == 1:
         raise ValueError(f"{name!r} is the set's only adapter; a set can't be empty. Fix: keep "
                          f"it, or serve the base params without adapters.")
@@ -456,7 +425,7 @@ def remove_adapter(aset: AdapterSet, name: str) -> AdapterSet:
     return _build(items)
 
 
-def _check_set(aset, where):
+def check_set(aset, where):
     if not isinstance(aset, AdapterSet):
         raise TypeError(f"lj.{where}: expected an lj.AdapterSet, got {type(aset).__name__}. "
                         f"Fix: build one with lj.adapter_set({{name: (adapters, config)}}).")
@@ -469,7 +438,7 @@ def _take(adapters, i):
             return None
         return LoraWeights(*(lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
                              for x in (node.a, node.b, node.scale)))
-    return jax.tree.map(one, adapters, is_leaf=_is_node)
+    return jax.tree.map(one, adapters, is_leaf=is_node)
 
 
 def select_adapter(aset: AdapterSet, name, *, trim: bool = False):
@@ -501,23 +470,23 @@ def select_adapter(aset: AdapterSet, name, *, trim: bool = False):
       >>> back["w"].a.shape, bool((back["w"].a == a2["w"].a).all())
       ((8, 2), True)
     """
-    _check_set(aset, "select_adapter")
+    check_set(aset, "select_adapter")
     if isinstance(name, (jax.Array, np.ndarray)) and not trim:
         return _take(aset.adapters, jnp.asarray(name, jnp.int32))
-    i = _index(aset, name)
+    i = index_of(aset, name)
     out = _take(aset.adapters, jnp.int32(i))
     if not trim:
         return out
     member = aset.members[i]
 
-    def cut(keypath, node):
+    def cut(path, node):
         if node is None:
             return None
-        r = member.rank_for(path_str(keypath))
+        r = member.rank_for(path)
         if r == 0:
             return None
         return LoraWeights(node.a[..., :r], node.b[..., :r, :], node.scale)
-    return jax.tree_util.tree_map_with_path(cut, out, is_leaf=_is_node)
+    return map_adapters(cut, out)
 
 
 def adapter_ids(aset: AdapterSet, names: Sequence[str]):
@@ -539,7 +508,7 @@ def adapter_ids(aset: AdapterSet, names: Sequence[str]):
       >>> lj.adapter_ids(aset, ["fr", "__base__", "de", "fr"]).tolist()
       [1, -1, 0, 1]
     """
-    _check_set(aset, "adapter_ids")
+    check_set(aset, "adapter_ids")
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise TypeError(f"names must be a sequence of adapter names, one per example; got "
                         f"{type(names).__name__}. Fix: e.g. ['fr', '__base__', 'de'].")
@@ -590,7 +559,7 @@ def save_set(directory, aset: AdapterSet, *, params=None, step: int | None = Non
       >>> back.names, back.members[0].config == c2, bool((back.adapters["w"].b == aset.adapters["w"].b).all())
       (('a', 'b'), True, True)
     """
-    _check_set(aset, "save_set")
+    check_set(aset, "save_set")
     meta = dict(metadata or {})
     if _METADATA_KEY in meta:
         raise ValueError(f"metadata key {_METADATA_KEY!r} is reserved for the set's names.")
@@ -648,7 +617,7 @@ def restore_set(directory, params=None, *, step: int | None = None,
                                             strict=True))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: the adapter-set metadata can't be read ({e}).") from e
-    for _, node in _flat(adapters)[0]:
+    for _, node in flatten_adapters(adapters)[0]:
         if is_lora(node) and np.shape(node.scale) != (len(members),):
             raise CheckpointError(
                 f"{where}: the metadata names {len(members)} adapters but the arrays hold "

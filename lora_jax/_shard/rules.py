@@ -39,7 +39,8 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from lora_jax._core.config import LoraConfig
-from lora_jax._core.paths import LeafSpec, path_str, resolve
+from lora_jax._core.leaf import is_container
+from lora_jax._core.paths import LeafSpec, leaves_with_paths, map_params, mirror, resolve
 from lora_jax._core.weights import LoraWeights
 
 __all__ = ["param_shardings", "adapter_shardings", "opt_state_shardings", "replicated",
@@ -208,17 +209,22 @@ def param_shardings(params, mesh, rules=None, *, default: PartitionSpec = P()):
     compiled = _compile_rules(rules, "param_shardings rules")
     paths = []
 
-    def one(keypath, leaf):
-        path = path_str(keypath)
+    def one(path, leaf):
         paths.append(path)
         spec = _first_rule(compiled, path)
         spec = default if spec is None else spec
         if isinstance(spec, Sharding):
             return spec
         _check_spec(path, mesh, spec, tuple(leaf.shape), "the rule's spec")
+        if is_container(leaf) and any(e is not None for e in spec):
+            raise ValueError(
+                f"{path}: a quantized weight ({type(leaf).__name__}) can't be sharded by "
+                f"{spec}: its storage arrays do not have the weight's shape, and lora_jax "
+                f"does not split them yet. Fix: replicate it (a rule giving P(), or no rule "
+                f"with default=P()), or shard the float base and quantize per device.")
         return NamedSharding(mesh, spec)
 
-    out = jax.tree_util.tree_map_with_path(one, params)
+    out = map_params(one, params)
     err = _unused_rules_error(compiled, paths, "param_shardings rules")
     if err:
         raise err
@@ -228,8 +234,24 @@ def param_shardings(params, mesh, rules=None, *, default: PartitionSpec = P()):
 # ----------------------------------------------------------------------------- adapters
 
 
+def _leaf_sharding(leaf):
+    """A leaf's sharding; a quantized container's is its (replicated) storage's."""
+    if not is_container(leaf):
+        return getattr(leaf, "sharding", None)
+    shs = {getattr(c, "sharding", None) for c in jax.tree.leaves(leaf)}
+    if len(shs) == 1:
+        sh = shs.pop()
+        if sh is None or isinstance(sh, SingleDeviceSharding) or \
+                (isinstance(sh, NamedSharding) and all(e is None for e in sh.spec)):
+            return sh
+    raise ValueError(
+        f"a quantized weight ({type(leaf).__name__}) whose storage arrays are not all "
+        f"replicated alike ({sorted(map(str, shs))}). Fix: replicate quantized weights "
+        f"(lj.param_shardings gives them P()).")
+
+
 def _sharding_of(path: str, leaf, given):
-    sh = given if given is not None else getattr(leaf, "sharding", None)
+    sh = given if given is not None else _leaf_sharding(leaf)
     if isinstance(sh, (NamedSharding, SingleDeviceSharding)):
         return sh
     if sh is None:
@@ -326,19 +348,14 @@ def adapter_shardings(params, config: LoraConfig, *, shardings=None, overrides=N
     train = set(resolved.train)
     given = {}
     if shardings is not None:
-        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-        try:
-            sh_leaves = treedef.flatten_up_to(shardings)
-        except (ValueError, TypeError) as e:
-            raise ValueError(
-                f"shardings= does not mirror params ({e}). Fix: pass one Sharding per "
-                f"params leaf, e.g. lj.param_shardings(params, mesh, rules).") from None
-        given = {path_str(p): s for (p, _), s in zip(flat, sh_leaves)}
+        sh_leaves = mirror(params, shardings, what="shardings=",
+                           fix="pass one Sharding per params leaf, e.g. "
+                               "lj.param_shardings(params, mesh, rules).")
+        given = {path: sh for (path, _), sh in zip(leaves_with_paths(params), sh_leaves)}
     rules = _compile_rules(overrides, "adapter_shardings overrides")
     paths = []
 
-    def one(keypath, leaf):
-        path = path_str(keypath)
+    def one(path, leaf):
         spec = resolved.targets.get(path)
         if spec is None and path not in train:
             return None
@@ -358,7 +375,7 @@ def adapter_shardings(params, config: LoraConfig, *, shardings=None, overrides=N
                              else _override(fpath, sh, value, shape))
         return LoraWeights(**fields)
 
-    out = jax.tree_util.tree_map_with_path(one, params)
+    out = map_params(one, params)
     err = _unused_rules_error(rules, paths, "adapter_shardings overrides")
     if err:
         raise err

@@ -26,7 +26,8 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding
 from lora_jax._core.config import LoraConfig
 from lora_jax._init import init
 from lora_jax._optim import make_train_step
-from lora_jax._core.paths import path_str
+from lora_jax._core.leaf import is_container
+from lora_jax._core.paths import map_params
 from lora_jax._shard.rules import adapter_shardings, opt_state_shardings, replicated
 
 __all__ = ["TrainShardings", "train_shardings", "shard_train_state",
@@ -56,16 +57,18 @@ def _param_shardings(params, shardings):
     if shardings is not None:
         return shardings
 
-    def one(keypath, leaf):
+    def one(path, leaf):
+        if is_container(leaf):   # its storage arrays carry the shardings
+            return jax.tree.map(lambda c: getattr(c, "sharding", None), leaf)
         sh = getattr(leaf, "sharding", None)
         if not isinstance(sh, Sharding):
             raise TypeError(
-                f"{path_str(keypath)}: this params leaf ({type(leaf).__name__}) carries no "
-                f"sharding. Fix: place params with jax.device_put(params, "
-                f"lj.param_shardings(params, mesh, rules)), or pass shardings=.")
+                f"{path}: this params leaf ({type(leaf).__name__}) carries no sharding. Fix: "
+                f"place params with jax.device_put(params, lj.param_shardings(params, mesh, "
+                f"rules)), or pass shardings=.")
         return sh
 
-    return jax.tree_util.tree_map_with_path(one, params)
+    return map_params(one, params)
 
 
 def _mesh_of(param_sh):

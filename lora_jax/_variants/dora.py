@@ -26,12 +26,12 @@ them to `lj.unmerge` (PEFT caches the same vector at merge time).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
 from lora_jax._core.config import LoraConfig
-from lora_jax._core.paths import LeafSpec, as_matrix, dense_float32, flatten_params
+from lora_jax._core.leaf import as_matrix, dense_float32
+from lora_jax._core.paths import LeafSpec, unflatten_params
 from lora_jax._core.weights import LoraWeights, check_adapters, delta
 
 __all__ = ["dora_norms", "column_norm", "dense_column_norm", "magnitude_init"]
@@ -126,4 +126,4 @@ def dora_norms(params, adapters, config: LoraConfig):
             continue
         v = as_matrix(dense_float32(leaf) + delta(node, spec), spec)
         out.append(dense_column_norm(v))
-    return jax.tree_util.tree_unflatten(flatten_params(params)[1], out)
+    return unflatten_params(params, out)

@@ -37,11 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._core.config import Layout, LoraConfig, LoraWarning, _normalize_patterns
-from lora_jax._core.paths import LeafContainer, _matcher, flatten_params, is_container, path_str
+from lora_jax._core.config import Layout, LoraConfig, LoraWarning, normalize_patterns
+from lora_jax._core.fmt import sample_paths
+from lora_jax._core.leaf import LeafContainer, is_container, register_container
+from lora_jax._core.paths import flatten_params, map_params, matcher, path_str
 
 __all__ = ["NF4Weight", "Int8Weight", "quantize", "dequantize", "is_quantized",
-           "nf4_levels", "METHODS"]
+           "nf4_levels", "quantize_as", "requantize_merged", "METHODS"]
 
 METHODS = ("nf4", "int8")
 """Names accepted by `quantize(..., method=)`."""
@@ -76,33 +78,11 @@ _NF4 = nf4_levels().astype(np.float32)
 _NF4_MID = ((_NF4[1:] + _NF4[:-1]) / 2).astype(np.float32)
 
 
-def _register(cls):
-    fields = cls._children
-
-    def flatten_with_keys(x):
-        return ([(jax.tree_util.GetAttrKey(f), getattr(x, f)) for f in fields], x._aux())
-
-    def flatten(x):
-        return [getattr(x, f) for f in fields], x._aux()
-
-    def unflatten(aux, children):
-        # Children may be anything here (shardings, ShapeDtypeStructs, labels):
-        # store them as they are.
-        obj = object.__new__(cls)
-        for f, c in zip(fields, children):
-            object.__setattr__(obj, f, c)
-        obj._set_aux(aux)
-        return obj
-
-    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
-    return cls
-
-
 def _prod(shape) -> int:
     return int(math.prod(shape))
 
 
-@_register
+@register_container
 class NF4Weight(LeafContainer):
     """A frozen weight stored in 4-bit NormalFloat with double-quantized scales.
 
@@ -174,12 +154,22 @@ class NF4Weight(LeafContainer):
         return _quantize_nf4(dense, len(self.shape) - len(self.inner_shape), self.dtype,
                              self.block_size, self.scale_block)
 
+    def settings(self) -> dict:
+        """The JSON-able settings `quantize_as` rebuilds this storage from."""
+        return {"method": "nf4", "n_stacked": len(self.shape) - len(self.inner_shape),
+                "block_size": self.block_size, "scale_block": self.scale_block}
+
+    def rounding_bound(self) -> float:
+        """A bound on ``|dequantize() - original|`` over every element: half the
+        widest gap between NF4 levels times the largest block maximum."""
+        return float(jnp.max(self.absmax())) * float(np.max(np.diff(_NF4))) / 2 * (1 + 1e-6)
+
     def __repr__(self) -> str:
         return (f"NF4Weight(shape={self.shape}, dtype={self.dtype.name}, "
                 f"block_size={self.block_size})")
 
 
-@_register
+@register_container
 class Int8Weight(LeafContainer):
     """A frozen weight stored as int8 with one float32 scale per output unit.
 
@@ -231,6 +221,14 @@ class Int8Weight(LeafContainer):
         """``dense`` (this container's shape) quantized with the same settings."""
         n_stacked = len(self.shape) - self.n_in - self.n_out
         return _quantize_int8(dense, Layout(n_stacked, self.n_in, self.n_out), self.dtype)
+
+    def settings(self) -> dict:
+        """The JSON-able settings `quantize_as` rebuilds this storage from."""
+        return {"method": "int8", "n_in": self.n_in, "n_out": self.n_out}
+
+    def rounding_bound(self) -> float:
+        """A bound on ``|dequantize() - original|``: half the largest step."""
+        return float(jnp.max(self.scale)) / 2 * (1 + 1e-6)
 
     def __repr__(self) -> str:
         return f"Int8Weight(shape={self.shape}, dtype={self.dtype.name})"
@@ -321,11 +319,6 @@ def _quantize_int8(x, layout: Layout, dtype):
 # ----------------------------------------------------------------------------- public
 
 
-def _sample_paths(paths, n=8) -> str:
-    more = f" ... ({len(paths) - n} more)" if len(paths) > n else ""
-    return "\n  ".join(paths[:n]) + more
-
-
 def quantize(params, targets=r".*kernel", *, method: str = "nf4", exclude=(),
              config: LoraConfig | None = None, block_size: int = 64):
     """Stores the chosen weights of ``params`` in 4-bit NF4 or int8 (QLoRA's frozen base).
@@ -381,12 +374,12 @@ def quantize(params, targets=r".*kernel", *, method: str = "nf4", exclude=(),
         raise TypeError(f"quantize: config must be a lj.LoraConfig or None, got "
                         f"{type(config).__name__}.")
     try:
-        tspec = _normalize_patterns("targets", targets, allow_none=False)
-        espec = _normalize_patterns("exclude", exclude, allow_none=True)
+        tspec = normalize_patterns("targets", targets, allow_none=False)
+        espec = normalize_patterns("exclude", exclude, allow_none=True)
     except (ValueError, TypeError) as e:
         raise type(e)(f"quantize: {e}".replace("LoraConfig.", "")) from None
-    is_target, is_excluded = _matcher(tspec), _matcher(espec)
-    is_train = _matcher(config.train) if config is not None and config.train else \
+    is_target, is_excluded = matcher(tspec), matcher(espec)
+    is_train = matcher(config.train) if config is not None and config.train else \
         (lambda p, x: False)
 
     flat, treedef = flatten_params(params)
@@ -403,7 +396,7 @@ def quantize(params, targets=r".*kernel", *, method: str = "nf4", exclude=(),
         raise ValueError(
             f"quantize: targets={targets!r} matched no leaf (after exclude= and the "
             f"config's train leaves). Patterns are regexes fullmatched against "
-            f"'/'-joined paths; some real paths are:\n  {_sample_paths(arrays)}\n"
+            f"'/'-joined paths; some real paths are:\n  {sample_paths(arrays)}\n"
             f"Fix: write the pattern against these, e.g. targets=r'.*/kernel'.")
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
@@ -435,6 +428,29 @@ def _quantize_leaf(path, leaf, method, config, block_size):
     return _quantize_int8(x, layout, dtype)
 
 
+def quantize_as(settings: dict, dense):
+    """``dense`` quantized with the settings a container's ``settings()`` gave.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> w = jax.random.normal(jax.random.key(0), (64, 32))
+      >>> q = lj.quantize({"w": w}, targets="w")["w"]
+      >>> again = quantize_as(q.settings(), w)
+      >>> bool((again.codes == q.codes).all())
+      True
+    """
+    dense = jnp.asarray(dense)
+    method = settings.get("method")
+    if method == "nf4":
+        return _quantize_nf4(dense, int(settings["n_stacked"]), dense.dtype,
+                             int(settings["block_size"]), int(settings["scale_block"]))
+    if method == "int8":
+        n_in, n_out = int(settings["n_in"]), int(settings["n_out"])
+        return _quantize_int8(dense, Layout(dense.ndim - n_in - n_out, n_in, n_out), dense.dtype)
+    raise ValueError(f"quantize_as: unknown quantization settings {settings!r}; this lora_jax "
+                     f"knows the methods {METHODS}. Fix: upgrade lora_jax.")
+
+
 def dequantize(params):
     """``params`` with every quantized weight replaced by its dense value.
 
@@ -444,8 +460,7 @@ def dequantize(params):
       >>> float(lj.dequantize(q)["w"][0, 0])
       0.5
     """
-    return jax.tree.map(lambda x: x.dequantize() if is_container(x) else x, params,
-                        is_leaf=is_container)
+    return map_params(lambda _, x: x.dequantize() if is_container(x) else x, params)
 
 
 def requantize_merged(path: str, leaf, dense, *, what: str):

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 
-import jax
 import numpy as np
 
-from lora_jax._core.paths import path_str
+from lora_jax._core.leaf import is_container
+from lora_jax._core.paths import leaves_with_paths
 
 __all__ = ["save_params", "load_params"]
 
@@ -37,7 +37,13 @@ def save_params(path, params) -> None:
       (['params/dense/kernel'], (2, 3))
     """
     path = os.fspath(path)
-    flat = {path_str(p): _host(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    quantized = [p for p, x in leaves_with_paths(params) if is_container(x)]
+    if quantized:
+        raise ValueError(
+            f"{path}: {quantized[0]} is a quantized weight ({len(quantized)} in all); a params "
+            f"file holds plain arrays. Fix: save the float base you quantized from, or "
+            f"lj.dequantize(params) first (the file then holds the dequantized values).")
+    flat = {p: _host(x) for p, x in leaves_with_paths(params)}
     if path.endswith(".safetensors"):
         from safetensors.numpy import save_file
         save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, path,

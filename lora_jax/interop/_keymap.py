@@ -27,11 +27,11 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._core.paths import path_str
+from lora_jax._core.leaf import is_container
+from lora_jax._core.paths import leaves_with_paths, unflatten_params
 
 __all__ = ["KeyMap", "HFName", "KEY_MAPS", "resolve_key_map", "to_hf_state_dict",
            "from_hf_state_dict"]
@@ -215,13 +215,14 @@ def to_hf_state_dict(params, key_map, *, strict: bool = True) -> dict[str, np.nd
     """
     km = resolve_key_map(key_map)
     out, unmapped = {}, []
-    for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        path = path_str(p)
+    for path, leaf in leaves_with_paths(params):
         hf = lookup(km, path)
         if hf is None:
             unmapped.append(path)
             continue
-        out[hf.name] = to_torch_layout(np.asarray(leaf), hf.kind, path)
+        # a quantized weight is written as the dense weight it stands for
+        value = leaf.dequantize() if is_container(leaf) else leaf
+        out[hf.name] = to_torch_layout(np.asarray(value), hf.kind, path)
     if unmapped and strict:
         raise ValueError(f"to_hf_state_dict: the key map has no rule for {unmapped[:6]}"
                          f"{' ...' if len(unmapped) > 6 else ''}. Fix: add rules for them, "
@@ -250,10 +251,8 @@ def from_hf_state_dict(state: Mapping[str, Any], like, key_map, *, strict: bool 
       (4, 10)
     """
     km = resolve_key_map(key_map)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(like)
     leaves, missing, used = [], [], set()
-    for p, want in flat:
-        path = path_str(p)
+    for path, want in leaves_with_paths(like):
         hf = lookup(km, path)
         if hf is None:
             raise ValueError(f"from_hf_state_dict: the key map has no rule for {path}. Fix: "
@@ -269,7 +268,10 @@ def from_hf_state_dict(state: Mapping[str, Any], like, key_map, *, strict: bool 
                 f"from_hf_state_dict: {hf.name} -> {path}: shape {tuple(value.shape)} (Flax "
                 f"layout) != expected {tuple(want.shape)}. Fix: build the model with the "
                 f"checkpoint's dimensions.")
-        leaves.append(jnp.asarray(value, want.dtype))
+        if is_container(want):   # a quantized skeleton: quantize like it
+            leaves.append(want.requantize(jnp.asarray(value, want.dtype)))
+        else:
+            leaves.append(jnp.asarray(value, want.dtype))
     if missing:
         raise ValueError(f"from_hf_state_dict: {len(missing)} weights missing, e.g. "
                          f"{missing[:4]}; the state dict has e.g. {sorted(state)[:4]}. Fix: "
@@ -278,4 +280,4 @@ def from_hf_state_dict(state: Mapping[str, Any], like, key_map, *, strict: bool 
     if unused and strict:
         raise ValueError(f"from_hf_state_dict: {len(unused)} entries are not used by the "
                          f"model, e.g. {unused[:4]}. Fix: pass strict=False to ignore them.")
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return unflatten_params(like, leaves)

@@ -39,14 +39,14 @@ import tempfile
 import warnings
 from collections.abc import Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._core.config import Layout, LoraConfig, LoraWarning
 from lora_jax._checkpoint.fingerprint import BaseMismatchError, base_fingerprint, check_base
-from lora_jax._core.paths import path_str, resolve
-from lora_jax._core.weights import LoraWeights, check_adapters, is_lora
+from lora_jax._core.leaf import dense_float32, is_container
+from lora_jax._core.paths import leaves_with_paths, resolve, unflatten_params
+from lora_jax._core.weights import LoraWeights, check_adapters, flatten_adapters, is_lora
 from lora_jax.interop._keymap import HFName, lookup, resolve_key_map, to_torch_layout
 
 __all__ = ["export_peft", "import_peft", "UnsupportedPeftFeature", "CONFIG_NAME",
@@ -251,8 +251,7 @@ def export_peft(directory, adapters, config: LoraConfig, *, key_map, params=None
         raise TypeError(f"config must be a lj.LoraConfig, got {type(config).__name__}.")
     if params is not None:
         check_adapters(params, adapters, config)
-    nodes = [(path_str(p), n) for p, n in jax.tree_util.tree_flatten_with_path(
-        adapters, is_leaf=lambda x: x is None or is_lora(x))[0] if n is not None]
+    nodes = [(p, n) for p, n in flatten_adapters(adapters)[0] if n is not None]
     if not nodes:
         raise ValueError("adapters hold no LoraWeights and no trained arrays; nothing to "
                          "export. Fix: pass the tree from lj.init / lj.restore.")
@@ -344,13 +343,14 @@ def _complete_saved_modules(tensors, saved_modules, params, km, nodes):
             f"so their untrained parameters can be written too.")
     trained = {p for p, n in nodes if not is_lora(n)}
     wanted = set(saved_modules)
-    for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        path = path_str(p)
+    for path, leaf in leaves_with_paths(params):
         if path in trained:
             continue
         hf = lookup(km, path)
         if hf is not None and hf.module in wanted:
-            tensors[f"{_PREFIX}{hf.name}"] = to_torch_layout(np.asarray(leaf), hf.kind, path)
+            tensors[f"{_PREFIX}{hf.name}"] = to_torch_layout(np.asarray(dense_float32(leaf)
+                                                             if is_container(leaf) else leaf),
+                                                             hf.kind, path)
 
 
 # ----------------------------------------------------------------------------- import
@@ -486,11 +486,10 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
                                  f"it.")
 
     # Forward-map every path of the skeleton, then invert (names are never parsed).
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flat = leaves_with_paths(params)
     by_module: dict[str, tuple[str, HFName, int | None]] = {}
     by_param: dict[str, tuple[str, HFName]] = {}
-    for p, leaf in flat:
-        path = path_str(p)
+    for path, leaf in flat:
         hf = lookup(km, path)
         if hf is None:
             continue
@@ -590,8 +589,7 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
     config = _build_config(pcfg, per_path, trained, tensors, dtype, st_path, params)
     specs = resolve(params, config).targets
     leaves = []
-    for p, leaf in flat:
-        path = path_str(p)
+    for path, leaf in flat:
         if path in per_path:
             layers = per_path[path]["layers"]
             spec = specs[path]
@@ -615,14 +613,13 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
             leaves.append(jnp.asarray(value.T if kind == "linear" else value))
         else:
             leaves.append(None)
-    adapters = jax.tree_util.tree_unflatten(treedef, leaves)
+    adapters = unflatten_params(params, leaves)
     try:
         check_adapters(params, adapters, config)
     except ValueError as e:
         raise ValueError(f"{st_path}: {e}") from None
     if check_finite:
-        for p, node in jax.tree_util.tree_flatten_with_path(
-                adapters, is_leaf=lambda x: x is None or is_lora(x))[0]:
+        for path, node in flatten_adapters(adapters)[0]:
             arrays = ({"a": node.a, "b": node.b, "m": node.m} if is_lora(node) else
                       {"": node} if node is not None else {})
             for field, x in arrays.items():
@@ -630,7 +627,7 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
                     continue
                 bad = int(np.sum(~np.isfinite(np.asarray(x, np.float32))))
                 if bad:
-                    name = path_str(p) + (f"/{field}" if field else "")
+                    name = path + (f"/{field}" if field else "")
                     raise ValueError(f"{st_path}: {name} has {bad} NaN/Inf value(s). Fix: the "
                                      f"adapter is broken (training diverged?); use another "
                                      f"one, or pass check_finite=False to load it anyway.")
@@ -656,10 +653,11 @@ def _check_base_copies(base_copies, flat, km, on_mismatch, folder) -> None:
     vocabulary or another base), under the same policy as the fingerprint."""
     if not base_copies or on_mismatch == "ignore":
         return
-    leaves = {path_str(p): x for p, x in flat}
+    leaves = dict(flat)
     differ = []
     for path, stored in base_copies.items():
-        ours = to_torch_layout(np.asarray(leaves[path]), lookup(km, path).kind, path)
+        ours = to_torch_layout(np.asarray(dense_float32(leaves[path])), lookup(km, path).kind,
+                               path)
         if ours.shape != stored.shape or not np.array_equal(ours, np.asarray(stored, ours.dtype)):
             differ.append(f"{path}: file {tuple(stored.shape)}, params {tuple(ours.shape)}")
     if differ:
@@ -673,8 +671,7 @@ def _check_base_copies(base_copies, flat, km, on_mismatch, folder) -> None:
 
 
 def _build_config(pcfg, per_path, trained, tensors, dtype, st_path, params) -> LoraConfig:
-    shapes = {path_str(p): tuple(np.shape(x))
-              for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    shapes = {p: tuple(x.shape) for p, x in leaves_with_paths(params)}
     layouts = {}
     for path, e in per_path.items():
         a, b, _ = next(iter(e["layers"].values()))
