@@ -16,46 +16,44 @@ How it is built (the modules, for whoever extends it):
 * `lora_jax._apply.lazy` -- `LazyWeight`, "a lazily adapted weight": the
   frozen weight in its current view plus ``a``, ``b``, ``scale`` and one
   label per view axis (stacked / input / output). Shape-only ops are pushed
-  into the factors; `lowrank_dot`, `lowrank_conv` and `lowrank_gather` are
-  the only places a low-rank product is formed.
-* `lora_jax._apply.interp` -- the interpreter: `RULES` maps each primitive
-  (by identity, from `jax.extend.core.primitives`) to a rule; jit bodies are
-  inlined, remat re-wrapped with the same policy, scan rebuilt with the
-  sliced factors as extra ``xs``, cond rebuilt branch by branch; everything
-  else materializes and is recorded.
+  into the factors.
+* `lora_jax._apply.lowrank` -- `lowrank_dot`, `lowrank_conv` and
+  `lowrank_gather`, the only places a low-rank product is formed.
+* `lora_jax._apply.kernel` -- the matmul kernel. Matmuls that flatten to
+  ``(M, K) @ (K, N)`` (Dense, DenseGeneral, Einsum, tied projections) go
+  through one ``custom_vjp``: its training forward is a single dot of
+  ``[x | x a]`` with ``[W ; s b]`` and its backward keeps every transpose on
+  an ``(N, r)`` operand. Left to autodiff, XLA:CPU keeps both addends of
+  ``x W + s (x a) b`` alive until the backward pass and transposes every
+  output cotangent to form ``b``'s gradient; the kernel removes both
+  (``custom_grad=False`` gives the autodiff form back, e.g. for
+  forward-mode differentiation).
+* `lora_jax._apply.interp` -- the interpreter (`evaluate`, `Trace`, `Record`).
+* `lora_jax._apply.rules` -- `RULES` maps each primitive (by identity, from
+  `jax.extend.core.primitives`) to a rule; jit bodies are inlined, remat
+  re-wrapped with the same policy, scan rebuilt with the sliced factors as
+  extra ``xs``, cond rebuilt branch by branch; everything else materializes
+  and is recorded.
 * this module -- argument handling, the public functions, reporting.
-
-The matmul kernel. Matmuls that flatten to ``(M, K) @ (K, N)`` (Dense,
-DenseGeneral, Einsum, tied projections) go through one ``custom_vjp``
-(`lora_jax._apply.lazy._matmul`): its training forward is a single dot of
-``[x | x a]`` with ``[W ; s b]`` and its backward keeps every transpose on
-an ``(N, r)`` operand. Left to autodiff, XLA:CPU keeps both addends of
-``x W + s (x a) b`` alive until the backward pass (it fuses the sum into
-each consumer instead of storing it) and transposes every output cotangent
-to form ``b``'s gradient; the kernel removes both (``custom_grad=False``
-gives the autodiff form back, e.g. for forward-mode differentiation).
 
 Where the variants hook in, and where to extend:
 
 * Quantized frozen weights (QLoRA, `lj.quantize`): a container leaf is
   traced as the dense weight it stands for (`_trace_value`); a targeted one
-  lives in `LazyWeight.w` and is densified where it is used by the function
-  registered with `lora_jax._apply_lazy.dequantizer` (shape ops on it are
-  queued in `LazyWeight.pending`); the kernel recomputes the dense view in
-  its backward instead of saving it.
+  lives in `LazyWeight.w` and densifies itself (``dequantize()``) where it is
+  used (shape ops on it are queued in `LazyWeight.pending`); the kernel
+  recomputes the dense view in its backward instead of saving it.
 * DoRA: `LazyWeight.g` holds ``m / ||W + s a b||`` (norm from
-  `lora_jax._variants.dora.column_norm`, detached) and moves through every shape op
-  as ``b`` does; `lowrank_dot`/`_conv`/`_gather` multiply their result by it
-  over the weight's output axes (or ``x``, when a product contracts them).
+  `lora_jax._variants.dora.column_norm`, detached) and moves through every
+  shape op as ``b`` does; the products multiply their result by it over the
+  weight's output axes (or ``x``, when a product contracts them).
 * Mixed-batch serving: an adapter *set* has a leading adapter axis on
-  ``a``, ``b``, ``scale``; `lowrank_dot` forms ``t = x @ a`` in one
-  ``dot_general``, so gathering each example's ``a``/``b`` there (a batch
-  dimension of both products) is the change. `apply` itself rejects sets
-  (`_check_single`); `lj.apply_mixed` vmaps `apply` over examples instead.
+  ``a``, ``b``, ``scale``; `lj.apply_mixed` vmaps `apply` over examples.
+  `apply` itself rejects sets (`_check_single`).
 * Sharding: a ``sharding_constraint`` on a weight stays on the frozen part;
-  constraints for ``t`` (batch-sharded, rank replicated) belong in
-  `lowrank_dot` and the kernel.
-* New primitives: add a rule to `lora_jax._apply.interp.RULES` keyed by the
+  the kernel names its products' output shardings on meshes with Explicit
+  axes.
+* New primitives: add a rule to `lora_jax._apply.rules.RULES` keyed by the
   primitive object; a rule returns the outputs or raises `NotLowRank`.
 """
 
@@ -70,6 +68,7 @@ import jax
 import numpy as np
 
 from lora_jax._apply.interp import Record, Trace, densify_output, evaluate
+from lora_jax._apply.rules import FALLBACK_WHY, RULES
 from lora_jax._apply.lazy import LazyWeight
 from lora_jax._core.config import LoraConfig, LoraWarning
 from lora_jax._core.leaf import is_container
@@ -213,8 +212,8 @@ def _rewrite(fn, config, params, adapters, args, kwargs, *, lora_rng, strict,
     key = None
     if lora_rng is not None and config.dropout > 0:
         key = lora_rng
-    trace = Trace(record, strict=strict, dropout=config.dropout, custom_grad=custom_grad,
-                  key=key)
+    trace = Trace(record, RULES, strict=strict, dropout=config.dropout,
+                  custom_grad=custom_grad, key=key, fallback_why=FALLBACK_WHY)
     outs = evaluate(trace, closed.jaxpr, closed.consts, run)
     outs = [densify_output(trace, o, "function") for o in outs]
     out = jax.tree.unflatten(jax.tree.structure(out_shape), outs)

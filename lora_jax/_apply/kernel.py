@@ -1,0 +1,137 @@
+"""The training matmul: ``x @ W + s (x @ a) @ b`` as one ``custom_vjp``.
+
+The common case -- x's trailing axes contracted with all of one factor's
+axes, no batch axes -- is flattened to 2-D by `lora_jax._apply.lowrank` and
+goes through `matmul_kernel`, a custom_vjp with a hand-written backward.
+Left to autodiff, XLA:CPU forms db = t.T @ g as dot(g, t) contracting g's
+rows, i.e. with a transposed copy of every output cotangent g, and
+recomputes the sums base + delta (forward) and g @ W.T + dt @ a.T
+(backward) inside every consumer, keeping both addends alive until the
+backward pass (more temp memory than full fine-tuning). Here every transpose
+lands on an (N, r) operand, and the training forward is one dot over
+[x | x a] and [W ; s b]. benchmarks/RESULTS.md has the measurements.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lora_jax._apply.lazy import is_array
+
+__all__ = ["matmul_kernel", "fuse_concat"]
+
+
+# A NaN payload no arithmetic produces (quiet NaNs come out as 0x7FC00000).
+_NEVER = 0x7FC0_0D0A
+
+
+def _tied_to(tree, x):
+    """``tree`` unchanged, but computed only once ``x`` exists (a data dependency).
+
+    Each leaf is selected against itself under a flag read from ``x``'s
+    first element -- true only for one NaN payload that arithmetic never
+    produces -- which no compiler pass can fold away.
+    """
+    first = jnp.ravel(x)[:1].astype(jnp.float32)
+    flag = (lax.bitcast_convert_type(first, jnp.uint32) == _NEVER)[0]
+    return jax.tree.map(lambda v: lax.select(jnp.broadcast_to(flag, v.shape), lax.rev(
+        v, tuple(range(v.ndim))) if v.ndim else v, v), tree)
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_kernel(precision, out_dtype, concat: bool):
+    """``y = x @ view(w) + (xl @ a) @ (s * b)`` on 2-D operands, with its VJP.
+
+    ``view(w)`` is the frozen weight as a (K, N) array: ``w`` is the stored
+    leaf (an array, or a quantized container that ``view`` dequantizes),
+    so the backward pass recomputes the view instead of keeping a dense copy
+    alive. ``x``: (M, K); ``xl``: the LoRA input (dropout applied); ``a``:
+    (K, r); ``b``: (r, N); ``s``: scalar. The low-rank terms are formed in
+    the adapters' dtype; ``concat`` (all dtypes equal) computes the training
+    forward as one dot over ``[x | xl a]`` and ``[W ; s b]``.
+    """
+    def dot(u, v, cu, cv, dtype=None, like=None, flip=False):
+        # On a mesh with Explicit axes a product that contracts a sharded
+        # axis must name its output's sharding: that of ``like`` (the array
+        # the result is the cotangent of), transposed with ``flip``.
+        spec = None if like is None else _explicit_spec(like, flip)
+        return lax.dot_general(u, v, (((cu,), (cv,)), ((), ())), precision=precision,
+                               preferred_element_type=dtype, out_sharding=spec)
+
+    def forward(x, xl, w, a, sb, train):
+        ad = a.dtype
+        t = dot(xl.astype(ad), a, 1, 0, ad)
+        if train:
+            y = dot(jnp.concatenate([x, t], 1), jnp.concatenate([w, sb], 0), 1, 0, out_dtype)
+        else:
+            acc = jnp.promote_types(out_dtype, ad)
+            y = (dot(x, w, 1, 0, acc) + dot(t, sb, 1, 0, ad).astype(acc)).astype(out_dtype)
+        return y, t
+
+    def dense(view, w, after):
+        # A stored container is densified where it is used, tied to the
+        # activation (`after`: x forward, the cotangent backward) by a data
+        # dependency, so that XLA neither hoists every dequantization to the
+        # start nor merges the backward's recomputation with the forward's
+        # (either keeps all dense weights alive). An optimization barrier
+        # does not do it: XLA:CPU removes barriers before scheduling.
+        if not is_array(w):
+            w = _tied_to(w, after)
+        return view(w)
+
+    def matmul(view, x, xl, w, a, b, s):
+        return forward(x, xl, dense(view, w, x), a, s * b, False)[0]
+
+    def fwd(view, x, xl, w, a, b, s):
+        sb = s * b
+        y, t = forward(x, xl, dense(view, w, x), a, sb, concat and is_array(w))
+        return y, (x, xl, w, a, b, s, sb, t)
+
+    def bwd(view, res, g):
+        x, xl, w_src, a, b, s, sb, t = res
+        w, pull = jax.vjp(lambda w: dense(view, w, g), w_src)
+        ad = a.dtype
+        ga = g.astype(ad)
+        dt = dot(ga, sb, 1, 1, ad, like=t)                  # (M, r)
+        dx = dot(g, w, 1, 1, jnp.promote_types(g.dtype, x.dtype), like=x).astype(x.dtype)
+        dxl = dot(dt, a, 1, 1, ad, like=xl).astype(xl.dtype)
+        # via (r, K): transposes dt only
+        da = dot(dt, xl.astype(ad), 0, 0, ad, like=a, flip=True).T
+        db = (s * dot(t, ga, 0, 0, ad, like=b)).astype(b.dtype)     # transposes t only
+        # The frozen weight's cotangent is dead code unless params are
+        # differentiated too (XLA then drops it).
+        (dw,) = pull(dot(x, g, 0, 0, jnp.promote_types(g.dtype, w.dtype), like=w)
+                     .astype(w.dtype))
+        return dx, dxl, dw, da.astype(a.dtype), db, jnp.zeros_like(s)
+
+    kernel = jax.custom_vjp(matmul, nondiff_argnums=(0,))
+    kernel.defvjp(fwd, bwd)
+    return kernel
+
+
+def _explicit_spec(x, flip: bool = False):
+    """``x``'s PartitionSpec (axes reversed with ``flip``) on a mesh with Explicit
+    axes; None elsewhere (Auto axes, no mesh), where XLA chooses."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if not any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+        return None
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    return jax.sharding.PartitionSpec(*(spec[::-1] if flip else spec))
+
+
+@functools.lru_cache(maxsize=None)
+def fuse_concat() -> bool:
+    """Whether the training forward fuses into one dot over ``[x | x a]``, ``[W ; s b]``.
+
+    Only on a single CPU device, where it was measured faster (it saves a
+    pass over the output). Under a mesh the concatenation of a sharded
+    ``W`` with the replicated ``s b`` makes XLA reshuffle ``W`` (all-to-alls,
+    benchmarks/RESULTS.md "Sharding"), and on accelerators it would copy
+    every weight each step for no gain.
+    """
+    return jax.default_backend() == "cpu" and jax.device_count() == 1

@@ -1,0 +1,250 @@
+"""The low-rank products: the only places ``x @ a`` and ``(x @ a) @ b`` are formed.
+
+`lowrank_dot` (matmuls, through `lora_jax._apply.kernel` when the product
+flattens to 2-D), `lowrank_conv` (a conv with an r-channel kernel, then a
+1x1 up-projection) and `lowrank_gather` (embedding rows: ``a[ids] @ b``).
+Each raises `NotLowRank` when the use has no low-rank form; DoRA's scale
+``g`` is applied here (`dora_scaled`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+from lora_jax._apply.kernel import fuse_concat, matmul_kernel
+from lora_jax._apply.lazy import A, B, S, LazyWeight, NotLowRank, factor_labels, transpose_to
+
+__all__ = ["lowrank_dot", "lowrank_conv", "lowrank_gather", "dora_scaled"]
+
+
+def _matmul_plan(x, lw: LazyWeight, xc, wc, first_is_a):
+    """``(view, f1, f2, out_shape)`` when the product flattens to 2-D, else None.
+
+    Flattens when x's contracted axes are its trailing ones, the weight's
+    contracted axes are all of one factor's axes in the same order, and the
+    weight's free axes are the other factor's, in order. ``view(lw.w)`` is
+    the frozen weight as (K, N).
+    """
+    nx = x.ndim
+    if tuple(xc) != tuple(range(nx - len(xc), nx)):
+        return None
+    lw = lw.canonical()
+    kind1 = A if first_is_a else B
+    kind2 = B if first_is_a else A
+    if [lw.dims[i] for i in wc] != [(kind1, k) for k in range(lw.count(kind1))]:
+        return None
+    free = [i for i in range(lw.ndim) if i not in wc]
+    if [lw.dims[i] for i in free] != [(kind2, k) for k in range(lw.count(kind2))]:
+        return None
+    r = lw.a.shape[-1]
+    k = math.prod(lw.shape[i] for i in wc)
+    n = math.prod(lw.shape[i] for i in free)
+    perm = tuple(wc) + tuple(free)
+    dtype, pending = lw.dtype, lw.pending
+
+    def view(w):
+        w = LazyWeight.frozen_value(w, dtype, pending)
+        if perm != tuple(range(w.ndim)):
+            w = lax.transpose(w, perm)
+        return w.reshape(k, n)
+
+    a2 = lw.a.reshape(-1, r)        # (prod A, r)
+    b2 = lw.b.reshape(r, -1)        # (r, prod B)
+    f1, f2 = (a2, b2) if first_is_a else (b2.T, a2.T)
+    out_shape = x.shape[: nx - len(xc)] + tuple(lw.shape[i] for i in free)
+    return view, lw.w, f1, f2, out_shape
+
+
+def _out_dtype(preferred, x_dtype, w_dtype):
+    return jnp.dtype(preferred) if preferred is not None else jnp.result_type(x_dtype, w_dtype)
+
+
+def _acc_dtype(out_dtype, adapter_dtype):
+    """The dtype the low-rank sum is formed in: never below the adapters'."""
+    return jnp.promote_types(out_dtype, adapter_dtype)
+
+
+def lowrank_dot(x, lw: LazyWeight, *, x_is_lhs: bool, dimension_numbers, precision,
+                preferred_element_type, out_sharding, lora_input=None,
+                custom_grad=True):
+    """``dot_general(x, W + s a b)`` as ``x W + s (x a) b``; raises `NotLowRank`.
+
+    The one place the low-rank product of a matmul is formed; extensions
+    (DoRA's column norm, per-example adapter gathers, sharding constraints)
+    hook in here. ``lora_input(x)`` gives the LoRA branch's input (``x``
+    after dropout); it is called only once the product is known to be
+    low-rank. The weight's batch axes must be exactly
+    its stacked axes, and its contracted axes all input (``A``) axes or all
+    output (``B``) axes; partial contractions of one kind are fine.
+    """
+    (lc, rc), (lb, rb) = dimension_numbers
+    xc, wc, xb, wb = (lc, rc, lb, rb) if x_is_lhs else (rc, lc, rb, lb)
+    dims = lw.dims
+    if sorted(dims[i] for i in wb) != [(S, k) for k in range(lw.count(S))]:
+        raise NotLowRank("the matmul's batch axes of the weight are not exactly its stacked "
+                         "axes (check LoraConfig.layouts)")
+    kinds = {dims[i][0] for i in wc}
+    if kinds not in ({A}, {B}):
+        raise NotLowRank("the matmul contracts a mix of the weight's input and output axes "
+                         "(or none); check LoraConfig.layouts")
+    first_is_a = kinds == {A}
+    if lw.g is None:
+        return _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
+                            preferred_element_type, out_sharding, lora_input, custom_grad)
+    # DoRA: the weight is (W + s a b) * g over its output axes
+    x_free = [i for i in range(x.ndim) if i not in xc and i not in xb]
+    if not first_is_a:       # output axes contracted: scale x instead
+        labels = [None] * x.ndim
+        for i, j in (*zip(xc, wc), *zip(xb, wb)):
+            labels[i] = dims[j]
+        x = (x * lw.g_along(labels)).astype(x.dtype)
+        return _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
+                            preferred_element_type, out_sharding, lora_input, custom_grad)
+    w_free = [dims[i] for i in range(lw.ndim) if i not in wc and i not in wb]
+    none = [None] * len(x_free)
+    labels = [dims[j] for j in wb] + (none + w_free if x_is_lhs else w_free + none)
+    y = _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
+                     preferred_element_type, out_sharding, lora_input, custom_grad)
+    return dora_scaled(lw, y, labels)
+
+
+def _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
+                 preferred_element_type, out_sharding, lora_input, custom_grad):
+    """`lowrank_dot` without DoRA's scale (arguments checked there)."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    xc, wc, xb, wb = (lc, rc, lb, rb) if x_is_lhs else (rc, lc, rb, lb)
+    dims = lw.dims
+    f1, f2 = (lw.a, lw.b) if first_is_a else (lw.b, lw.a)
+    pos1, pos2 = (lw.a_axis, lw.b_axis) if first_is_a else (lw.b_axis, lw.a_axis)
+    out_dtype = _out_dtype(preferred_element_type, x.dtype, lw.dtype)
+    acc = _acc_dtype(out_dtype, f1.dtype)
+    if custom_grad and x_is_lhs and not wb:
+        plan = _matmul_plan(x, lw, xc, wc, first_is_a)
+        if plan is not None:
+            view, w_src, f1_2d, f2_2d, out_shape = plan
+            xl = x if lora_input is None else lora_input(x)
+            k = f1_2d.shape[0]
+            same = x.dtype == lw.dtype == f1.dtype == f2.dtype == out_dtype
+            kernel = matmul_kernel(precision, out_dtype, same and fuse_concat())
+            y = kernel(view, x.reshape(-1, k), xl.reshape(-1, k), w_src, f1_2d, f2_2d,
+                       lw.scale)
+            return y.reshape(out_shape)
+    operands = (x, lw.frozen()) if x_is_lhs else (lw.frozen(), x)
+    base = lax.dot_general(*operands, dimension_numbers, precision=precision,
+                           preferred_element_type=acc if acc != out_dtype
+                           else preferred_element_type,
+                           out_sharding=out_sharding)
+    xl = x if lora_input is None else lora_input(x)
+    xl = xl.astype(f1.dtype)
+    nbat = len(wb)
+    # t = x . f1 over the contracted axes: (batch, x free, f1 free)
+    t = lax.dot_general(xl, f1, ((tuple(xc), tuple(pos1(dims[i]) for i in wc)),
+                                 (tuple(xb), tuple(pos1(dims[i]) for i in wb))),
+                        precision=precision, preferred_element_type=f1.dtype)
+    x_free = [i for i in range(x.ndim) if i not in xc and i not in xb]
+    f1_used = {pos1(dims[i]) for i in (*wc, *wb)}
+    f1_labels = factor_labels(lw, first_is_a)
+    t_labels = [("batch", i) for i in range(nbat)] + [("x", i) for i in x_free] + \
+        [lab for p, lab in enumerate(f1_labels) if p not in f1_used]
+    r_t = t_labels.index("r")
+    f2 = f2 * lw.scale.astype(f2.dtype)
+    d = lax.dot_general(t, f2, (((r_t,), (pos2("r"),)),
+                                (tuple(range(nbat)), tuple(pos2(dims[i]) for i in wb))),
+                        precision=precision, preferred_element_type=f1.dtype)
+    f2_free = [lab for lab in factor_labels(lw, not first_is_a) if lab != "r" and lab[0] != S]
+    d_labels = [("batch", i) for i in range(nbat)] + \
+        [lab for lab in t_labels[nbat:] if lab != "r"] + f2_free
+    w_free = [dims[i] for i in range(lw.ndim) if i not in wc and i not in wb]
+    x_part = [("x", i) for i in x_free]
+    want = [("batch", i) for i in range(nbat)] + \
+        (x_part + w_free if x_is_lhs else w_free + x_part)
+    d = transpose_to(d, d_labels, want)
+    return (base.astype(acc) + d.astype(acc)).astype(out_dtype)
+
+
+def lowrank_conv(x, lw: LazyWeight, *, params, lora_input=None):
+    """``conv(x, W + s a b)`` as ``conv(x, W) + s conv(x, a) b``; raises `NotLowRank`.
+
+    ``a`` becomes an r-output-channel kernel with W's spatial and input axes;
+    ``b`` is then a 1x1 up-projection on the output's feature axis. Needs
+    W's output-feature axis to be its only ``B`` axis (the default conv
+    layout) and no feature/batch groups.
+    """
+    dn = params["dimension_numbers"]
+    if params["feature_group_count"] != 1 or params["batch_group_count"] != 1 \
+            or lw.count(S) or lw.count(B) != 1:
+        raise NotLowRank("grouped convolution, or a kernel whose layout is not "
+                         "(*spatial, in, out)")
+    out_feat = dn.rhs_spec[0]
+    if lw.dims[out_feat] != (B, 0):
+        raise NotLowRank("the convolution's output-feature axis is not the weight's output axis")
+    conv = dict(window_strides=params["window_strides"], padding=params["padding"],
+                lhs_dilation=params["lhs_dilation"], rhs_dilation=params["rhs_dilation"],
+                dimension_numbers=dn, precision=params["precision"])
+    out_dtype = _out_dtype(params["preferred_element_type"], x.dtype, lw.dtype)
+    acc = _acc_dtype(out_dtype, lw.a.dtype)
+    base = lax.conv_general_dilated(
+        x, lw.frozen(), **conv,
+        preferred_element_type=acc if acc != out_dtype else params["preferred_element_type"])
+    kernel_labels = [lab if lab[0] == A else "r" for lab in lw.dims]
+    kernel = transpose_to(lw.a, factor_labels(lw, True), kernel_labels)
+    xl = (x if lora_input is None else lora_input(x)).astype(lw.a.dtype)
+    t = lax.conv_general_dilated(xl, kernel, **conv, preferred_element_type=lw.a.dtype)
+    feat = dn.out_spec[1]
+    b = lw.b * lw.scale.astype(lw.b.dtype)
+    d = lax.dot_general(t, b, (((feat,), (0,)), ((), ())), precision=params["precision"],
+                        preferred_element_type=lw.a.dtype)
+    d = jnp.moveaxis(d, -1, feat)
+    return dora_scaled(lw, (base.astype(acc) + d.astype(acc)).astype(out_dtype),
+                        _feature_labels(y_ndim=base.ndim, feat=feat))
+
+
+def _feature_labels(y_ndim: int, feat: int) -> list:
+    """Labels of a conv/gather result: the weight's one output axis at ``feat``."""
+    labels = [None] * y_ndim
+    labels[feat] = (B, 0)
+    return labels
+
+
+def dora_scaled(lw: LazyWeight, y, labels):
+    """``y`` (axes labelled ``labels``) times DoRA's ``g``; unchanged without DoRA."""
+    if lw.g is None:
+        return y
+    return (y * lw.g_along(labels).astype(y.dtype)).astype(y.dtype)
+
+
+def lowrank_gather(lw: LazyWeight, indices, *, params):
+    """``(W + s a b)[ids]`` as ``W[ids] + s a[ids] b``; raises `NotLowRank`.
+
+    The embedding lookup: rows (``A`` axes) are gathered from ``a``, then
+    multiplied by ``b``. Needs one ``B`` axis, taken whole by every slice.
+    """
+    gdn = params["dimension_numbers"]
+    sizes = tuple(params["slice_sizes"])
+    if lw.count(S) or lw.count(B) != 1 or gdn.operand_batching_dims:
+        raise NotLowRank("a gather from a stacked weight or one with several output axes")
+    bpos = lw.dims.index((B, 0))
+    if sizes[bpos] != lw.shape[bpos] or bpos in gdn.collapsed_slice_dims \
+            or bpos in gdn.start_index_map:
+        raise NotLowRank("the gather slices the weight's output axis (not a row lookup)")
+    kw = dict(dimension_numbers=gdn, indices_are_sorted=params["indices_are_sorted"],
+              unique_indices=params["unique_indices"], mode=params["mode"],
+              fill_value=params["fill_value"])
+    base = lax.gather(lw.frozen(), indices, slice_sizes=sizes, **kw)
+    out_dtype = base.dtype
+    acc = _acc_dtype(out_dtype, lw.a.dtype)
+    r = lw.a.shape[-1]
+    table_labels = [lab if lab[0] == A else "r" for lab in lw.dims]
+    table = transpose_to(lw.a, factor_labels(lw, True), table_labels)
+    t = lax.gather(table, indices, slice_sizes=sizes[:bpos] + (r,) + sizes[bpos + 1:], **kw)
+    kept = [i for i in range(lw.ndim) if i not in gdn.collapsed_slice_dims]
+    feat = gdn.offset_dims[kept.index(bpos)]
+    b = lw.b * lw.scale.astype(lw.b.dtype)
+    d = lax.dot_general(t, b, (((feat,), (0,)), ((), ())),
+                        preferred_element_type=lw.a.dtype)
+    d = jnp.moveaxis(d, -1, feat)
+    return dora_scaled(lw, (base.astype(acc) + d.astype(acc)).astype(out_dtype),
+                        _feature_labels(y_ndim=base.ndim, feat=feat))
