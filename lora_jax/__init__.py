@@ -8,21 +8,21 @@
 128
 """
 
-from lora_jax._analysis.analyze import Analysis as Analysis
-from lora_jax._analysis.analyze import Extraction as Extraction
-from lora_jax._analysis.analyze import Spectrum as Spectrum
+from lora_jax._analysis.spectrum import Analysis as Analysis
+from lora_jax._analysis.extract import Extraction as Extraction
+from lora_jax._analysis.spectrum import Spectrum as Spectrum
 from lora_jax._analysis.analyze import Truncation as Truncation
 from lora_jax._analysis.analyze import analyze as analyze
-from lora_jax._analysis.analyze import extract as extract
+from lora_jax._analysis.extract import extract as extract
 from lora_jax._analysis.analyze import truncate as truncate
-from lora_jax._checkpoint.checkpointer import CheckpointError as CheckpointError
-from lora_jax._checkpoint.checkpointer import CheckpointInfo as CheckpointInfo
+from lora_jax._checkpoint.record import CheckpointError as CheckpointError
+from lora_jax._checkpoint.info import CheckpointInfo as CheckpointInfo
 from lora_jax._checkpoint.checkpointer import Checkpointer as Checkpointer
 from lora_jax._checkpoint.checkpointer import TrainState as TrainState
-from lora_jax._checkpoint.checkpointer import inspect as inspect
-from lora_jax._checkpoint.checkpointer import restore as restore
-from lora_jax._checkpoint.checkpointer import restore_state as restore_state
-from lora_jax._checkpoint.checkpointer import save as save
+from lora_jax._checkpoint.api import inspect as inspect
+from lora_jax._checkpoint.api import restore as restore
+from lora_jax._checkpoint.api import restore_state as restore_state
+from lora_jax._checkpoint.api import save as save
 from lora_jax._apply.transform import Explanation as Explanation
 from lora_jax._apply.transform import apply as apply
 from lora_jax._apply.transform import explain as explain
@@ -50,8 +50,8 @@ from lora_jax._multi.set import adapter_ids as adapter_ids
 from lora_jax._multi.set import adapter_set as adapter_set
 from lora_jax._multi.set import add_adapter as add_adapter
 from lora_jax._multi.set import remove_adapter as remove_adapter
-from lora_jax._multi.set import restore_set as restore_set
-from lora_jax._multi.set import save_set as save_set
+from lora_jax._multi.io import restore_set as restore_set
+from lora_jax._multi.io import save_set as save_set
 from lora_jax._multi.set import select_adapter as select_adapter
 from lora_jax._optim import make_train_step as make_train_step
 from lora_jax._optim import optimizer as optimizer

@@ -40,7 +40,7 @@ def add_inspect_command(subparsers) -> None:
 
 def _run_inspect(args) -> int:
     from lora_jax._analysis.analyze import spectra_summary
-    from lora_jax._checkpoint.checkpointer import inspect
+    from lora_jax._checkpoint.api import inspect
 
     print(inspect(args.directory, step=args.step))
     if not args.no_spectra:

@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from lora_jax._analysis.analyze import Spectrum
+from lora_jax._analysis.spectrum import Spectrum
 
 __all__ = ["spectra", "truncation_error"]
 

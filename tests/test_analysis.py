@@ -17,6 +17,7 @@ import pytest
 
 import lora_jax as lj
 from lora_jax._analysis import analyze as _analysis
+from lora_jax._analysis import extract as _extract
 from examples import gpt
 from tests._asserts import assert_close, perturb_b, rel_err
 from tests.conftest import SMALL
@@ -330,7 +331,7 @@ def test_extract_elbow_at_true_rank(rng):
 def test_extract_randomized_matches_exact(rng, monkeypatch):
     """auto switches to the randomized SVD past a size (1024; lowered here to keep
     the test fast); it reaches the optimal error."""
-    monkeypatch.setattr(_analysis, "_EXACT_SVD_MAX", 256)
+    monkeypatch.setattr(_extract, "_EXACT_SVD_MAX", 256)
     g = _np_rng(rng)
     base = {"w": jnp.zeros((400, 300))}
     dw = _low_rank_plus_noise(g, 400, 300, true_rank=8, noise=0.1)

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._core.config import LoraConfig
-from lora_jax._core.paths import leaves_with_paths, resolve
 from lora_jax._core.fmt import fmt_bytes, table
+from lora_jax._core.paths import leaves_with_paths, resolve
 
 __all__ = ["plan", "Plan", "preset", "PRESETS", "OPTIMIZER_STATES", "BITS_PER_PARAM"]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np

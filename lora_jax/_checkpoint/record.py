@@ -6,7 +6,7 @@ into ``'/'``-path-keyed arrays (non-finite values refused), the shape,
 dtype and sha256 of every array (hashed on threads: hashlib releases the
 GIL), and the JSON record -- format and version, the `LoraConfig`, the base
 fingerprint, user metadata and a sha256 of the record itself -- with its
-validation on read. Orbax (`lora_jax._checkpoint.checkpointer`) stores and loads; this
+validation on read. Orbax (`lora_jax._checkpoint.manager`) stores and loads; this
 module decides what is stored and whether what came back is what was.
 """
 

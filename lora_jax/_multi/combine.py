@@ -18,18 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lora_jax._analysis.analyze import Analysis, Spectrum, factor_svd
+from lora_jax._analysis.spectrum import Analysis, Spectrum, factor_svd
 from lora_jax._core.config import LoraConfig
 from lora_jax._core.leaf import dense_float32, is_container
 from lora_jax._core.paths import unflatten_params
-from lora_jax._merge import check_merged
-from lora_jax._variants.quantize import requantize_merged
-from lora_jax._multi.set import BASE, AdapterSet, check_set, index_of, targets_config
 from lora_jax._core.weights import LoraWeights, check_adapters, flatten_adapters
+from lora_jax._merge import check_merged
+from lora_jax._multi.set import BASE, AdapterSet, check_set, index_of, targets_config
+from lora_jax._variants.quantize import requantize_merged
 
 __all__ = ["Combination", "combine", "merge_weighted"]
-
-_METHODS = ("cat", "svd", "linear")
 
 
 class Combination(NamedTuple):
@@ -102,6 +100,46 @@ def _refactor(a, b, k):
     return a2, b2, s
 
 
+# The methods of `combine`. Each takes the exact weighted sum as concatenated factors
+# (``a_cat: (..., in, sum r_i)``, ``b_cat: (..., sum r_i, out)``), the ``(member index,
+# weight, rank)`` parts and the set's node on the host, and returns ``(a, b, rank, error)``:
+# ``error`` per layer, or None when it is the spectrum's tail at ``rank`` ("svd").
+
+
+def _cat(a_cat, b_cat, parts, host, *, rank, path, names):
+    """Exact: the concatenated factors, re-factorized (still exactly) above min(in, out)."""
+    k = min(a_cat.shape[-1], a_cat.shape[-2], b_cat.shape[-1])
+    a_new, b_new = (a_cat, b_cat) if k == a_cat.shape[-1] else _refactor(a_cat, b_cat, k)[:2]
+    return a_new, b_new, k, np.zeros(a_cat.shape[:-2])
+
+
+def _svd(a_cat, b_cat, parts, host, *, rank, path, names):
+    """The sum's best rank-``rank`` approximation (default: the largest member rank)."""
+    k = min(rank or max(r for _, _, r in parts), a_cat.shape[-2], b_cat.shape[-1])
+    a_new, b_new, _ = _refactor(a_cat, b_cat, k)
+    return a_new, b_new, k, None
+
+
+def _linear(a_cat, b_cat, parts, host, *, rank, path, names):
+    """PEFT's linear: sqrt-weighted sums of the factors themselves (one common rank)."""
+    rs = {names[i]: r for i, _, r in parts}
+    if len(set(rs.values())) > 1:
+        raise ValueError(
+            f"combine(method='linear'): {path} has adapters of different ranks {rs}; "
+            f"'linear' adds the factors themselves, so it needs one rank. Fix: use "
+            f"method='cat' (exact) or 'svd'.")
+    k = next(iter(rs.values()))
+    f64, s_all = np.float64, host.scale
+    a_new = sum(math.copysign(math.sqrt(abs(w * float(s_all[i]))), w * float(s_all[i]))
+                * host.a[i, ..., :r].astype(f64) for i, w, r in parts)
+    b_new = sum(math.sqrt(abs(w * float(s_all[i]))) * host.b[i, ..., :r, :].astype(f64)
+                for i, w, r in parts)
+    return a_new, b_new, k, _gram_error(a_new, b_new, a_cat, b_cat)
+
+
+_METHODS = {"cat": _cat, "svd": _svd, "linear": _linear}
+
+
 def combine(aset: AdapterSet, weights, *, method: str = "svd",
             rank: int | None = None) -> Combination:
     """One adapter from a weighted combination of a set's adapters (PEFT's
@@ -147,7 +185,8 @@ def combine(aset: AdapterSet, weights, *, method: str = "svd",
       >>> aset = lj.adapter_set({"x": adapter(0), "y": adapter(1)})
       >>> exact = lj.merge_weighted(params, aset, {"x": 1.0, "y": -0.5})["w"]
       >>> cat = lj.combine(aset, {"x": 1.0, "y": -0.5}, method="cat")
-      >>> cat.config.rank, bool(jnp.allclose(lj.merge(params, cat.adapters, cat.config)["w"], exact, atol=1e-5))
+      >>> merged = lj.merge(params, cat.adapters, cat.config)["w"]
+      >>> cat.config.rank, bool(jnp.allclose(merged, exact, atol=1e-5))
       (8, True)
       >>> svd = lj.combine(aset, {"x": 1.0, "y": -0.5}, method="svd", rank=8)   # full rank: exact
       >>> float(svd.report.spectra[0].error) < 1e-6
@@ -156,8 +195,26 @@ def combine(aset: AdapterSet, weights, *, method: str = "svd",
       4
     """
     check_set(aset, "combine")
-    if method not in _METHODS:
-        raise ValueError(f"combine: method={method!r}; use one of {_METHODS} ('cat' is exact, "
+    _check_method(method, rank)
+    pairs = _weights(aset, weights)
+    flat, treedef = flatten_adapters(aset.adapters)
+    nodes, ranks, rows = [], {}, []
+    for path, node in flat:
+        new, k, path_rows = _combine_path(aset, pairs, path, node, method, rank)
+        nodes.append(new)
+        if new is not None:
+            ranks[path] = k
+        rows += path_rows
+    members = [aset.members[i] for i, _ in pairs]
+    config = targets_config(aset.config, members, list(ranks)).with_ranks(ranks, unit_scale=True)
+    adapters = jax.tree_util.tree_unflatten(treedef, nodes)
+    return Combination(adapters, config, Analysis(tuple(rows)))
+
+
+def _check_method(method: str, rank) -> None:
+    names = tuple(_METHODS)   # a tuple: an unhashable method is refused, not a TypeError
+    if method not in names:
+        raise ValueError(f"combine: method={method!r}; use one of {names} ('cat' is exact, "
                          f"'svd' truncates, 'linear' is PEFT's approximate one).")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, np.integer))
                              or rank < 1):
@@ -165,61 +222,47 @@ def combine(aset: AdapterSet, weights, *, method: str = "svd",
     if rank is not None and method != "svd":
         raise ValueError(f"combine: rank= applies to method='svd' only (cat's rank is the sum "
                          f"of the ranks, linear's the common rank); got method={method!r}.")
-    pairs = _weights(aset, weights)
-    flat, treedef = flatten_adapters(aset.adapters)
-    nodes, ranks, rows = [], {}, []
-    for path, node in flat:
-        parts = [(i, w, aset.members[i].rank_for(path)) for i, w in pairs]
-        parts = [(i, w, r) for i, w, r in parts if r > 0]
-        if node is None or not parts:
-            nodes.append(None)
-            continue
-        a_all, b_all, s_all = np.asarray(node.a), np.asarray(node.b), np.asarray(node.scale)
-        dtype = node.a.dtype
-        f64 = np.float64
-        # the exact weighted sum, as concatenated factors (PEFT's cat: weights on a)
-        a_cat = np.concatenate([w * f64(s_all[i]) * a_all[i, ..., :r].astype(f64)
-                                for i, w, r in parts], -1)
-        b_cat = np.concatenate([b_all[i, ..., :r, :].astype(f64) for i, _, r in parts], -2)
-        n_in, n_out = a_cat.shape[-2], b_cat.shape[-1]
-        _, sv, _ = factor_svd(LoraWeights(a_cat, b_cat, f64(1.0)))
-        lead = a_cat.shape[:-2]
-        if method == "cat":
-            k = min(a_cat.shape[-1], n_in, n_out)
-            a_new, b_new = (a_cat, b_cat) if k == a_cat.shape[-1] else _refactor(a_cat, b_cat, k)[:2]
-            err = np.zeros(lead)
-        elif method == "svd":
-            k = min(rank or max(r for _, _, r in parts), n_in, n_out)
-            a_new, b_new, _ = _refactor(a_cat, b_cat, k)
-            err = None
+
+
+def _combine_path(aset: AdapterSet, pairs: list, path: str, node, method: str, rank):
+    """One path's ``(combined LoraWeights, rank, report rows)``; ``(None, None, [])``
+    where none of the weighted adapters adapts it."""
+    parts = [(i, w, aset.members[i].rank_for(path)) for i, w in pairs]
+    parts = [(i, w, r) for i, w, r in parts if r > 0]
+    if node is None or not parts:
+        return None, None, []
+    host = LoraWeights(np.asarray(node.a), np.asarray(node.b), np.asarray(node.scale))
+    a_cat, b_cat = _weighted_cat(host, parts)
+    _, sv, _ = factor_svd(LoraWeights(a_cat, b_cat, np.float64(1.0)))
+    a_new, b_new, k, err = _METHODS[method](a_cat, b_cat, parts, host, rank=rank, path=path,
+                                            names=aset.names)
+    rows = _report_rows(path, sv, (a_cat.shape[-2], b_cat.shape[-1]), k, err)
+    new = LoraWeights(jnp.asarray(a_new.astype(node.a.dtype)),
+                      jnp.asarray(b_new.astype(node.b.dtype)), jnp.asarray(1.0, jnp.float32))
+    return new, k, rows
+
+
+def _weighted_cat(host: LoraWeights, parts: list):
+    """The exact weighted sum as concatenated float64 factors (PEFT's cat: weights on a)."""
+    f64 = np.float64
+    a_cat = np.concatenate([w * f64(host.scale[i]) * host.a[i, ..., :r].astype(f64)
+                            for i, w, r in parts], -1)
+    b_cat = np.concatenate([host.b[i, ..., :r, :].astype(f64) for i, _, r in parts], -2)
+    return a_cat, b_cat
+
+
+def _report_rows(path: str, sv, shape: tuple, k: int, err) -> list:
+    """One `Spectrum` per layer: the exact sum's singular values and the result's error
+    (``err=None``: truncated at ``k``, the error read off the spectrum)."""
+    rows = []
+    for idx in np.ndindex(*sv.shape[:-1]):
+        sp = Spectrum(path, tuple(int(j) for j in idx), shape, sv[idx])
+        if err is None:
+            sp = dataclasses.replace(sp, rank_kept=k, error=sp.error_at(k))
         else:
-            rs = {aset.names[i]: r for i, _, r in parts}
-            if len(set(rs.values())) > 1:
-                raise ValueError(
-                    f"combine(method='linear'): {path} has adapters of different ranks {rs}; "
-                    f"'linear' adds the factors themselves, so it needs one rank. Fix: use "
-                    f"method='cat' (exact) or 'svd'.")
-            k = next(iter(rs.values()))
-            a_new = sum(math.copysign(math.sqrt(abs(w * float(s_all[i]))), w * float(s_all[i]))
-                        * a_all[i, ..., :r].astype(f64) for i, w, r in parts)
-            b_new = sum(math.sqrt(abs(w * float(s_all[i]))) * b_all[i, ..., :r, :].astype(f64)
-                        for i, w, r in parts)
-            err = _gram_error(a_new, b_new, a_cat, b_cat)
-        ranks[path] = k
-        for idx in np.ndindex(*lead):
-            sp = Spectrum(path, tuple(int(j) for j in idx), (n_in, n_out), sv[idx])
-            if method == "svd":
-                sp = dataclasses.replace(sp, rank_kept=k, error=sp.error_at(k))
-            else:
-                sp = dataclasses.replace(sp, error=float(err[idx]))
-            rows.append(sp)
-        nodes.append(LoraWeights(jnp.asarray(a_new.astype(dtype)),
-                                 jnp.asarray(b_new.astype(node.b.dtype)),
-                                 jnp.asarray(1.0, jnp.float32)))
-    members = [aset.members[i] for i, _ in pairs]
-    config = targets_config(aset.config, members, list(ranks)).with_ranks(ranks, unit_scale=True)
-    adapters = jax.tree_util.tree_unflatten(treedef, nodes)
-    return Combination(adapters, config, Analysis(tuple(rows)))
+            sp = dataclasses.replace(sp, error=float(err[idx]))
+        rows.append(sp)
+    return rows
 
 
 def merge_weighted(params, aset: AdapterSet, weights):

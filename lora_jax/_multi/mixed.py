@@ -19,8 +19,8 @@ import numpy as np
 from jax import lax
 
 from lora_jax._apply.transform import apply
-from lora_jax._multi.set import AdapterSet, adapter_ids, check_set
 from lora_jax._core.weights import LoraWeights, check_adapters, is_node
+from lora_jax._multi.set import AdapterSet, adapter_ids, check_set
 
 __all__ = ["apply_mixed"]
 
@@ -70,6 +70,61 @@ def _arg_axes(in_axes, args) -> list:
         f"positional argument of fn after params ({len(args)} given). Fix: e.g. in_axes=0 "
         f"when every array argument has the examples on axis 0.")
 
+
+def _check_options(fn, in_axes, out_axes, strict) -> None:
+    """apply_mixed's own arguments (checked when it is called, not at the first batch)."""
+    if not callable(fn):
+        raise TypeError(f"lj.apply_mixed: fn must be callable (e.g. model.apply); got "
+                        f"{type(fn).__name__}.")
+    if isinstance(out_axes, bool) or not isinstance(out_axes, int) or out_axes < 0:
+        raise ValueError(f"lj.apply_mixed: out_axes={out_axes!r} must be an int >= 0.")
+    if not isinstance(strict, bool):
+        raise TypeError(f"lj.apply_mixed: strict must be a bool; got {strict!r}.")
+    if (not (in_axes is None or isinstance(in_axes, (int, tuple, list)))
+            or isinstance(in_axes, bool)):
+        _arg_axes(in_axes, ())  # raises, naming the accepted forms
+
+
+def _split_args(args: tuple, axes: list, n_ex: int):
+    """``(leaves, where, per_arg)``: all leaves of ``args``, the ``(position, axis)`` of
+    those holding the ``n_ex`` examples, and each argument's ``(leaves, treedef)``."""
+    leaves, where = [], []
+    per_arg = [jax.tree.flatten(a) for a in args]
+    for j, ((flat, _), ax) in enumerate(zip(per_arg, axes, strict=True)):
+        for leaf in flat:
+            if ax is not None and hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+                if leaf.ndim <= ax or leaf.shape[ax] != n_ex:
+                    raise ValueError(
+                        f"lj.apply_mixed: argument {j} has a leaf of shape "
+                        f"{tuple(leaf.shape)} whose axis {ax} should hold the {n_ex} "
+                        f"examples that adapter_ids names. Fix: one id per example, or "
+                        f"in_axes=(...) with None for arguments shared by all examples.")
+                where.append((len(leaves), ax))
+            leaves.append(leaf)
+    return leaves, where, per_arg
+
+
+def _example_args(leaves: list, where: list, per_arg: list, batched: list) -> list:
+    """One example's positional arguments: its slices of the batched leaves, each
+    a batch of one, and the shared leaves as they are."""
+    full = list(leaves)
+    for (pos, ax), x in zip(where, batched, strict=True):
+        full[pos] = jnp.expand_dims(x, ax)
+    it = iter(full)
+    return [jax.tree.unflatten(td, [next(it) for _ in flat]) for flat, td in per_arg]
+
+
+def _squeeze_examples(out, out_axes: int):
+    """fn's output for one example without its example axis (which must have size 1)."""
+    def squeeze(y):
+        if jnp.ndim(y) <= out_axes or jnp.shape(y)[out_axes] != 1:
+            raise ValueError(
+                f"lj.apply_mixed: fn's output for one example has shape "
+                f"{tuple(jnp.shape(y))}, with no example axis {out_axes} of size 1. "
+                f"Fix: set out_axes to the outputs' batch axis; fn must keep one "
+                f"output per example.")
+        return jnp.squeeze(y, out_axes)
+    return jax.tree.map(squeeze, out)
 
 def apply_mixed(fn: Callable, *, in_axes=0, out_axes: int = 0,
                 strict: bool = False) -> Callable:
@@ -122,62 +177,27 @@ def apply_mixed(fn: Callable, *, in_axes=0, out_axes: int = 0,
       >>> ids = lj.adapter_ids(aset, ["y", "__base__", "x"])
       >>> out = jax.jit(lj.apply_mixed(fn))(params, aset, ids, xs)
       >>> alone = lj.apply(fn, aset.config)(params, lj.select_adapter(aset, "y"), xs[:1])
-      >>> bool(jnp.allclose(out[0], alone[0], atol=1e-5)), bool(jnp.allclose(out[1], fn(params, xs[1])))
+      >>> as_alone = jnp.allclose(out[0], alone[0], atol=1e-5)
+      >>> bool(as_alone), bool(jnp.allclose(out[1], fn(params, xs[1])))
       (True, True)
     """
-    if not callable(fn):
-        raise TypeError(f"lj.apply_mixed: fn must be callable (e.g. model.apply); got "
-                        f"{type(fn).__name__}.")
-    if isinstance(out_axes, bool) or not isinstance(out_axes, int) or out_axes < 0:
-        raise ValueError(f"lj.apply_mixed: out_axes={out_axes!r} must be an int >= 0.")
-    if not isinstance(strict, bool):
-        raise TypeError(f"lj.apply_mixed: strict must be a bool; got {strict!r}.")
-    if not (in_axes is None or isinstance(in_axes, (int, tuple, list))) or isinstance(in_axes, bool):
-        _arg_axes(in_axes, ())  # raises, naming the accepted forms
+    _check_options(fn, in_axes, out_axes, strict)
 
     def mixed(params, adapter_set, adapter_ids, *args, **kwargs):
         check_set(adapter_set, "apply_mixed")
         check_adapters(params, adapter_set.adapters, adapter_set.config)
         ids = _ids_array(adapter_set, adapter_ids)
-        n_ex = ids.shape[0]
-        axes = _arg_axes(in_axes, args)
-        leaves, where = [], []           # all leaves of args; (position, axis) of batched ones
-        per_arg = [jax.tree.flatten(a) for a in args]
-        for j, ((flat, _), ax) in enumerate(zip(per_arg, axes)):
-            for leaf in flat:
-                if ax is not None and hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-                    if leaf.ndim <= ax or leaf.shape[ax] != n_ex:
-                        raise ValueError(
-                            f"lj.apply_mixed: argument {j} has a leaf of shape "
-                            f"{tuple(leaf.shape)} whose axis {ax} should hold the {n_ex} "
-                            f"examples that adapter_ids names. Fix: one id per example, or "
-                            f"in_axes=(...) with None for arguments shared by all examples.")
-                    where.append((len(leaves), ax))
-                leaves.append(leaf)
+        leaves, where, per_arg = _split_args(args, _arg_axes(in_axes, args), ids.shape[0])
         inner = apply(fn, adapter_set.config, strict=strict)
 
         def one(i, batched):
-            full = list(leaves)
-            for (pos, ax), x in zip(where, batched):
-                full[pos] = jnp.expand_dims(x, ax)     # each example is a batch of one
-            it = iter(full)
-            ex_args = [jax.tree.unflatten(td, [next(it) for _ in flat]) for flat, td in per_arg]
+            ex_args = _example_args(leaves, where, per_arg, batched)
             out = inner(params, _example_adapters(adapter_set, i), *ex_args, **kwargs)
-
-            def squeeze(y):
-                if jnp.ndim(y) <= out_axes or jnp.shape(y)[out_axes] != 1:
-                    raise ValueError(
-                        f"lj.apply_mixed: fn's output for one example has shape "
-                        f"{tuple(jnp.shape(y))}, with no example axis {out_axes} of size 1. "
-                        f"Fix: set out_axes to the outputs' batch axis; fn must keep one "
-                        f"output per example.")
-                return jnp.squeeze(y, out_axes)
-            return jax.tree.map(squeeze, out)
+            return _squeeze_examples(out, out_axes)
 
         batched = [leaves[pos] for pos, _ in where]
         return jax.vmap(one, in_axes=(0, [ax for _, ax in where]), out_axes=out_axes)(
             ids, batched)
 
     return mixed
-
 

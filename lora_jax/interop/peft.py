@@ -38,12 +38,13 @@ import re
 import tempfile
 import warnings
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._core.config import Layout, LoraConfig, LoraWarning
 from lora_jax._checkpoint.fingerprint import BaseMismatchError, base_fingerprint, check_base
+from lora_jax._core.config import Layout, LoraConfig, LoraWarning
 from lora_jax._core.leaf import dense_float32, is_container
 from lora_jax._core.paths import leaves_with_paths, resolve, unflatten_params
 from lora_jax._core.weights import LoraWeights, check_adapters, flatten_adapters, is_lora
@@ -236,12 +237,14 @@ def export_peft(directory, adapters, config: LoraConfig, *, key_map, params=None
 
     Example:
       >>> import json, os, tempfile, jax, lora_jax as lj
-      >>> params = {"params": {"lm_head": {"kernel": jax.random.normal(jax.random.key(0), (8, 16))}}}
+      >>> w = jax.random.normal(jax.random.key(0), (8, 16))
+      >>> params = {"params": {"lm_head": {"kernel": w}}}
       >>> cfg = lj.LoraConfig(rank=2, alpha=4, targets=r".*/lm_head/kernel")
       >>> ad = lj.init(params, cfg, key=jax.random.key(1))
       >>> with tempfile.TemporaryDirectory() as d:
       ...     _ = lj.export_peft(d, ad, cfg, key_map="llama")
-      ...     c = json.load(open(os.path.join(d, "adapter_config.json")))
+      ...     with open(os.path.join(d, "adapter_config.json")) as fh:
+      ...         c = json.load(fh)
       >>> c["r"], c["lora_alpha"], c["target_modules"]
       (2, 4, ['lm_head'])
     """
@@ -251,6 +254,32 @@ def export_peft(directory, adapters, config: LoraConfig, *, key_map, params=None
         raise TypeError(f"config must be a lj.LoraConfig, got {type(config).__name__}.")
     if params is not None:
         check_adapters(params, adapters, config)
+    nodes = _export_nodes(adapters, km)
+    out = _export_tensors(nodes, km, config)
+    if out.saved_modules:
+        _complete_saved_modules(out.tensors, out.saved_modules, params, km, nodes)
+    if not out.modules:
+        raise ValueError("export_peft: the adapters hold no LoraWeights (only fully-trained "
+                         "leaves); PEFT needs at least one LoRA module. Fix: check the config.")
+    peft_cfg = _peft_config(config, out.modules, out.saved_modules, out.fan_in_fan_out,
+                            base_model_name_or_path, task_type)
+    meta = _export_metadata(out.tensors, config, params)
+    folder = _folder(directory, adapter_name)
+    _write_adapter(folder, st_numpy, out.tensors, meta, peft_cfg, overwrite)
+    return folder
+
+
+class _Exported(NamedTuple):
+    """What `export_peft` writes, gathered from the adapter tree."""
+
+    tensors: dict          # safetensors key -> array (torch layout)
+    modules: dict          # LoRA module -> (r, alpha)
+    saved_modules: list    # modules_to_save modules, one entry per trained leaf
+    fan_in_fan_out: bool   # some module is a GPT-2 style Conv1D
+
+
+def _export_nodes(adapters, km) -> list:
+    """The adapter tree's ``[(path, node)]`` to export, every path mapped by ``km``."""
     nodes = [(p, n) for p, n in flatten_adapters(adapters)[0] if n is not None]
     if not nodes:
         raise ValueError("adapters hold no LoraWeights and no trained arrays; nothing to "
@@ -261,62 +290,70 @@ def export_peft(directory, adapters, config: LoraConfig, *, key_map, params=None
             f"export_peft: the key map leaves {len(unmapped)} adapted/trained paths unmapped, "
             f"e.g. {unmapped[:6]}. Fix: add rules for them (lj.interop.KeyMap), or use the "
             f"preset matching your model (presets: llama, gpt2, bert).")
+    return nodes
 
-    tensors: dict[str, np.ndarray] = {}
-    modules: dict[str, tuple[int, float]] = {}
-    saved_modules: list[str] = []
+
+def _export_tensors(nodes, km, config: LoraConfig) -> _Exported:
+    """PEFT's tensors for every node: LoRA factors, and the weights of modules_to_save."""
+    out = _Exported({}, {}, [], False)
     fan_in_fan_out = False
     for path, node in nodes:
         hf = lookup(km, path)
         if is_lora(node):
-            a, b = np.asarray(node.a), np.asarray(node.b)
-            scale = np.asarray(node.scale, np.float32)
-            if scale.ndim:
-                raise ValueError(
-                    f"{path}: scale has shape {scale.shape}: this is an adapter set (a leading "
-                    f"adapter axis). Fix: export each adapter separately (adapter_name=...).")
-            if hf.kind not in _FACTOR_KEYS:
-                raise ValueError(
-                    f"{path}: the key map says {hf.name!r} is a {hf.kind!r} parameter; LoRA "
-                    f"in PEFT applies to linear, conv1d and embedding layers. Fix: narrow "
-                    f"LoraConfig.targets or correct the key map's kind.")
-            n_stacked = a.ndim - 2
-            names = _stack_names(hf, path, n_stacked, a.shape)
-            key_a, key_b = _FACTOR_KEYS[hf.kind]
+            _add_lora_tensors(out, path, node, hf, config)
             fan_in_fan_out |= hf.kind == "conv1d"
-            r = a.shape[-1]
-            alpha = _alpha_for_export(path, config, r, float(scale))
-            for i, name in enumerate(names):
-                module = name.rsplit(".", 1)[0]
-                ai, bi = (a[i], b[i]) if n_stacked else (a, b)
-                tensors[f"{_PREFIX}{module}.{key_a}"] = np.ascontiguousarray(ai.T)
-                tensors[f"{_PREFIX}{module}.{key_b}"] = np.ascontiguousarray(bi.T)
-                if node.m is not None:   # DoRA: one magnitude per output unit, (out,)
-                    m = np.asarray(node.m)
-                    tensors[f"{_PREFIX}{module}.lora_magnitude_vector"] = \
-                        np.ascontiguousarray(m[i] if n_stacked else m)
-                modules[module] = (r, alpha)
         else:
             if "{i}" in hf.name:
                 raise ValueError(f"{path}: stacked fully-trained leaves can't be exported as "
                                  f"modules_to_save. Fix: unstack them first.")
-            tensors[f"{_PREFIX}{hf.name}"] = to_torch_layout(np.asarray(node), hf.kind, path)
-            saved_modules.append(hf.module)
-    if saved_modules:
-        _complete_saved_modules(tensors, saved_modules, params, km, nodes)
+            out.tensors[f"{_PREFIX}{hf.name}"] = to_torch_layout(np.asarray(node), hf.kind, path)
+            out.saved_modules.append(hf.module)
+    return out._replace(fan_in_fan_out=fan_in_fan_out)
 
-    peft_cfg = _peft_config(config, modules, saved_modules, fan_in_fan_out,
-                            base_model_name_or_path, task_type)
-    if not modules:
-        raise ValueError("export_peft: the adapters hold no LoraWeights (only fully-trained "
-                         "leaves); PEFT needs at least one LoRA module. Fix: check the config.")
+
+def _add_lora_tensors(out: _Exported, path, node, hf: HFName, config: LoraConfig) -> None:
+    """One LoRA leaf's ``lora_A`` / ``lora_B`` (and DoRA magnitude) per module it maps to."""
+    a, b = np.asarray(node.a), np.asarray(node.b)
+    scale = np.asarray(node.scale, np.float32)
+    if scale.ndim:
+        raise ValueError(
+            f"{path}: scale has shape {scale.shape}: this is an adapter set (a leading "
+            f"adapter axis). Fix: export each adapter separately (adapter_name=...).")
+    if hf.kind not in _FACTOR_KEYS:
+        raise ValueError(
+            f"{path}: the key map says {hf.name!r} is a {hf.kind!r} parameter; LoRA "
+            f"in PEFT applies to linear, conv1d and embedding layers. Fix: narrow "
+            f"LoraConfig.targets or correct the key map's kind.")
+    n_stacked = a.ndim - 2
+    names = _stack_names(hf, path, n_stacked, a.shape)
+    key_a, key_b = _FACTOR_KEYS[hf.kind]
+    r = a.shape[-1]
+    alpha = _alpha_for_export(path, config, r, float(scale))
+    m = None if node.m is None else np.asarray(node.m)
+    for i, name in enumerate(names):
+        module = name.rsplit(".", 1)[0]
+        ai, bi = (a[i], b[i]) if n_stacked else (a, b)
+        out.tensors[f"{_PREFIX}{module}.{key_a}"] = np.ascontiguousarray(ai.T)
+        out.tensors[f"{_PREFIX}{module}.{key_b}"] = np.ascontiguousarray(bi.T)
+        if m is not None:   # DoRA: one magnitude per output unit, (out,)
+            out.tensors[f"{_PREFIX}{module}.lora_magnitude_vector"] = \
+                np.ascontiguousarray(m[i] if n_stacked else m)
+        out.modules[module] = (r, alpha)
+
+
+def _export_metadata(tensors: dict, config: LoraConfig, params) -> dict:
+    """The safetensors metadata: lora_jax's sha256 sums, config and base fingerprint."""
     meta = {"format": "pt",
             _META_SHA: json.dumps({k: _sha(v) for k, v in sorted(tensors.items())}),
             _META_CFG: json.dumps(_config_dict(config))}
     if params is not None:
         meta[_META_FP] = json.dumps(base_fingerprint(params, config))
+    return meta
 
-    folder = _folder(directory, adapter_name)
+
+def _write_adapter(folder: str, st_numpy, tensors: dict, meta: dict, peft_cfg: dict,
+                   overwrite: bool) -> None:
+    """Writes both files into ``folder`` (created); existing ones only with ``overwrite``."""
     os.makedirs(folder, exist_ok=True)
     targets = [os.path.join(folder, n) for n in (WEIGHTS_NAME, CONFIG_NAME)]
     if not overwrite and any(os.path.exists(t) for t in targets):
@@ -324,7 +361,6 @@ def export_peft(directory, adapters, config: LoraConfig, *, key_map, params=None
                          f"or another directory / adapter_name.")
     _atomic_write(targets[0], st_numpy.save(tensors, metadata=meta))
     _atomic_write(targets[1], (json.dumps(peft_cfg, indent=2, sort_keys=True) + "\n").encode())
-    return folder
 
 
 def _config_dict(config: LoraConfig):
@@ -384,7 +420,7 @@ def _check_peft_config(cfg: Mapping, where: str) -> None:
     if unknown:
         warnings.warn(f"{where}: unknown adapter_config.json fields {unknown} ignored (written "
                       f"by a newer PEFT?); check they don't change the adapter's meaning.",
-                      LoraWarning, stacklevel=3)
+                      LoraWarning, stacklevel=4)   # import_peft's caller (via _read_adapter)
 
 
 def _is_saved_module(module: str, saved) -> bool:
@@ -445,7 +481,8 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
 
     Example:
       >>> import tempfile, jax, lora_jax as lj
-      >>> params = {"params": {"lm_head": {"kernel": jax.random.normal(jax.random.key(0), (8, 16))}}}
+      >>> w = jax.random.normal(jax.random.key(0), (8, 16))
+      >>> params = {"params": {"lm_head": {"kernel": w}}}
       >>> cfg = lj.LoraConfig(rank=2, alpha=4, targets=r".*/lm_head/kernel")
       >>> ad = lj.init(params, cfg, key=jax.random.key(1))
       >>> with tempfile.TemporaryDirectory() as d:
@@ -457,7 +494,60 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
       (('params/lm_head/kernel',), 2, 4.0)
     """
     km = resolve_key_map(key_map)
-    folder = _folder(directory, adapter_name)
+    src = _read_adapter(_folder(directory, adapter_name))
+    tables = _skeleton_tables(params, km)
+    pieces = _classify_tensors(src, tables)
+    _check_all_placed(pieces, tables, km, src.st_path)
+    per_path = _gather_per_path(pieces.factors, tables.by_module, src)
+    config = _build_config(src.pcfg, per_path, pieces.trained, src.tensors, dtype, src.st_path,
+                           params)
+    adapters = _assemble_adapters(params, tables.flat, per_path, pieces.trained, config, km)
+    _check_imported(params, adapters, config, src.st_path, check_finite)
+    # Both base checks warn at stacklevel=3, i.e. at import_peft's caller: call them here.
+    if _META_FP in src.meta:
+        check_base(params, json.loads(src.meta[_META_FP]), on_mismatch=on_base_mismatch,
+                   what=f"the adapter in {src.folder}")
+    _check_base_copies(pieces.base_copies, tables.flat, km, on_base_mismatch, src.folder)
+    return adapters, config
+
+
+class _Source(NamedTuple):
+    """An adapter folder's two files, read and validated."""
+
+    folder: str
+    st_path: str       # the safetensors file, named in errors
+    pcfg: dict         # adapter_config.json
+    tensors: dict      # safetensors key -> array
+    meta: dict         # safetensors metadata
+
+
+class _Tables(NamedTuple):
+    """The params skeleton mapped forward through the key map (names are never parsed)."""
+
+    flat: list         # [(path, leaf)] of params
+    by_module: dict    # torch module -> (our path, HFName, stacked layer index or None)
+    by_param: dict     # torch parameter name -> (our path, HFName), unstacked leaves only
+
+
+class _Pieces(NamedTuple):
+    """The file's tensors sorted by what they are."""
+
+    factors: dict      # torch module -> {"A": lora_A, "B": lora_B, "M": DoRA magnitude}
+    trained: dict      # our path -> modules_to_save weight (torch layout)
+    base_copies: dict  # our path -> base weight PEFT stored in the file
+    unplaced: list     # keys the key map can't place
+
+
+class _PathFactors(NamedTuple):
+    """One adapted path's rank, alpha and factors (per stacked layer, or ``None``)."""
+
+    r: int
+    alpha: float
+    layers: dict       # layer index or None -> (a, b, m or None), our orientation
+
+
+def _read_adapter(folder: str) -> _Source:
+    """Reads ``adapter_config.json`` and the safetensors file, checking both."""
     cfg_path, st_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{folder}: no {CONFIG_NAME}. Fix: point at the folder "
@@ -477,15 +567,24 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
         raise ValueError(f"{cfg_path}: not valid JSON ({e}). Fix: re-export the adapter.") from e
     _check_peft_config(pcfg, folder)
     tensors, meta = _read_safetensors(st_path)
-    if _META_SHA in meta:
-        sums = json.loads(meta[_META_SHA])
-        for k, v in tensors.items():
-            if sums.get(k) != _sha(v):
-                raise ValueError(f"{st_path}: tensor {k} does not match the sha256 recorded "
-                                 f"when it was exported: the file is corrupted. Fix: re-export "
-                                 f"it.")
+    _check_sums(st_path, tensors, meta)
+    return _Source(folder, st_path, pcfg, tensors, meta)
 
-    # Forward-map every path of the skeleton, then invert (names are never parsed).
+
+def _check_sums(st_path: str, tensors: dict, meta: dict) -> None:
+    """Every tensor must match the sha256 lora_jax recorded at export (when it did)."""
+    if _META_SHA not in meta:
+        return
+    sums = json.loads(meta[_META_SHA])
+    for k, v in tensors.items():
+        if sums.get(k) != _sha(v):
+            raise ValueError(f"{st_path}: tensor {k} does not match the sha256 recorded "
+                             f"when it was exported: the file is corrupted. Fix: re-export "
+                             f"it.")
+
+
+def _skeleton_tables(params, km) -> _Tables:
+    """Forward-maps every path of ``params`` to its torch module and parameter names."""
     flat = leaves_with_paths(params)
     by_module: dict[str, tuple[str, HFName, int | None]] = {}
     by_param: dict[str, tuple[str, HFName]] = {}
@@ -500,142 +599,179 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
         else:
             by_module[hf.module] = (path, hf, None)
             by_param[hf.name] = (path, hf)
+    return _Tables(flat, by_module, by_param)
 
-    factors: dict[str, dict] = {}   # module -> {"A": array, "B": array}
-    trained: dict[str, np.ndarray] = {}
-    base_copies: dict[str, np.ndarray] = {}   # our path -> base weight stored in the file
-    unplaced = []
-    saved = set(pcfg.get("modules_to_save") or [])
-    for key, value in tensors.items():
-        if not key.startswith(_PREFIX):
-            unplaced.append(key)
-            continue
+
+_MAGNITUDE = ".lora_magnitude_vector"   # DoRA
+_FACTOR = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|"
+                     r"lora_embedding_B|lora_B\.bias)")
+
+
+def _classify_tensors(src: _Source, tables: _Tables) -> _Pieces:
+    """Sorts every key of the file into factors, trained weights, base copies or unplaced."""
+    pieces = _Pieces({}, {}, {}, [])
+    saved = set(src.pcfg.get("modules_to_save") or [])
+    for key, value in src.tensors.items():
         rest = key[len(_PREFIX):]
-        if rest.endswith(".lora_magnitude_vector"):   # DoRA
-            module = rest[: -len(".lora_magnitude_vector")]
-            if module not in by_module:
-                unplaced.append(key)
+        if not key.startswith(_PREFIX):
+            pieces.unplaced.append(key)
+        elif rest.endswith(_MAGNITUDE):
+            module = rest[: -len(_MAGNITUDE)]
+            if module not in tables.by_module:
+                pieces.unplaced.append(key)
             else:
-                factors.setdefault(module, {})["M"] = np.reshape(value, -1)
-            continue
-        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|"
-                         r"lora_embedding_B|lora_B\.bias)", rest)
-        if m:
-            module, which = m.groups()
-            if which == "lora_B.bias":
-                raise UnsupportedPeftFeature(f"{st_path}: {key}: lora_bias is not supported.")
-            if module not in by_module:
-                unplaced.append(key)
-                continue
-            kind = by_module[module][1].kind
-            if (which.startswith("lora_embedding")) != (kind == "embedding"):
-                raise ValueError(f"{st_path}: {key} is a {which} factor but the key map says "
-                                 f"{module} is a {kind} layer. Fix: correct the key map's kind.")
-            if kind == "linear" and pcfg.get("fan_in_fan_out"):
-                raise UnsupportedPeftFeature(
-                    f"{folder}: fan_in_fan_out=true, but {module} maps to a Linear-layout "
-                    f"kernel (only GPT-2 style Conv1D layers store (in, out)). Fix: check the "
-                    f"key map (gpt2 for GPT-2), or re-save the adapter with "
-                    f"fan_in_fan_out=false.")
-            factors.setdefault(module, {})["A" if which.endswith(("A.weight", "_A")) else "B"] \
-                = value
-        elif rest in by_param and _is_saved_module(by_param[rest][1].module, saved):
-            trained[by_param[rest][0]] = value
-        elif rest.replace(".base_layer.", ".") in by_param and ".base_layer." in rest:
-            # PEFT also stores a targeted embedding's base weight (save_embedding_layers).
-            base_copies[by_param[rest.replace(".base_layer.", ".")][0]] = value
+                pieces.factors.setdefault(module, {})["M"] = np.reshape(value, -1)
+        elif m := _FACTOR.fullmatch(rest):
+            _add_factor(pieces, src, tables, key, *m.groups(), value)
         else:
-            unplaced.append(key)
-    if unplaced:
+            _add_whole_weight(pieces, tables, saved, key, rest, value)
+    return pieces
+
+
+def _add_factor(pieces: _Pieces, src: _Source, tables: _Tables, key: str, module: str,
+                which: str, value) -> None:
+    """Files a ``lora_A`` / ``lora_B`` (or embedding) factor under its module."""
+    if which == "lora_B.bias":
+        raise UnsupportedPeftFeature(f"{src.st_path}: {key}: lora_bias is not supported.")
+    if module not in tables.by_module:
+        pieces.unplaced.append(key)
+        return
+    kind = tables.by_module[module][1].kind
+    if (which.startswith("lora_embedding")) != (kind == "embedding"):
+        raise ValueError(f"{src.st_path}: {key} is a {which} factor but the key map says "
+                         f"{module} is a {kind} layer. Fix: correct the key map's kind.")
+    if kind == "linear" and src.pcfg.get("fan_in_fan_out"):
+        raise UnsupportedPeftFeature(
+            f"{src.folder}: fan_in_fan_out=true, but {module} maps to a Linear-layout "
+            f"kernel (only GPT-2 style Conv1D layers store (in, out)). Fix: check the "
+            f"key map (gpt2 for GPT-2), or re-save the adapter with "
+            f"fan_in_fan_out=false.")
+    pieces.factors.setdefault(module, {})["A" if which.endswith(("A.weight", "_A")) else "B"] \
+        = value
+
+
+def _add_whole_weight(pieces: _Pieces, tables: _Tables, saved: set, key: str, rest: str,
+                      value) -> None:
+    """Files a whole weight: a modules_to_save one, or PEFT's copy of a base weight."""
+    by_param = tables.by_param
+    base_name = rest.replace(".base_layer.", ".")
+    if rest in by_param and _is_saved_module(by_param[rest][1].module, saved):
+        pieces.trained[by_param[rest][0]] = value
+    elif ".base_layer." in rest and base_name in by_param:
+        # PEFT also stores a targeted embedding's base weight (save_embedding_layers).
+        pieces.base_copies[by_param[base_name][0]] = value
+    else:
+        pieces.unplaced.append(key)
+
+
+def _check_all_placed(pieces: _Pieces, tables: _Tables, km, st_path: str) -> None:
+    """Every key must have found its leaf, and some must be LoRA factors."""
+    if pieces.unplaced:
         raise ValueError(
-            f"{st_path}: {len(unplaced)} keys don't map to any leaf of params through key map "
-            f"{getattr(km, 'name', 'custom')!r}, e.g. {unplaced[:5]}. Keys must be "
-            f"'{_PREFIX}<module>.lora_A.weight' etc. for modules the key map produces from "
-            f"params' paths (e.g. {sorted(by_module)[:3]}). Fix: pass the key map (and "
+            f"{st_path}: {len(pieces.unplaced)} keys don't map to any leaf of params through "
+            f"key map {getattr(km, 'name', 'custom')!r}, e.g. {pieces.unplaced[:5]}. Keys must "
+            f"be '{_PREFIX}<module>.lora_A.weight' etc. for modules the key map produces from "
+            f"params' paths (e.g. {sorted(tables.by_module)[:3]}). Fix: pass the key map (and "
             f"prefix, e.g. KEY_MAPS['bert'].with_prefix('bert.')) of the model the adapter "
             f"was trained on.")
-    if not factors:
+    if not pieces.factors:
         raise ValueError(f"{st_path}: no LoRA factors found. Fix: check the file.")
 
-    # Per-path factors, ranks and alphas (stacked leaves gather their layers).
-    per_path: dict[str, dict] = {}
-    use_dora = bool(pcfg.get("use_dora", False))
+
+def _gather_per_path(factors: dict, by_module: dict, src: _Source) -> dict[str, _PathFactors]:
+    """Groups the modules' factors by our path (a stacked leaf gathers its layers)."""
+    per_path: dict[str, _PathFactors] = {}
+    use_dora = bool(src.pcfg.get("use_dora", False))
     for module, ab in factors.items():
-        if use_dora != ("M" in ab):
-            raise ValueError(
-                f"{st_path}: {module}: adapter_config.json has use_dora={use_dora} but the "
-                f"module {'lacks' if use_dora else 'has'} a DoRA lora_magnitude_vector. Fix: "
-                f"the config and weights don't belong together; re-export the adapter.")
-        if not {"A", "B"} <= set(ab):
-            missing = "lora_B" if "A" in ab else "lora_A"
-            raise ValueError(f"{st_path}: {module} has no {missing} tensor. Fix: re-export "
-                             f"the adapter; the file is incomplete.")
-        path, hf, layer = by_module[module]
-        r_file = ab["A"].shape[0]
-        r = int(_pattern_value(pcfg.get("rank_pattern"), module, pcfg["r"]))
-        alpha = float(_pattern_value(pcfg.get("alpha_pattern"), module, pcfg["lora_alpha"]))
-        if r_file != r or ab["B"].shape[-1] != r:
-            raise ValueError(
-                f"{st_path}: {module}: lora_A {tuple(ab['A'].shape)} / lora_B "
-                f"{tuple(ab['B'].shape)} don't have the rank {r} that adapter_config.json "
-                f"gives this module (r / rank_pattern). Fix: the config and weights don't "
-                f"belong together; re-export the adapter.")
-        entry = per_path.setdefault(path, {"r": r, "alpha": alpha, "layers": {}})
-        if (entry["r"], entry["alpha"]) != (r, alpha):
+        _check_module_factors(module, ab, use_dora, src.st_path)
+        path, _, layer = by_module[module]
+        r, alpha = _module_rank_alpha(module, ab, src.pcfg, src.st_path)
+        entry = per_path.setdefault(path, _PathFactors(r, alpha, {}))
+        if (entry.r, entry.alpha) != (r, alpha):
             raise ValueError(f"{path}: stacked layers have different ranks/alphas in the file; "
                              f"a stacked leaf needs one. Fix: unstack the model.")
-        entry["layers"][layer] = (ab["A"].T, ab["B"].T, ab.get("M"))
+        entry.layers[layer] = (ab["A"].T, ab["B"].T, ab.get("M"))
+    return per_path
 
-    config = _build_config(pcfg, per_path, trained, tensors, dtype, st_path, params)
+
+def _check_module_factors(module: str, ab: dict, use_dora: bool, st_path: str) -> None:
+    """A module needs both factors, and a DoRA magnitude exactly when ``use_dora``."""
+    if use_dora != ("M" in ab):
+        raise ValueError(
+            f"{st_path}: {module}: adapter_config.json has use_dora={use_dora} but the "
+            f"module {'lacks' if use_dora else 'has'} a DoRA lora_magnitude_vector. Fix: "
+            f"the config and weights don't belong together; re-export the adapter.")
+    if not {"A", "B"} <= set(ab):
+        missing = "lora_B" if "A" in ab else "lora_A"
+        raise ValueError(f"{st_path}: {module} has no {missing} tensor. Fix: re-export "
+                         f"the adapter; the file is incomplete.")
+
+
+def _module_rank_alpha(module: str, ab: dict, pcfg: Mapping, st_path: str):
+    """The module's ``(r, alpha)`` from the config, checked against its factors' shapes."""
+    r = int(_pattern_value(pcfg.get("rank_pattern"), module, pcfg["r"]))
+    alpha = float(_pattern_value(pcfg.get("alpha_pattern"), module, pcfg["lora_alpha"]))
+    if ab["A"].shape[0] != r or ab["B"].shape[-1] != r:
+        raise ValueError(
+            f"{st_path}: {module}: lora_A {tuple(ab['A'].shape)} / lora_B "
+            f"{tuple(ab['B'].shape)} don't have the rank {r} that adapter_config.json "
+            f"gives this module (r / rank_pattern). Fix: the config and weights don't "
+            f"belong together; re-export the adapter.")
+    return r, alpha
+
+
+def _assemble_adapters(params, flat, per_path: dict, trained: dict, config: LoraConfig, km):
+    """The adapter tree mirroring ``params``: LoraWeights, trained arrays, or None."""
     specs = resolve(params, config).targets
     leaves = []
-    for path, leaf in flat:
+    for path, _ in flat:
         if path in per_path:
-            layers = per_path[path]["layers"]
-            spec = specs[path]
-            if None in layers:
-                a, b, m = layers[None]
-            else:
-                n = spec.shape[0]
-                if sorted(layers) != list(range(n)):
-                    missing = sorted(set(range(n)) - set(layers))
-                    raise ValueError(f"{path}: the file has no factors for stacked layers "
-                                     f"{missing}. Fix: export every layer.")
-                a = np.stack([layers[i][0] for i in range(n)])
-                b = np.stack([layers[i][1] for i in range(n)])
-                m = np.stack([layers[i][2] for i in range(n)]) if config.use_dora else None
-            a, b = jnp.asarray(a, config.dtype), jnp.asarray(b, config.dtype)
-            m = None if m is None else jnp.asarray(m, config.dtype)
-            leaves.append(LoraWeights(a, b, jnp.asarray(spec.scale, jnp.float32), m))
+            leaves.append(_lora_leaf(path, per_path[path].layers, specs[path], config))
         elif path in trained:
-            kind = lookup(km, path).kind
             value = np.asarray(trained[path])
-            leaves.append(jnp.asarray(value.T if kind == "linear" else value))
+            leaves.append(jnp.asarray(value.T if lookup(km, path).kind == "linear" else value))
         else:
             leaves.append(None)
-    adapters = unflatten_params(params, leaves)
+    return unflatten_params(params, leaves)
+
+
+def _lora_leaf(path: str, layers: dict, spec, config: LoraConfig) -> LoraWeights:
+    """One path's LoraWeights, its stacked layers stacked in order."""
+    if None in layers:
+        a, b, m = layers[None]
+    else:
+        n = spec.shape[0]
+        if sorted(layers) != list(range(n)):
+            missing = sorted(set(range(n)) - set(layers))
+            raise ValueError(f"{path}: the file has no factors for stacked layers "
+                             f"{missing}. Fix: export every layer.")
+        a = np.stack([layers[i][0] for i in range(n)])
+        b = np.stack([layers[i][1] for i in range(n)])
+        m = np.stack([layers[i][2] for i in range(n)]) if config.use_dora else None
+    a, b = jnp.asarray(a, config.dtype), jnp.asarray(b, config.dtype)
+    m = None if m is None else jnp.asarray(m, config.dtype)
+    return LoraWeights(a, b, jnp.asarray(spec.scale, jnp.float32), m)
+
+
+def _check_imported(params, adapters, config: LoraConfig, st_path: str,
+                    check_finite: bool) -> None:
+    """The imported adapters must fit ``params`` and (unless told not to) be finite."""
     try:
         check_adapters(params, adapters, config)
     except ValueError as e:
         raise ValueError(f"{st_path}: {e}") from None
-    if check_finite:
-        for path, node in flatten_adapters(adapters)[0]:
-            arrays = ({"a": node.a, "b": node.b, "m": node.m} if is_lora(node) else
-                      {"": node} if node is not None else {})
-            for field, x in arrays.items():
-                if x is None:
-                    continue
-                bad = int(np.sum(~np.isfinite(np.asarray(x, np.float32))))
-                if bad:
-                    name = path + (f"/{field}" if field else "")
-                    raise ValueError(f"{st_path}: {name} has {bad} NaN/Inf value(s). Fix: the "
-                                     f"adapter is broken (training diverged?); use another "
-                                     f"one, or pass check_finite=False to load it anyway.")
-    if _META_FP in meta:
-        check_base(params, json.loads(meta[_META_FP]), on_mismatch=on_base_mismatch,
-                   what=f"the adapter in {folder}")
-    _check_base_copies(base_copies, flat, km, on_base_mismatch, folder)
-    return adapters, config
+    if not check_finite:
+        return
+    for path, node in flatten_adapters(adapters)[0]:
+        arrays = ({"a": node.a, "b": node.b, "m": node.m} if is_lora(node) else
+                  {"": node} if node is not None else {})
+        for field, x in arrays.items():
+            bad = 0 if x is None else int(np.sum(~np.isfinite(np.asarray(x, np.float32))))
+            if bad:
+                name = path + (f"/{field}" if field else "")
+                raise ValueError(f"{st_path}: {name} has {bad} NaN/Inf value(s). Fix: the "
+                                 f"adapter is broken (training diverged?); use another "
+                                 f"one, or pass check_finite=False to load it anyway.")
 
 
 def _infer_layout(path, shape, stacked: bool, in_size: int, out_size: int):
@@ -671,32 +807,43 @@ def _check_base_copies(base_copies, flat, km, on_mismatch, folder) -> None:
 
 
 def _build_config(pcfg, per_path, trained, tensors, dtype, st_path, params) -> LoraConfig:
-    shapes = {p: tuple(x.shape) for p, x in leaves_with_paths(params)}
-    layouts = {}
-    for path, e in per_path.items():
-        a, b, _ = next(iter(e["layers"].values()))
-        stacked = None not in e["layers"]
-        lay = _infer_layout(path, shapes[path], stacked, a.shape[0], b.shape[1])
-        if lay is not None and lay != Layout(0, len(shapes[path]) - 1, 1):
-            layouts[path] = lay
-    ranks = {p: e["r"] for p, e in per_path.items()}
-    alphas = {p: e["alpha"] for p, e in per_path.items()}
+    """The LoraConfig targeting exactly the imported paths, with the file's ranks and alphas."""
+    layouts = _layouts(per_path, params)
     r0, a0 = int(pcfg["r"]), float(pcfg["lora_alpha"])
-    if dtype is None:
-        dtypes = {str(v.dtype) for k, v in tensors.items() if ".lora_" in k}
-        if len(dtypes) != 1:
-            raise ValueError(f"{st_path}: the LoRA factors mix dtypes {sorted(dtypes)}. Fix: "
-                             f"pass dtype= (e.g. jnp.float32) to convert them.")
-        dtype = jnp.dtype(dtypes.pop())
+    dtype = _factor_dtype(tensors, dtype, st_path)
     return LoraConfig(
         targets=tuple(re.escape(p) for p in per_path),
         layouts={re.escape(p): lay for p, lay in layouts.items()},
         rank=r0, alpha=a0,
-        rank_pattern={re.escape(p): r for p, r in ranks.items() if r != r0},
-        alpha_pattern={re.escape(p): a for p, a in alphas.items() if a != a0},
+        rank_pattern={re.escape(p): e.r for p, e in per_path.items() if e.r != r0},
+        alpha_pattern={re.escape(p): e.alpha for p, e in per_path.items() if e.alpha != a0},
         use_rslora=bool(pcfg.get("use_rslora", False)),
         use_dora=bool(pcfg.get("use_dora", False)),
         dropout=float(pcfg.get("lora_dropout") or 0.0),
         dtype=dtype,
         train=tuple(re.escape(p) for p in trained),
     )
+
+
+def _layouts(per_path: dict, params) -> dict:
+    """``{path: Layout}`` for the imported paths whose layout isn't the default one."""
+    shapes = {p: tuple(x.shape) for p, x in leaves_with_paths(params)}
+    layouts = {}
+    for path, e in per_path.items():
+        a, b, _ = next(iter(e.layers.values()))
+        stacked = None not in e.layers
+        lay = _infer_layout(path, shapes[path], stacked, a.shape[0], b.shape[1])
+        if lay is not None and lay != Layout(0, len(shapes[path]) - 1, 1):
+            layouts[path] = lay
+    return layouts
+
+
+def _factor_dtype(tensors: dict, dtype, st_path: str):
+    """``dtype``, or the one dtype all LoRA tensors of the file share."""
+    if dtype is not None:
+        return dtype
+    dtypes = {str(v.dtype) for k, v in tensors.items() if ".lora_" in k}
+    if len(dtypes) != 1:
+        raise ValueError(f"{st_path}: the LoRA factors mix dtypes {sorted(dtypes)}. Fix: "
+                         f"pass dtype= (e.g. jnp.float32) to convert them.")
+    return jnp.dtype(dtypes.pop())
