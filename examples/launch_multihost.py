@@ -73,6 +73,8 @@ def launch(program_args: list[str], *, num_processes: int, local_devices: int,
             p.wait()
         for t in pumps:
             t.join(timeout=5)
+        for p in procs:
+            p.stdout.close()
     return status
 
 

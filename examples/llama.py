@@ -105,7 +105,10 @@ class RMSNorm(nn.Module):
         w = self.param("weight", nn.initializers.ones, (x.shape[-1],))
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-        return w * h.astype(self.dtype)
+        # HF's weight * hidden.to(input_dtype): with float32 weights the product is
+        # float32 (written out, so it also runs under strict dtype promotion)
+        h = h.astype(self.dtype).astype(w.dtype)
+        return w.reshape((1,) * (h.ndim - 1) + (-1,)) * h
 
 
 def _rope(x, positions, theta):

@@ -349,7 +349,7 @@ def run(s: Settings) -> dict:
         feature_seconds = time.perf_counter() - t0
 
         def probe_loss(feats, h, idx, labels):
-            return cross_entropy(feats[idx] @ h["kernel"] + h["bias"], labels)
+            return cross_entropy(feats[idx] @ h["kernel"] + h["bias"][None], labels)
 
         tx = optax.adam(_schedule(s.lr_probe, s))
         head, r = train("probe", probe_loss, jnp.asarray(f_train),

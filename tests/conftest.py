@@ -1,5 +1,13 @@
 """Shared fixtures. The repository root goes on sys.path so tests can import
-the reference models from ``examples/``."""
+the reference models from ``examples/``.
+
+The whole session runs with JAX's strictest numerics checks, as equinox's
+tests do: no implicit dtype promotion (mixing float32 and bfloat16 must be
+written out) and no implicit rank promotion (broadcasting must be explicit).
+Warnings are errors (pyproject.toml lists the third-party ones allowed).
+A test that runs third-party code relying on implicit promotion (Flax's
+bfloat16 normalization layers promote to float32 implicitly) says so with
+``@pytest.mark.standard_promotion``; lora_jax itself must pass strict."""
 
 import os
 import sys
@@ -18,6 +26,16 @@ from examples import gpt  # noqa: E402
 SMALL = gpt.GPTConfig(vocab=97, d_model=64, n_heads=4, n_layers=2, d_mlp=128, max_len=16)
 
 
+@pytest.fixture(autouse=True)
+def _standard_promotion_where_marked(request):
+    """JAX's standard dtype promotion for tests marked ``standard_promotion``."""
+    if request.node.get_closest_marker("standard_promotion") is None:
+        yield
+        return
+    with jax.numpy_dtype_promotion("standard"):
+        yield
+
+
 @pytest.fixture(params=[False, True], ids=["nojit", "jit"])
 def maybe_jit(request):
     """Runs a test body with and without jax.jit."""
@@ -32,6 +50,13 @@ def small_gpt():
 
 # Fresh random inputs on every run; set LORA_JAX_TEST_SEED to replay one.
 SEED = int(os.environ.get("LORA_JAX_TEST_SEED", int.from_bytes(os.urandom(3), "little")))
+
+
+def pytest_configure(config):
+    # The pytest session only: subprocess workers that import this module for
+    # its constants keep JAX's defaults.
+    jax.config.update("jax_numpy_dtype_promotion", "strict")
+    jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 def pytest_report_header(config):

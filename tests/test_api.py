@@ -79,6 +79,7 @@ def test_documented_args_match_signature(name, obj):
 
 
 @pytest.mark.parametrize("modname", _modules())
+@pytest.mark.standard_promotion   # examples show user code: optax's adam needs it
 def test_doctests(modname):
     mod = importlib.import_module(modname)
     res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,

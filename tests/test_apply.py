@@ -239,6 +239,7 @@ def test_reference_decoder(rng, variant):
     assert sum(r.get("lowrank_dot", 0) for r in e.rules.values()) == n_sites + c.tied
 
 
+@pytest.mark.slow
 def test_reference_decoder_without_jit(rng):
     gen = _gen(rng)
     c, model, variables = _gpt(gen, n_layers=1)
@@ -273,6 +274,7 @@ def test_nnx_reference_model_state_and_pure_dict(rng):
     check_against_merge(forward_pure, cfg, pure, ad_pure, tokens, gen=gen)
 
 
+@pytest.mark.standard_promotion
 def test_bf16_compute_with_f32_adapters(rng):
     gen = _gen(rng)
     c, model, variables = _gpt(gen, n_layers=1, dtype=jnp.bfloat16)
@@ -314,8 +316,8 @@ def test_bf16_delta_is_added_in_f32_before_the_cast(rng, custom_grad):
 
 
 def _mlp(p, x):
-    h = jax.nn.relu(x @ p["l1"]["w"] + p["l1"]["b"])
-    return h @ p["l2"]["w"] + p["l2"]["b"]
+    h = jax.nn.relu(x @ p["l1"]["w"] + p["l1"]["b"][None])
+    return h @ p["l2"]["w"] + p["l2"]["b"][None]
 
 
 def _mlp_params(gen):
@@ -338,7 +340,7 @@ def test_nested_jit(rng, maybe_jit):
 
     @jax.jit
     def layer(w, b, x):
-        return jax.jit(lambda w, x: x @ w)(w, x) + b
+        return jax.jit(lambda w, x: x @ w)(w, x) + b[None]
 
     def fn(p, x):
         return jax.jit(lambda p, x: layer(p["l2"]["w"], p["l2"]["b"],
@@ -631,6 +633,7 @@ def test_dropout_differs_per_layer_in_a_scan(rng):
 # ----------------------------------------------------------------------------- recompiles
 
 
+@pytest.mark.standard_promotion
 def test_no_recompile_on_second_step_adapter_swap_or_alpha_change(rng):
     import optax
 

@@ -18,6 +18,8 @@ from tests._asserts import assert_close, assert_trees_close  # noqa: E402
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.torch
+
 TINY = bert.BertConfig(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4,
                        intermediate_size=37, max_position=64)
 
@@ -90,6 +92,7 @@ def test_paths_follow_the_hf_naming_contract():
     assert paths == expected
 
 
+@pytest.mark.slow
 def test_classifier_shares_encoder_paths():
     enc = _init(TINY, jax.random.key(0))
     clf_vars = bert.classifier_variables(enc, 3, key=jax.random.key(1))
@@ -202,6 +205,7 @@ def _sentences(rng, n=12):
         [texts[i] for i in picks]
 
 
+@pytest.mark.slow
 def test_minilm_matches_sentence_transformers(minilm, rng):
     st = pytest.importorskip("sentence_transformers")
     model, variables, tokenizer = minilm

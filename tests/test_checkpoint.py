@@ -64,6 +64,7 @@ def test_roundtrip_bit_exact_params_like_and_flat(tmp_path, trained):
     assert_trees_close(flat, nodes, exact=True)
 
 
+@pytest.mark.standard_promotion
 def test_resume_equals_uninterrupted_training(tmp_path, rng):
     k0, k1, k2 = jax.random.split(rng, 3)
     variables = {"l0": {"kernel": jax.random.normal(k0, (16, 32))},
@@ -74,7 +75,7 @@ def test_resume_equals_uninterrupted_training(tmp_path, rng):
 
     def loss(params, adapters, x):
         p = lj.merge(params, adapters, cfg)
-        h = jnp.tanh(x @ p["l0"]["kernel"]) @ p["l1"]["kernel"] + p["l1"]["bias"]
+        h = jnp.tanh(x @ p["l0"]["kernel"]) @ p["l1"]["kernel"] + p["l1"]["bias"][None]
         return jnp.mean((h - 1.0) ** 2)
 
     step = lj.make_train_step(loss, tx, donate=False)
@@ -146,6 +147,7 @@ def test_restore_into_given_sharding(tmp_path, trained):
         assert_trees_close(back, ad, exact=True)
 
 
+@pytest.mark.subprocess
 def test_restore_resharded_across_devices(tmp_path):
     """Saved sharded over 4 (host) devices, restored into a 2x2 mesh."""
     script = textwrap.dedent(f"""

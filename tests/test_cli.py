@@ -31,6 +31,7 @@ def setup(tmp_path_factory):
     return d, base, ad
 
 
+@pytest.mark.subprocess
 def test_help_for_every_command():
     out = subprocess.run([sys.executable, "-m", "lora_jax", "--help"], capture_output=True,
                          text=True, cwd=ROOT, timeout=120)

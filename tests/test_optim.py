@@ -33,6 +33,8 @@ def test_labels_and_state_size(small_gpt, rng):
     assert s.optimizer_scalars == 1   # Adam's step count
 
 
+@pytest.mark.standard_promotion
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True], ids=["nojit", "jit"])
 def test_training_moves_only_trainable_leaves(small_gpt, rng, jit):
     model, variables, cfg, ad, tx, loss = _setup(small_gpt, rng, train=r"params/ln_f/scale")
@@ -55,6 +57,7 @@ def test_training_moves_only_trainable_leaves(small_gpt, rng, jit):
     assert not np.allclose(ad["params"]["ln_f"]["scale"], before_ad["params"]["ln_f"]["scale"])
 
 
+@pytest.mark.standard_promotion
 def test_second_step_and_value_swap_do_not_recompile(small_gpt, rng):
     _, variables, cfg, ad, tx, loss = _setup(small_gpt, rng)
     step = lj.make_train_step(loss, tx)
@@ -72,6 +75,7 @@ def test_second_step_and_value_swap_do_not_recompile(small_gpt, rng):
     assert cc.count == 0
 
 
+@pytest.mark.standard_promotion
 def test_step_with_aux(small_gpt, rng):
     model, variables, cfg, ad, tx, loss = _setup(small_gpt, rng)
 

@@ -20,7 +20,9 @@ from tests.conftest import SEED
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+pytestmark = [pytest.mark.torch,
+              pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")]
 
 LLAMA = llama.LlamaConfig(vocab=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=128)
 TOL = 1e-5
@@ -220,6 +222,7 @@ def _torch_hidden(model, ids, mask):
     return out.last_hidden_state.numpy()
 
 
+@pytest.mark.slow
 def test_bert_jax_adapter_loads_in_peft(tmp_path, bert_base):
     hf_cfg, state, variables, ids, mask = bert_base
     valid = mask.astype(bool)
@@ -278,6 +281,7 @@ def _torch_gpt2(variables):
     return hf.eval()
 
 
+@pytest.mark.slow
 def test_gpt2_roundtrip_with_fan_in_fan_out(tmp_path, gpt2_base):
     model, variables, tokens = gpt2_base
     base = _torch_logits(_torch_gpt2(variables), tokens)

@@ -200,7 +200,7 @@ def test_quantize_errors():
 
 
 def _mlp(params, x):
-    h = jnp.tanh(x @ params["l0"]["kernel"] + params["l0"]["bias"])
+    h = jnp.tanh(x @ params["l0"]["kernel"] + params["l0"]["bias"][None])
     h = jnp.tanh(h @ params["l1"]["kernel"])
     return h @ params["l2"]["kernel"]
 

@@ -248,6 +248,7 @@ def one_device_setup():
     return params, cfg, tx, sh, loss, jax.device_put(tokens, sh.batch[0]), jax.random.key(SEED)
 
 
+@pytest.mark.standard_promotion
 def test_one_device_mesh_no_recompiles_and_state_stays_put(one_device_setup):
     params, cfg, tx, sh, loss, tokens, rng = one_device_setup
     step = lj.make_sharded_train_step(loss, tx, sh)
@@ -269,6 +270,7 @@ def test_one_device_mesh_no_recompiles_and_state_stays_put(one_device_setup):
     assert l.sharding == sh.scalar
 
 
+@pytest.mark.standard_promotion
 def test_step_with_aux_and_errors(one_device_setup, rng):
     params, cfg, tx, sh, loss, tokens, _ = one_device_setup
     # aux and donate=False on a one-matrix model (no second decoder compile)
@@ -327,6 +329,8 @@ def eight(tmp_path_factory):
 LOSS_RTOL, GRAD_RTOL = 2e-6, 5e-6
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("layout", ["fsdp", "tp", "mix"])
 def test_eight_devices_match_one(eight, layout):
     r = eight["layouts"][layout]
@@ -338,6 +342,8 @@ def test_eight_devices_match_one(eight, layout):
     assert r["adapters_rel_after_20"] <= 1e-3, msg
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("layout", ["fsdp", "tp", "mix"])
 def test_eight_devices_compile_once_and_stay_put(eight, layout):
     r = eight["layouts"][layout]
@@ -346,6 +352,8 @@ def test_eight_devices_compile_once_and_stay_put(eight, layout):
     assert r["shardings_kept"]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_eight_devices_flops_and_specs(eight):
     single = eight["single"]["flops"]
     lay = eight["layouts"]
@@ -364,6 +372,8 @@ def test_eight_devices_flops_and_specs(eight):
                                    "o/a": "P('model', None)", "o/b": "P(None, 'data')"}
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_checkpoints_across_topologies(eight):
     hops = eight["checkpoint"]
     for hop in ("2x4->8x1", "8x1->1dev", "1dev->2x4"):
@@ -373,6 +383,8 @@ def test_checkpoints_across_topologies(eight):
     assert hops["resume_compiles"] == 0
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_step_rejects_state_committed_elsewhere(eight):
     # jit refuses an adapter committed to another sharding rather than
     # resharding (and recompiling) behind the user's back
@@ -423,6 +435,8 @@ print(json.dumps(out))
 '''
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_explicit_axes_data_parallel_and_fsdp():
     """On a mesh with Explicit axes (jax.make_mesh's default), `lj.apply`'s
     forward and its matmul kernel's backward run with the batch and the

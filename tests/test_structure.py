@@ -9,6 +9,11 @@ from collections import defaultdict
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lora_jax")
 
 
+def _read(path: str) -> str:
+    with open(path) as fh:
+        return fh.read()
+
+
 def _modules() -> dict:
     mods = {}
     for d, _, files in os.walk(ROOT):
@@ -26,7 +31,7 @@ MODS = _modules()
 def _imports(mod: str):
     """``(target module, imported name or None)`` for every import, at any depth."""
     path = MODS[mod]
-    tree = ast.parse(open(path).read(), path)
+    tree = ast.parse(_read(path), path)
     package = mod if path.endswith("__init__.py") else mod.rsplit(".", 1)[0]
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
@@ -121,7 +126,7 @@ _WALKS = {"tree_flatten_with_path", "tree_map_with_path", "tree_leaves_with_path
 
 def _walks_over_params(path: str):
     """Calls of a jax tree walk whose first argument names a params tree."""
-    tree = ast.parse(open(path).read(), path)
+    tree = ast.parse(_read(path), path)
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                 and node.func.attr in _WALKS):
@@ -143,7 +148,7 @@ def test_one_flattener_for_params():
     for mod, path in MODS.items():
         if mod == "lora_jax._core.paths":
             continue
-        src = open(path).read()
+        src = _read(path)
         if "tree_flatten_with_path(params" in src:
             hits.append(f"{mod}: tree_flatten_with_path(params")
         hits += [f"{mod}:{line}: {call}" for line, call in _walks_over_params(path)]

@@ -177,7 +177,7 @@ def truncate(adapters, config: LoraConfig, *, rank: int | None = None,
       ((16, 2), 2, 4.0)
       >>> dw = lj.merge(params, ad, cfg)["w"]
       >>> u, s, vt = jnp.linalg.svd(dw)
-      >>> best = (u[:, :2] * s[:2]) @ vt[:2]
+      >>> best = (u[:, :2] * s[None, :2]) @ vt[:2]
       >>> bool(jnp.allclose(lj.merge(params, small, cfg2)["w"], best, atol=1e-5))
       True
     """

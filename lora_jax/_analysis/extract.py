@@ -62,7 +62,7 @@ def _extract_leaf(w, t, key, scale, *, n_in, n_out, k, randomized, oversample,
         else:
             u, s, vt = jnp.linalg.svd(m, full_matrices=False)
         root = jnp.sqrt(s[:k] / scale)
-        a = (u[:, :k] * root).astype(dtype)
+        a = (u[:, :k] * root[None, :]).astype(dtype)
         b = (root[:, None] * vt[:k]).astype(dtype)
         approx = scale * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32),
                                     precision=_HI)

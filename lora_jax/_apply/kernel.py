@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lora_jax._core.dtypes import promote
 from lora_jax._apply.lazy import is_array
 
 __all__ = ["matmul_kernel", "fuse_concat"]
@@ -68,7 +69,7 @@ def matmul_kernel(precision, out_dtype, concat: bool):
         if train:
             y = dot(jnp.concatenate([x, t], 1), jnp.concatenate([w, sb], 0), 1, 0, out_dtype)
         else:
-            acc = jnp.promote_types(out_dtype, ad)
+            acc = promote(out_dtype, ad)
             y = (dot(x, w, 1, 0, acc) + dot(t, sb, 1, 0, ad).astype(acc)).astype(out_dtype)
         return y, t
 
@@ -97,14 +98,14 @@ def matmul_kernel(precision, out_dtype, concat: bool):
         ad = a.dtype
         ga = g.astype(ad)
         dt = dot(ga, sb, 1, 1, ad, like=t)                  # (M, r)
-        dx = dot(g, w, 1, 1, jnp.promote_types(g.dtype, x.dtype), like=x).astype(x.dtype)
+        dx = dot(g, w, 1, 1, promote(g.dtype, x.dtype), like=x).astype(x.dtype)
         dxl = dot(dt, a, 1, 1, ad, like=xl).astype(xl.dtype)
         # via (r, K): transposes dt only
         da = dot(dt, xl.astype(ad), 0, 0, ad, like=a, flip=True).T
         db = (s * dot(t, ga, 0, 0, ad, like=b)).astype(b.dtype)     # transposes t only
         # The frozen weight's cotangent is dead code unless params are
         # differentiated too (XLA then drops it).
-        (dw,) = pull(dot(x, g, 0, 0, jnp.promote_types(g.dtype, w.dtype), like=w)
+        (dw,) = pull(dot(x, g, 0, 0, promote(g.dtype, w.dtype), like=w)
                      .astype(w.dtype))
         return dx, dxl, dw, da.astype(a.dtype), db, jnp.zeros_like(s)
 

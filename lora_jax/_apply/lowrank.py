@@ -14,6 +14,7 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
+from lora_jax._core.dtypes import promote
 from lora_jax._apply.kernel import fuse_concat, matmul_kernel
 from lora_jax._apply.lazy import A, B, S, LazyWeight, NotLowRank, factor_labels, transpose_to
 
@@ -59,12 +60,12 @@ def _matmul_plan(x, lw: LazyWeight, xc, wc, first_is_a):
 
 
 def _out_dtype(preferred, x_dtype, w_dtype):
-    return jnp.dtype(preferred) if preferred is not None else jnp.result_type(x_dtype, w_dtype)
+    return jnp.dtype(preferred) if preferred is not None else promote(x_dtype, w_dtype)
 
 
 def _acc_dtype(out_dtype, adapter_dtype):
     """The dtype the low-rank sum is formed in: never below the adapters'."""
-    return jnp.promote_types(out_dtype, adapter_dtype)
+    return promote(out_dtype, adapter_dtype)
 
 
 def lowrank_dot(x, lw: LazyWeight, *, x_is_lhs: bool, dimension_numbers, precision,
