@@ -80,7 +80,7 @@ def _reference_tree():
 def size_report(name, params, config, ad, workdir) -> dict:
     d = os.path.join(workdir, f"size-{name}")
     lj.save(d, ad, config)
-    info = lj.inspect(d)
+    info = lj.checkpoint_info(d)
     raw = _raw_bytes(ad)
     # Everything but the (zstd-compressed) array chunks: Orbax's tree metadata,
     # sharding, manifests and index nodes, and lora_jax's JSON record.

@@ -186,13 +186,7 @@ def build(model, params, tokens, *, rank: int, variants: list[str]):
             continue
         base = base16
         if name == "qlora":
-            quantize = getattr(lj, "quantize", None)
-            if quantize is None:
-                skipped[name] = ("lora_jax has no lj.quantize yet (NF4 QLoRA is being "
-                                 "written); variant skipped")
-                print(f"qlora: SKIPPED: {skipped[name]}", flush=True)
-                continue
-            base = quantize(base16, TARGETS, method="nf4", config=config)
+            base = lj.quantize(base16, targets=TARGETS, method="nf4", config=config)
         adapters = lj.init(base, config, key=jax.random.key(1))
         out[name] = (lj.make_train_step(lora_loss, ltx),
                      [base, adapters, ltx.init(adapters), tokens],

@@ -65,8 +65,8 @@ def decoder(rounds: int, reps: int) -> dict:
                   if p.endswith("/kernel"))
     bases = {"float32": variables,
              "bfloat16": jax.tree.map(lambda x: x.astype(jnp.bfloat16), variables),
-             "nf4": lj.quantize(variables, KERNELS, config=config),
-             "int8": lj.quantize(variables, KERNELS, method="int8", config=config)}
+             "nf4": lj.quantize(variables, targets=KERNELS, config=config),
+             "int8": lj.quantize(variables, targets=KERNELS, method="int8", config=config)}
     out = {"n_kernel_params": n_kernel, "kernel_bytes_float32": kernels_f32,
            "kernel_bytes_bfloat16": 2 * n_kernel, "largest_kernel_params": largest, "bases": {}}
     runners = {}
@@ -130,7 +130,7 @@ def minilm(seeds, steps: int | None) -> dict:
         batches = mw.train_batches(train_data, s.batch, s.steps, seed)
         for base_name in ("float32", "nf4"):
             base = variables if base_name == "float32" else \
-                lj.quantize(variables, r"params/encoder/.*/kernel", config=config)
+                lj.quantize(variables, targets=r"params/encoder/.*/kernel", config=config)
             adapters = lj.init(base, config, key=jax.random.key(seed + 1))
             logits_fn = lj.apply(clf.apply, config)
 

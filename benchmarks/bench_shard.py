@@ -143,7 +143,7 @@ def run_layouts(args) -> dict:
             return params, ad, opt, jax.device_put(tokens, dev0), None
         shape, names, bspec, rules = layouts(cfg)[name]
         mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
-        params = jax.device_put(h_vars, lj.param_shardings(h_vars, mesh, rules))
+        params = jax.device_put(h_vars, lj.param_shardings(h_vars, mesh, rules=rules))
         sh = lj.train_shardings(params, config, tx, batch=bspec)
         ad, opt = lj.shard_train_state(h_ad, h_opt, sh)
         return params, ad, opt, jax.device_put(tokens, sh.batch[0]), sh
@@ -220,7 +220,7 @@ def run_unpinned(args) -> dict:
     out = {}
     for name, (shape, names, bspec, rules) in layouts(cfg).items():
         mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
-        params = jax.device_put(variables, lj.param_shardings(variables, mesh, rules))
+        params = jax.device_put(variables, lj.param_shardings(variables, mesh, rules=rules))
         sh = lj.train_shardings(params, config, tx, batch=bspec)
         toks = jax.device_put(tokens, sh.batch[0])
         row = {}

@@ -312,7 +312,7 @@ def run(s: Settings) -> dict:
         shutil.rmtree(ckpt, ignore_errors=True)
         lj.save(ckpt, adapters, config, params=variables,
                 metrics={"test_accuracy": r.accuracy}, metadata={"classes": list(classes)})
-        restored, restored_config = lj.restore(ckpt, variables)
+        restored, restored_config = lj.restore(ckpt, params=variables)
         merged = lj.merge(variables, restored, restored_config)
         _, merged_logits = predict(lambda i, m: forward(merged, i, m), test_data, eval_batch)
         r.extra = {
@@ -450,7 +450,7 @@ def plots(runs, adapters, config, variables, tuned, out) -> list[str]:
     fig.savefig(files[-1], dpi=110)
     if adapters is not None:
         files.append(os.path.join(out, "spectra.png"))
-        plot.spectra(lj.analyze(adapters, config, variables), files[-1])
+        plot.spectra(lj.analyze(variables, adapters, config), file=files[-1])
     return files
 
 

@@ -123,7 +123,7 @@ def main(argv=None) -> dict:
     # holds the whole model.
     dummy = jnp.zeros((1, 8), jnp.int32)
     abstract = jax.eval_shape(model.init, jax.random.key(0), dummy)
-    param_sh = lj.param_shardings(abstract, mesh, rules)
+    param_sh = lj.param_shardings(abstract, mesh, rules=rules)
     sh = lj.train_shardings(abstract, config, tx, batch=P("data"), shardings=param_sh)
 
     def create(key):
@@ -176,7 +176,7 @@ def main(argv=None) -> dict:
                           opt_state=opt_state)
         phase("save")
         state, config2 = lj.restore_state(
-            args.ckpt, params, step=step_no, shardings=sh.adapters,
+            args.ckpt, params=params, step=step_no, shardings=sh.adapters,
             opt_state_like=jax.tree.map(
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                 opt_state, sh.opt_state))

@@ -53,7 +53,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as d:
         lj.save_set(d, aset, params=variables)
-        aset = lj.restore_set(d, variables)              # verified, on this base
+        aset = lj.restore_set(d, params=variables)              # verified, on this base
 
     # one batch, one adapter per sequence, one compiled program
     names = ["legal", "__base__", "support", "poetry", "legal", "support"]

@@ -8,32 +8,44 @@
 128
 """
 
-from lora_jax._analysis.spectrum import Analysis as Analysis
-from lora_jax._analysis.extract import Extraction as Extraction
-from lora_jax._analysis.spectrum import Spectrum as Spectrum
+from importlib import metadata as _metadata
+
 from lora_jax._analysis.analyze import Truncation as Truncation
 from lora_jax._analysis.analyze import analyze as analyze
-from lora_jax._analysis.extract import extract as extract
 from lora_jax._analysis.analyze import truncate as truncate
-from lora_jax._checkpoint.record import CheckpointError as CheckpointError
-from lora_jax._checkpoint.info import CheckpointInfo as CheckpointInfo
-from lora_jax._checkpoint.checkpointer import Checkpointer as Checkpointer
-from lora_jax._checkpoint.checkpointer import TrainState as TrainState
+from lora_jax._analysis.extract import Extraction as Extraction
+from lora_jax._analysis.extract import extract as extract
+from lora_jax._analysis.plan import PRESETS as PRESETS
+from lora_jax._analysis.plan import Plan as Plan
+from lora_jax._analysis.plan import plan as plan
+from lora_jax._analysis.plan import preset as preset
+from lora_jax._analysis.spectrum import Analysis as Analysis
+from lora_jax._analysis.spectrum import Spectrum as Spectrum
+from lora_jax._apply.interp import StrictError as StrictError
+from lora_jax._apply.transform import Explanation as Explanation
+from lora_jax._apply.transform import apply as apply
+from lora_jax._apply.transform import explain as explain
+from lora_jax._checkpoint.api import checkpoint_info as checkpoint_info
 from lora_jax._checkpoint.api import inspect as inspect
 from lora_jax._checkpoint.api import restore as restore
 from lora_jax._checkpoint.api import restore_state as restore_state
 from lora_jax._checkpoint.api import save as save
-from lora_jax._apply.transform import Explanation as Explanation
-from lora_jax._apply.transform import apply as apply
-from lora_jax._apply.transform import explain as explain
+from lora_jax._checkpoint.checkpointer import Checkpointer as Checkpointer
+from lora_jax._checkpoint.checkpointer import TrainState as TrainState
+from lora_jax._checkpoint.fingerprint import BaseMismatchError as BaseMismatchError
+from lora_jax._checkpoint.fingerprint import base_fingerprint as base_fingerprint
+from lora_jax._checkpoint.fingerprint import check_base as check_base
+from lora_jax._checkpoint.info import CheckpointInfo as CheckpointInfo
+from lora_jax._checkpoint.record import CheckpointError as CheckpointError
 from lora_jax._core.config import INITS as INITS
 from lora_jax._core.config import Layout as Layout
 from lora_jax._core.config import LoraConfig as LoraConfig
 from lora_jax._core.config import LoraWarning as LoraWarning
-from lora_jax._checkpoint.fingerprint import BaseMismatchError as BaseMismatchError
-from lora_jax._checkpoint.fingerprint import base_fingerprint as base_fingerprint
-from lora_jax._checkpoint.fingerprint import check_base as check_base
-from lora_jax._variants.dora import dora_norms as dora_norms
+from lora_jax._core.leaf import LeafContainer as LeafContainer
+from lora_jax._core.paths import LeafSpec as LeafSpec
+from lora_jax._core.paths import path_str as path_str
+from lora_jax._core.weights import LoraWeights as LoraWeights
+from lora_jax._core.weights import is_lora as is_lora
 from lora_jax._init import init as init
 from lora_jax._init import subtract_init as subtract_init
 from lora_jax._merge import delta as delta
@@ -42,26 +54,24 @@ from lora_jax._merge import unmerge as unmerge
 from lora_jax._multi.combine import Combination as Combination
 from lora_jax._multi.combine import combine as combine
 from lora_jax._multi.combine import merge_weighted as merge_weighted
+from lora_jax._multi.io import restore_set as restore_set
+from lora_jax._multi.io import save_set as save_set
 from lora_jax._multi.mixed import apply_mixed as apply_mixed
-from lora_jax._multi.set import BASE as BASE
 from lora_jax._multi.set import AdapterSet as AdapterSet
+from lora_jax._multi.set import BASE as BASE
 from lora_jax._multi.set import Member as Member
 from lora_jax._multi.set import adapter_ids as adapter_ids
 from lora_jax._multi.set import adapter_set as adapter_set
 from lora_jax._multi.set import add_adapter as add_adapter
 from lora_jax._multi.set import remove_adapter as remove_adapter
-from lora_jax._multi.io import restore_set as restore_set
-from lora_jax._multi.io import save_set as save_set
 from lora_jax._multi.set import select_adapter as select_adapter
 from lora_jax._optim import make_train_step as make_train_step
 from lora_jax._optim import optimizer as optimizer
 from lora_jax._optim import trainable_labels as trainable_labels
-from lora_jax._core.paths import LeafSpec as LeafSpec
-from lora_jax._analysis.plan import PRESETS as PRESETS
-from lora_jax._analysis.plan import Plan as Plan
-from lora_jax._analysis.plan import plan as plan
-from lora_jax._analysis.plan import preset as preset
-from lora_jax._core.paths import path_str as path_str
+from lora_jax._report import Description as Description
+from lora_jax._report import Summary as Summary
+from lora_jax._report import describe as describe
+from lora_jax._report import summary as summary
 from lora_jax._shard.rules import adapter_shardings as adapter_shardings
 from lora_jax._shard.rules import opt_state_shardings as opt_state_shardings
 from lora_jax._shard.rules import param_shardings as param_shardings
@@ -69,99 +79,100 @@ from lora_jax._shard.step import TrainShardings as TrainShardings
 from lora_jax._shard.step import make_sharded_train_step as make_sharded_train_step
 from lora_jax._shard.step import shard_train_state as shard_train_state
 from lora_jax._shard.step import train_shardings as train_shardings
+from lora_jax._variants.dora import dora_norms as dora_norms
 from lora_jax._variants.quantize import Int8Weight as Int8Weight
 from lora_jax._variants.quantize import NF4Weight as NF4Weight
 from lora_jax._variants.quantize import dequantize as dequantize
 from lora_jax._variants.quantize import is_quantized as is_quantized
 from lora_jax._variants.quantize import nf4_levels as nf4_levels
 from lora_jax._variants.quantize import quantize as quantize
-from lora_jax._report import Description as Description
-from lora_jax._report import Summary as Summary
-from lora_jax._report import describe as describe
-from lora_jax._report import summary as summary
-from lora_jax._core.weights import LoraWeights as LoraWeights
-from lora_jax._core.weights import is_lora as is_lora
 from lora_jax.interop.peft import export_peft as export_peft
 from lora_jax.interop.peft import import_peft as import_peft
 from lora_jax import interop as interop
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("lora-jax")
+except _metadata.PackageNotFoundError:   # a source tree on sys.path, not installed
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "export_peft",
-    "import_peft",
-    "interop",
+    "adapter_ids",
+    "adapter_set",
+    "adapter_shardings",
+    "AdapterSet",
+    "add_adapter",
+    "Analysis",
+    "analyze",
+    "apply",
+    "apply_mixed",
+    "BASE",
+    "base_fingerprint",
     "BaseMismatchError",
+    "check_base",
+    "checkpoint_info",
+    "Checkpointer",
     "CheckpointError",
     "CheckpointInfo",
-    "Checkpointer",
-    "TrainState",
-    "base_fingerprint",
-    "check_base",
-    "inspect",
-    "restore",
-    "restore_state",
-    "save",
-    "Analysis",
-    "Extraction",
-    "Spectrum",
-    "Truncation",
-    "analyze",
-    "extract",
-    "truncate",
-    "PRESETS",
-    "Plan",
-    "plan",
-    "preset",
-    "TrainShardings",
-    "adapter_shardings",
-    "make_sharded_train_step",
-    "opt_state_shardings",
-    "param_shardings",
-    "shard_train_state",
-    "train_shardings",
-    "Int8Weight",
-    "NF4Weight",
+    "Combination",
+    "combine",
+    "delta",
     "dequantize",
-    "dora_norms",
-    "is_quantized",
-    "nf4_levels",
-    "quantize",
-    "subtract_init",
-    "INITS",
+    "describe",
     "Description",
+    "dora_norms",
+    "explain",
     "Explanation",
+    "export_peft",
+    "extract",
+    "Extraction",
+    "import_peft",
+    "init",
+    "INITS",
+    "inspect",
+    "Int8Weight",
+    "interop",
+    "is_lora",
+    "is_quantized",
     "Layout",
+    "LeafContainer",
     "LeafSpec",
     "LoraConfig",
     "LoraWarning",
     "LoraWeights",
-    "Summary",
-    "apply",
-    "delta",
-    "describe",
-    "explain",
-    "init",
-    "is_lora",
+    "make_sharded_train_step",
     "make_train_step",
-    "merge",
-    "optimizer",
-    "path_str",
-    "summary",
-    "trainable_labels",
-    "unmerge",
-    "BASE",
-    "AdapterSet",
-    "Combination",
     "Member",
-    "adapter_ids",
-    "adapter_set",
-    "add_adapter",
-    "apply_mixed",
-    "combine",
+    "merge",
     "merge_weighted",
+    "nf4_levels",
+    "NF4Weight",
+    "opt_state_shardings",
+    "optimizer",
+    "param_shardings",
+    "path_str",
+    "plan",
+    "Plan",
+    "preset",
+    "PRESETS",
+    "quantize",
     "remove_adapter",
+    "restore",
     "restore_set",
+    "restore_state",
+    "save",
     "save_set",
     "select_adapter",
+    "shard_train_state",
+    "Spectrum",
+    "StrictError",
+    "subtract_init",
+    "summary",
+    "Summary",
+    "train_shardings",
+    "trainable_labels",
+    "TrainShardings",
+    "TrainState",
+    "truncate",
+    "Truncation",
+    "unmerge",
 ]

@@ -29,7 +29,7 @@ def add_inspect_command(subparsers) -> None:
     """Registers ``inspect``: checkpoint metadata, then the adapters' spectra."""
     p = subparsers.add_parser(
         "inspect", help="a checkpoint's config, entries and adapter spectra",
-        description="Print a checkpoint's config and entries (lj.inspect) and, unless "
+        description="Print a checkpoint's config and entries (lj.checkpoint_info) and, unless "
                     "--no-spectra, the singular-value summary of its adapters (lj.analyze).")
     p.add_argument("directory", help="the checkpoint root passed to lj.save")
     p.add_argument("--step", type=int, default=None, help="default: the latest")
@@ -40,9 +40,9 @@ def add_inspect_command(subparsers) -> None:
 
 def _run_inspect(args) -> int:
     from lora_jax._analysis.analyze import spectra_summary
-    from lora_jax._checkpoint.api import inspect
+    from lora_jax._checkpoint.api import checkpoint_info
 
-    print(inspect(args.directory, step=args.step))
+    print(checkpoint_info(args.directory, step=args.step))
     if not args.no_spectra:
         print()
         print(spectra_summary(args.directory, step=args.step))
@@ -92,7 +92,7 @@ def _run_merge(args) -> int:
     import lora_jax as lj
 
     base = lj.interop.load_params(args.base)
-    adapters, config = lj.restore(args.checkpoint, base, step=args.step,
+    adapters, config = lj.restore(args.checkpoint, params=base, step=args.step,
                                   on_base_mismatch=args.on_base_mismatch)
     lj.interop.save_params(args.out, lj.merge(base, adapters, config))
     print(f"merged {len(lj.describe(base, config).specs)} adapted weights into {args.out}")
@@ -125,7 +125,7 @@ def _run_export_peft(args) -> int:
     import lora_jax as lj
 
     base = lj.interop.load_params(args.base) if args.base else None
-    adapters, config = lj.restore(args.checkpoint, base, step=args.step)
+    adapters, config = lj.restore(args.checkpoint, params=base, step=args.step)
     folder = lj.export_peft(args.out, adapters, config, key_map=_key_map(args.key_map),
                             params=base, adapter_name=args.adapter_name,
                             task_type=args.task_type,

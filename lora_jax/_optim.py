@@ -56,7 +56,7 @@ def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
       >>> cfg = lj.LoraConfig(rank=4, targets="w")
       >>> ad = lj.init(params, cfg, key=jax.random.key(0))
       >>> state = lj.optimizer(optax.adam(1e-3)).init(ad)
-      >>> lj.summary(params, ad, state).optimizer_state  # 2 x (128 + 128)
+      >>> lj.summary(params, ad, opt_state=state).optimizer_state  # 2 x (128 + 128)
       512
     """
     return optax.partition({TRAIN: tx, FROZEN: optax.set_to_zero()}, trainable_labels)

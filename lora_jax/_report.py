@@ -125,7 +125,7 @@ class Summary:
     __repr__ = __str__
 
 
-def summary(params, adapters, opt_state=None) -> Summary:
+def summary(params, adapters, *, opt_state=None) -> Summary:
     """Trainable vs total parameters, bytes by dtype and a per-target table.
 
     The numbers PEFT prints with ``print_trainable_parameters``, plus bytes

@@ -12,7 +12,7 @@ Example:
   >>> k1, k2 = jax.random.split(jax.random.key(0))
   >>> ad = {"w": lj.LoraWeights(jax.random.normal(k1, (32, 4)),
   ...                           jax.random.normal(k2, (4, 16)), jnp.float32(1.0))}
-  >>> fig = plot.spectra(lj.analyze(ad, lj.LoraConfig(rank=4, targets="w")))
+  >>> fig = plot.spectra(lj.analyze(None, ad, lj.LoraConfig(rank=4, targets="w")))
   >>> [ax.get_title() for ax in fig.axes]
   ['singular values', 'cumulative energy']
 """
@@ -77,7 +77,7 @@ def _finish(fig, axes, n, file):
     return fig
 
 
-def spectra(report, file=None, *, paths=None):
+def spectra(report, *, file=None, paths=None):
     """Per-layer singular values (log scale) and cumulative energy.
 
     One line per layer of each leaf; dashed lines at 90% and 99% energy.
@@ -95,7 +95,7 @@ def spectra(report, file=None, *, paths=None):
       >>> from lora_jax import plot
       >>> ad = {"w": lj.LoraWeights(jnp.eye(6, 3), jnp.diag(jnp.array([3.0, 2.0, 1.0])),
       ...                           jnp.float32(1.0))}
-      >>> fig = plot.spectra(lj.analyze(ad, lj.LoraConfig(rank=3, targets="w")))
+      >>> fig = plot.spectra(lj.analyze(None, ad, lj.LoraConfig(rank=3, targets="w")))
       >>> fig.axes[0].lines[0].get_ydata().tolist()
       [3.0, 2.0, 1.0]
     """
@@ -116,7 +116,7 @@ def spectra(report, file=None, *, paths=None):
     return _finish(fig, (ax_s, ax_e), len(rows), file)
 
 
-def truncation_error(report, file=None, *, paths=None):
+def truncation_error(report, *, file=None, paths=None):
     """Relative reconstruction error of the best rank-k approximation vs k.
 
     ``||dW - dW_k||_F / ||dW||_F`` for ``k = 0 .. len(singular_values)``, one
@@ -136,7 +136,7 @@ def truncation_error(report, file=None, *, paths=None):
       >>> import jax, jax.numpy as jnp, lora_jax as lj
       >>> from lora_jax import plot
       >>> ad = {"w": lj.LoraWeights(jnp.eye(6, 2), jnp.eye(2, 5), jnp.float32(1.0))}
-      >>> fig = plot.truncation_error(lj.analyze(ad, lj.LoraConfig(rank=2, targets="w")))
+      >>> fig = plot.truncation_error(lj.analyze(None, ad, lj.LoraConfig(rank=2, targets="w")))
       >>> [round(float(e), 4) for e in fig.axes[0].lines[0].get_ydata()]
       [1.0, 0.7071, 0.0]
     """

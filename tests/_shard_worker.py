@@ -192,7 +192,7 @@ def main(out_path: str) -> None:
     built = {}
     for lname, (shape, names, batch_spec, rules) in LAYOUTS.items():
         mesh = mesh_of(shape, names)
-        params = jax.device_put(h_vars, lj.param_shardings(h_vars, mesh, rules))
+        params = jax.device_put(h_vars, lj.param_shardings(h_vars, mesh, rules=rules))
         sh = lj.train_shardings(params, config, tx, batch=batch_spec)
         toks = jax.device_put(tokens, sh.batch[0])
         step = lj.make_sharded_train_step(loss_fn, tx, sh)
@@ -240,7 +240,7 @@ def main(out_path: str) -> None:
     want_ad, want_opt = host(ad24), host(opt24)
     mesh81 = mesh_of((8, 1), ("data", "model"))
     sh81 = lj.train_shardings(
-        jax.device_put(h_vars, lj.param_shardings(h_vars, mesh81, LAYOUTS["fsdp"][3])),
+        jax.device_put(h_vars, lj.param_shardings(h_vars, mesh81, rules=LAYOUTS["fsdp"][3])),
         config, tx, batch=P("data"))
 
     def like(tree, shardings):
@@ -257,7 +257,7 @@ def main(out_path: str) -> None:
                 ("8x1->1dev", dev0, dev0),
                 ("1dev->2x4", sh24.adapters, sh24.opt_state)]):
             lj.save(d, src_ad, config, step=n, params=variables, opt_state=src_opt)
-            state, cfg2 = lj.restore_state(d, variables, step=n, shardings=ad_to,
+            state, cfg2 = lj.restore_state(d, params=variables, step=n, shardings=ad_to,
                                            opt_state_like=like(want_opt, opt_to))
             assert cfg2 == config
             assert_trees_close(host(state.adapters), want_ad, exact=True)

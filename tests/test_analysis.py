@@ -61,7 +61,7 @@ def _random_adapters(rng, shapes, *, rank, dtype=jnp.float32, stacked=None):
 def test_analyze_matches_dense_svd(rng, dtype):
     params, ad = _random_adapters(rng, {"q": (48, 40), "fc": (40, 96)}, rank=6, dtype=dtype)
     cfg = lj.LoraConfig(rank=6, alpha=9, targets="q|fc")
-    rep = lj.analyze(ad, cfg, params)
+    rep = lj.analyze(params, ad, cfg)
     assert [s.path for s in rep] == ["fc", "q"]
     for s in rep:
         dw = _dense(ad[s.path])
@@ -87,7 +87,7 @@ def test_analyze_stacked_and_structured(rng):
     """A scan-stacked leaf: one row per layer, each equal to that layer's dense SVD."""
     params, ad = _random_adapters(rng, {"w": (24, 20)}, rank=4, stacked=3)
     cfg = lj.LoraConfig(rank=4, targets="w", layouts={"w": lj.Layout(1, 1, 1)})
-    rep = lj.analyze(ad, cfg, params)
+    rep = lj.analyze(params, ad, cfg)
     assert [s.layer for s in rep] == [(0,), (1,), (2,)]
     dw = _dense(ad["w"])
     for s in rep:
@@ -107,7 +107,7 @@ def test_analyze_gpt_skips_train_and_frozen(rng, small_gpt):
     _, variables = small_gpt
     cfg = lj.LoraConfig(rank=4, alpha=8, targets=gpt.TARGETS, train=r".*/ln_f/scale")
     ad = perturb_b(lj.init(variables, cfg, key=rng), key=jax.random.fold_in(rng, 1))
-    rep = lj.analyze(ad, cfg, variables)
+    rep = lj.analyze(variables, ad, cfg)
     assert len(rep) == 6 * SMALL.n_layers
     specs = lj.describe(variables, cfg).specs
     for s in rep:
@@ -119,7 +119,7 @@ def test_analyze_gpt_skips_train_and_frozen(rng, small_gpt):
         assert math.isclose(s.relative_norm, np.linalg.norm(_dense(node)) / np.linalg.norm(w),
                             rel_tol=1e-6)
     # Without params: same spectra (no base norms).
-    rep2 = lj.analyze(ad, cfg)
+    rep2 = lj.analyze(None, ad, cfg)
     assert [s.path for s in rep2] == [s.path for s in rep]
     assert all(s.base_norm is None for s in rep2)
     np.testing.assert_array_equal(rep2.spectra[0].singular_values,
@@ -138,7 +138,7 @@ def test_analyze_never_forms_the_dense_update(rng):
     a = jnp.asarray(g.standard_normal((200_000, 4)), jnp.float32)
     b = jnp.asarray(g.standard_normal((4, 200_000)), jnp.float32)
     ad = {"w": lj.LoraWeights(a, b, jnp.float32(0.5))}
-    s = lj.analyze(ad, lj.LoraConfig(rank=4, targets="w")).spectra[0]
+    s = lj.analyze(None, ad, lj.LoraConfig(rank=4, targets="w")).spectra[0]
     # Reference from the 4x4 Gram matrices: sv(dW)^2 = eig((A^T A)(B B^T)) * s^2.
     ga, gb = _f64(a).T @ _f64(a), _f64(b) @ _f64(b).T
     ref = np.sqrt(np.sort(np.linalg.eigvals(ga @ gb).real)[::-1]) * 0.5
@@ -147,7 +147,7 @@ def test_analyze_never_forms_the_dense_update(rng):
 
 def test_analyze_zero_update():
     ad = {"w": lj.LoraWeights(jnp.ones((8, 2)), jnp.zeros((2, 5)), jnp.float32(1.0))}
-    s = lj.analyze(ad, lj.LoraConfig(rank=2, targets="w")).spectra[0]
+    s = lj.analyze(None, ad, lj.LoraConfig(rank=2, targets="w")).spectra[0]
     assert s.norm == 0 and s.effective_rank == 0 and s.rank_for_energy(0.9) == 0
     assert s.error_at(0) == 0 and np.all(s.energy == 0)
 
@@ -158,7 +158,7 @@ def test_analyze_adapter_set_scales(rng):
     a = jnp.asarray(g.standard_normal((2, 10, 3)), jnp.float32)
     b = jnp.asarray(g.standard_normal((2, 3, 7)), jnp.float32)
     ad = {"w": lj.LoraWeights(a, b, jnp.array([1.0, 4.0]))}
-    rep = lj.analyze(ad, lj.LoraConfig(rank=3, targets="w"))
+    rep = lj.analyze(None, ad, lj.LoraConfig(rank=3, targets="w"))
     s0, s1 = rep.spectra
     dw = _dense(ad["w"])
     for s, d in ((s0, dw[0]), (s1, dw[1])):
@@ -170,16 +170,16 @@ def test_analyze_errors():
     cfg = lj.LoraConfig(rank=2, targets="w")
     good = lj.LoraWeights(jnp.ones((4, 2)), jnp.ones((2, 3)), jnp.float32(1))
     with pytest.raises(ValueError, match=r"w: the adapter has rank 2 .* rank 3.*truncate"):
-        lj.analyze({"w": good}, lj.LoraConfig(rank=3, targets="w"))
+        lj.analyze(None, {"w": good}, lj.LoraConfig(rank=3, targets="w"))
     with pytest.raises(ValueError, match=r"w: a \(4, 2\) and b \(3, 3\) do not form"):
-        lj.analyze({"w": good._replace(b=jnp.ones((3, 3)))}, cfg)
+        lj.analyze(None, {"w": good._replace(b=jnp.ones((3, 3)))}, cfg)
     with pytest.raises(ValueError, match="holds no LoraWeights"):
-        lj.analyze({"w": None, "h": jnp.ones(3)}, cfg)
+        lj.analyze(None, {"w": None, "h": jnp.ones(3)}, cfg)
     with pytest.raises(TypeError, match="LoraConfig"):
-        lj.analyze({"w": good}, {"rank": 2})
+        lj.analyze(None, {"w": good}, {"rank": 2})
     with pytest.raises(ValueError, match=r"w: adapter shapes do not fit"):
-        lj.analyze({"w": good}, cfg, {"w": jnp.ones((5, 3))})
-    s = lj.analyze({"w": good}, cfg).spectra[0]
+        lj.analyze({"w": jnp.ones((5, 3))}, {"w": good}, cfg)
+    s = lj.analyze(None, {"w": good}, cfg).spectra[0]
     with pytest.raises(ValueError, match="energy fraction"):
         s.rank_for_energy(1.5)
 
@@ -273,7 +273,7 @@ def test_truncate_mixed_ranks_use_rank_pattern(rng):
     assert out["b"]["w"] is ad["b"]["w"]
     assert cfg2.rank_for("a/w") == 3 and cfg2.rank_for("b/w") == 2
     assert cfg2.rank_pattern[0] == (re.escape("a/w"), 3)
-    lj.analyze(out, cfg2)   # consistent
+    lj.analyze(None, out, cfg2)   # consistent
 
 
 def test_truncate_errors(rng):
@@ -392,7 +392,7 @@ def test_spectra_summary_of_a_checkpoint(rng, tmp_path):
     text = _analysis.spectra_summary(tmp_path / "ck")
     rows = {line.split()[0]: line.split() for line in text.splitlines()[3:]}
     assert set(rows) == {"q", "v"}
-    ref = lj.analyze(ad, cfg)
+    ref = lj.analyze(None, ad, cfg)
     for s in ref:
         assert rows[s.path][4] == f"{s.norm:.3g}" and rows[s.path][7] == f"{s.effective_rank:.2f}"
 
@@ -405,7 +405,7 @@ def test_cli_inspect_shows_spectra(rng, tmp_path, capsys):
     lj.save(tmp_path / "ck", ad, cfg, params=params)
     assert main(["inspect", str(tmp_path / "ck")]) == 0
     out = capsys.readouterr().out
-    s = lj.analyze(ad, cfg).spectra[0]
+    s = lj.analyze(None, ad, cfg).spectra[0]
     assert "spectra of s*A@B" in out and f"{s.effective_rank:.2f}" in out
     assert main(["inspect", str(tmp_path / "ck"), "--no-spectra"]) == 0
     assert "spectra of s*A@B" not in capsys.readouterr().out

@@ -98,3 +98,46 @@ def test_no_jax_internals():
                 if re.search(r"jax\._src|from jax import _src", text):
                     offenders.append(os.path.relpath(path, PKG_DIR))
     assert not offenders, f"lora_jax must use public JAX only; jax._src appears in {offenders}"
+
+
+DEPRECATED = {"Checkpointer.inspect"}   # old signatures kept for one release
+
+
+def test_options_are_keyword_only():
+    """Every public function's optional arguments are keyword-only."""
+    from lora_jax import interop, plot
+    offenders = []
+    for mod, names in ((lj, lj.__all__), (plot, plot.__all__), (interop, interop.__all__)):
+        for name in names:
+            obj = getattr(mod, name)
+            funcs = [(name, obj)] if inspect.isfunction(obj) else []
+            if inspect.isclass(obj):
+                funcs = [(f"{name}.{m}", f) for m, f in vars(obj).items()
+                         if inspect.isfunction(f) and not m.startswith("_")]
+            for fname, f in funcs:
+                if fname in DEPRECATED:
+                    continue
+                for p in inspect.signature(f).parameters.values():
+                    if p.kind == p.POSITIONAL_OR_KEYWORD and p.default is not p.empty:
+                        offenders.append(f"{fname}({p.name}=...)")
+    assert not offenders, offenders
+
+
+def test_all_is_sorted_and_strict_error_is_public():
+    assert list(lj.__all__) == sorted(lj.__all__, key=str.lower)
+    assert issubclass(lj.StrictError, ValueError)
+    from importlib import metadata
+    assert lj.__version__ == metadata.version("lora-jax")
+
+
+def test_inspect_is_a_deprecated_alias(tmp_path):
+    import jax
+    params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
+    cfg = lj.LoraConfig(rank=2, targets="w")
+    lj.save(tmp_path, lj.init(params, cfg, key=jax.random.key(1)), cfg)
+    with pytest.warns(DeprecationWarning, match="lj.checkpoint_info"):
+        info = lj.inspect(tmp_path)
+    assert info.step == lj.checkpoint_info(tmp_path).step == 0
+    with lj.Checkpointer(tmp_path, read_only=True) as ck, \
+            pytest.warns(DeprecationWarning, match=r"Checkpointer.info\(step=...\)"):
+        assert ck.inspect().step == 0

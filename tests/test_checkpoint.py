@@ -51,7 +51,7 @@ def _files(directory):
 def test_roundtrip_bit_exact_params_like_and_flat(tmp_path, trained):
     variables, ad = trained
     lj.save(tmp_path, ad, CFG, params=variables)
-    back, cfg = lj.restore(tmp_path, variables)
+    back, cfg = lj.restore(tmp_path, params=variables)
     assert cfg == CFG
     assert_trees_close(back, ad, exact=True)
     back2, _ = lj.restore(tmp_path, like=ad)
@@ -89,7 +89,7 @@ def test_resume_equals_uninterrupted_training(tmp_path, rng):
     for _ in range(2):
         ad, opt, _ = step(variables, ad, opt, tokens)
 
-    state, cfg2 = lj.restore_state(tmp_path, variables, tx=tx)
+    state, cfg2 = lj.restore_state(tmp_path, params=variables, tx=tx)
     assert state.step == 2 and cfg2 == cfg
     assert jax.random.key_data(state.rng).tolist() == jax.random.key_data(jax.random.key(7)).tolist()
     ad2, opt2 = state.adapters, state.opt_state
@@ -114,7 +114,7 @@ def test_async_retention_keeps_best_and_always_latest(tmp_path, trained):
     with lj.Checkpointer(tmp_path / "latest", max_to_keep=2, async_save=True) as ckpt:
         for s in range(4):
             ckpt.save(s * 10, ad, CFG)
-    assert lj.inspect(tmp_path / "latest").steps == [20, 30]
+    assert lj.checkpoint_info(tmp_path / "latest").steps == [20, 30]
 
 
 def test_async_save_then_donate(tmp_path):
@@ -141,7 +141,7 @@ def test_restore_into_given_sharding(tmp_path, trained):
     mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("x",))
     named = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     for sh in (jax.sharding.SingleDeviceSharding(dev), named):
-        back, _ = lj.restore(tmp_path, variables, shardings=sh)
+        back, _ = lj.restore(tmp_path, params=variables, shardings=sh)
         for x in jax.tree.leaves(back):
             assert x.sharding == sh
         assert_trees_close(back, ad, exact=True)
@@ -165,7 +165,7 @@ def test_restore_resharded_across_devices(tmp_path):
         m22 = Mesh(np.array(jax.devices()).reshape(2, 2), ("model", "data"))
         sh = lj.LoraWeights(NamedSharding(m22, P("model", "data")), NamedSharding(m22, P(None, "data")),
                             NamedSharding(m22, P()))
-        back, _ = lj.restore({str(tmp_path)!r}, params, shardings={{"w": sh}})
+        back, _ = lj.restore({str(tmp_path)!r}, params=params, shardings={{"w": sh}})
         assert back["w"].a.sharding == sh.a and back["w"].b.sharding == sh.b
         assert back["w"].a.addressable_shards[0].data.shape == (32, 4)
         assert np.array_equal(np.asarray(back["w"].a), np.asarray(ad["w"].a))
@@ -183,7 +183,7 @@ def test_inspect_reads_no_arrays(tmp_path, trained):
     lj.save(tmp_path, ad, CFG, params=variables, metadata={"run": "abc"})
     for f in _files(tmp_path / "0" / "adapters"):
         os.remove(f)  # inspect must not need them
-    info = lj.inspect(tmp_path)
+    info = lj.checkpoint_info(tmp_path)
     desc = lj.describe(variables, CFG)
     assert info.config == CFG and info.metadata == {"run": "abc"}
     lora_rows = {r[0]: r for r in info.rows if r[1] == "lora"}
@@ -193,7 +193,7 @@ def test_inspect_reads_no_arrays(tmp_path, trained):
     text = str(info)
     assert "params/block_0/attn/q/kernel" in text and "base fingerprint" in text
     with pytest.raises(lj.CheckpointError, match="reading the arrays failed"):
-        lj.restore(tmp_path, variables)
+        lj.restore(tmp_path, params=variables)
 
 
 def test_checkpoint_bytes_close_to_raw(tmp_path, rng):
@@ -203,7 +203,7 @@ def test_checkpoint_bytes_close_to_raw(tmp_path, rng):
     cfg = lj.LoraConfig(rank=64, targets=r".*/kernel")
     ad = random_adapters(params, cfg, seed=SEED)
     lj.save(tmp_path, ad, cfg)
-    info = lj.inspect(tmp_path)
+    info = lj.checkpoint_info(tmp_path)
     assert info.array_bytes == 4 * 2 * 512 * 64 * 4
     assert info.disk_bytes <= 1.05 * info.array_bytes + 64 * 1024, \
         (info.disk_bytes, info.array_bytes)
@@ -233,7 +233,7 @@ def _corrupt_each_chunk(tmp_path, variables, ad, cfg, corrupt):
         data = bytearray(open(g, "rb").read())
         open(g, "wb").write(bytes(corrupt(data)))
         try:
-            back, _ = lj.restore(dst, variables)
+            back, _ = lj.restore(dst, params=variables)
         except lj.CheckpointError as e:
             assert "Fix:" in str(e)
             errors.append(str(e))
@@ -283,9 +283,9 @@ def test_unknown_format_version(tmp_path, trained):
     lj.save(tmp_path, ad, CFG)
     _edit_record(tmp_path, 0, lambda r: r.update(format_version=2), rehash=True)
     with pytest.raises(lj.CheckpointError, match="format version 2 is not supported.*upgrade"):
-        lj.restore(tmp_path, variables)
+        lj.restore(tmp_path, params=variables)
     with pytest.raises(lj.CheckpointError, match="format version 2"):
-        lj.inspect(tmp_path)
+        lj.checkpoint_info(tmp_path)
 
 
 def test_edited_config_and_metadata_detected(tmp_path, trained):
@@ -293,15 +293,15 @@ def test_edited_config_and_metadata_detected(tmp_path, trained):
     lj.save(tmp_path, ad, CFG)
     _edit_record(tmp_path, 0, lambda r: r["config"].update(alpha=99.0))
     with pytest.raises(lj.CheckpointError, match="LoraConfig does not match its sha256"):
-        lj.restore(tmp_path, variables)
+        lj.restore(tmp_path, params=variables)
     lj.save(tmp_path, ad, CFG, step=1)
     _edit_record(tmp_path, 1, lambda r: r["metadata"].update(x=1))
     with pytest.raises(lj.CheckpointError, match="metadata does not match its sha256"):
-        lj.inspect(tmp_path, step=1)
+        lj.checkpoint_info(tmp_path, step=1)
     with open(tmp_path / "1" / "lora_jax" / "metadata", "w") as fh:
         fh.write('{"format": "lora_jax.adapter_ch')
     with pytest.raises(lj.CheckpointError, match="reading the checkpoint metadata"):
-        lj.restore(tmp_path, variables, step=1)
+        lj.restore(tmp_path, params=variables, step=1)
 
 
 # ----------------------------------------------------------------------------- base fingerprint
@@ -315,23 +315,23 @@ def test_base_fingerprint_checks(tmp_path, trained, rng):
     other = jax.tree.map(lambda x: x + 0.01 * gen.standard_normal(x.shape).astype(np.float32),
                          variables)
     with pytest.raises(lj.BaseMismatchError, match="(?s)different base.*params/block_0.*Fix"):
-        lj.restore(tmp_path, other)
+        lj.restore(tmp_path, params=other)
     with pytest.warns(lj.LoraWarning, match="different base"):
-        lj.restore(tmp_path, other, on_base_mismatch="warn")
-    lj.restore(tmp_path, other, on_base_mismatch="ignore")
+        lj.restore(tmp_path, params=other, on_base_mismatch="warn")
+    lj.restore(tmp_path, params=other, on_base_mismatch="ignore")
     # the merged base is not the base (restoring onto it would apply the delta twice)
     with pytest.raises(lj.BaseMismatchError):
-        lj.restore(tmp_path, lj.merge(variables, ad, CFG))
+        lj.restore(tmp_path, params=lj.merge(variables, ad, CFG))
     # a bfloat16 copy of the right base passes
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), variables)
-    back, _ = lj.restore(tmp_path, bf16)
+    back, _ = lj.restore(tmp_path, params=bf16)
     assert_trees_close(back, ad, exact=True)
     # and a bfloat16 copy of another base does not (across dtypes the check
     # has bfloat16 resolution: `other`, 1% away, would pass it)
     another = jax.tree.map(lambda x: jnp.asarray(gen.standard_normal(x.shape), jnp.bfloat16),
                            variables)
     with pytest.raises(lj.BaseMismatchError):
-        lj.restore(tmp_path, another)
+        lj.restore(tmp_path, params=another)
 
 
 def test_fingerprint_is_sampled_and_cheap():
@@ -355,7 +355,7 @@ def test_shape_mismatch_with_base(tmp_path, trained):
     wider = _gpt_params(d_model=96)
     with pytest.raises(lj.CheckpointError,
                        match=r"(?s)adapter shapes do not fit the weight.*expected a \(96, 4\)"):
-        lj.restore(tmp_path, wider)
+        lj.restore(tmp_path, params=wider)
 
 
 def test_missing_and_extra_entries(tmp_path, trained):
@@ -363,11 +363,11 @@ def test_missing_and_extra_entries(tmp_path, trained):
     lj.save(tmp_path, ad, CFG)
     deeper = _gpt_params(n_layers=3)
     with pytest.raises(lj.CheckpointError, match="params/block_2/attn/k/kernel"):
-        lj.restore(tmp_path, deeper)
+        lj.restore(tmp_path, params=deeper)
     shallow = _gpt_params(n_layers=1)
     with pytest.raises(lj.CheckpointError,
                        match=r"saved but not in the target: \['params/block_1/attn/k/kernel'"):
-        lj.restore(tmp_path, shallow)
+        lj.restore(tmp_path, params=shallow)
     like = dict(ad)
     like = jax.tree.map(lambda x: x, ad, is_leaf=lambda x: x is None or lj.is_lora(x))
     like["params"]["block_0"]["attn"]["q"]["kernel"] = None
@@ -380,7 +380,7 @@ def test_rank_above_min_dims(tmp_path, rng):
     cfg = lj.LoraConfig(rank=8, targets="w")
     lj.save(tmp_path, random_adapters(params, cfg, seed=SEED), cfg)
     with pytest.raises(lj.CheckpointError, match=r"w: rank 8 exceeds min\(in, out\)"):
-        lj.restore(tmp_path, {"w": jnp.ones((64, 4))})
+        lj.restore(tmp_path, params={"w": jnp.ones((64, 4))})
 
 
 def test_nonfinite_refused_on_save_and_restore(tmp_path, trained):
@@ -393,8 +393,8 @@ def test_nonfinite_refused_on_save_and_restore(tmp_path, trained):
     assert not os.path.exists(tmp_path / "0")
     lj.save(tmp_path, bad, CFG, check_finite=False)
     with pytest.raises(lj.CheckpointError, match="block_1/mlp/fc2/kernel/b: 1 NaN/Inf.*Fix"):
-        lj.restore(tmp_path, variables)
-    back, _ = lj.restore(tmp_path, variables, check_finite=False)
+        lj.restore(tmp_path, params=variables)
+    back, _ = lj.restore(tmp_path, params=variables, check_finite=False)
     assert np.isnan(np.asarray(back["params"]["block_1"]["mlp"]["fc2"]["kernel"].b)[0, 0])
 
 
@@ -417,7 +417,7 @@ def test_dtype_never_cast_silently(tmp_path, trained):
     assert np.array_equal(np.asarray(q.b), np.asarray(
         ad["params"]["block_0"]["attn"]["q"]["kernel"].b.astype(jnp.bfloat16)))
     # the default restores as saved
-    back, cfg = lj.restore(tmp_path, variables)
+    back, cfg = lj.restore(tmp_path, params=variables)
     assert back["params"]["block_0"]["attn"]["q"]["kernel"].a.dtype == jnp.float32
 
 
@@ -437,30 +437,30 @@ def test_failed_saves_leave_previous_step_intact(tmp_path, trained):
         lj.save(tmp_path, ad, CFG, params=_gpt_params(d_model=96))
     after = {f: open(f, "rb").read() for f in _files(tmp_path)}
     assert after == before
-    back, _ = lj.restore(tmp_path, variables)
+    back, _ = lj.restore(tmp_path, params=variables)
     assert_trees_close(back, ad, exact=True)
 
 
 def test_missing_directory_and_step(tmp_path, trained):
     variables, ad = trained
     with pytest.raises(lj.CheckpointError, match="no such checkpoint directory"):
-        lj.restore(tmp_path / "nope", variables)
+        lj.restore(tmp_path / "nope", params=variables)
     lj.save(tmp_path, ad, CFG)
     with pytest.raises(lj.CheckpointError, match=r"no complete checkpoint for step 5; steps present: \[0\]"):
-        lj.restore(tmp_path, variables, step=5)
+        lj.restore(tmp_path, params=variables, step=5)
     os.makedirs(tmp_path / "empty" / "1.orbax-checkpoint-tmp")
     with pytest.raises(lj.CheckpointError, match="only unfinished saves"):
-        lj.restore(tmp_path / "empty", variables)
+        lj.restore(tmp_path / "empty", params=variables)
 
 
 def test_restore_state_errors(tmp_path, trained):
     variables, ad = trained
     lj.save(tmp_path, ad, CFG)
     with pytest.raises(lj.CheckpointError, match="no training state"):
-        lj.restore_state(tmp_path, variables, tx=lj.optimizer(optax.sgd(0.1)))
+        lj.restore_state(tmp_path, params=variables, tx=lj.optimizer(optax.sgd(0.1)))
     tx = lj.optimizer(optax.adam(1e-3))
     lj.save(tmp_path, ad, CFG, step=1, opt_state=tx.init(ad))
     with pytest.raises(TypeError, match="pass tx="):
-        lj.restore_state(tmp_path, variables)
+        lj.restore_state(tmp_path, params=variables)
     with pytest.raises(lj.CheckpointError, match="optimizer state and the target differ"):
-        lj.restore_state(tmp_path, variables, tx=lj.optimizer(optax.sgd(0.1, momentum=0.9)))
+        lj.restore_state(tmp_path, params=variables, tx=lj.optimizer(optax.sgd(0.1, momentum=0.9)))

@@ -73,7 +73,7 @@ def test_export_then_import_roundtrip(setup, tmp_path):
     assert os.path.isfile(tmp_path / "peft" / "adapter_model.safetensors")
     assert main(["import-peft", str(tmp_path / "peft"), str(tmp_path / "ckpt2"),
                  "--base", str(d / "base.safetensors"), "--key-map", "llama"]) == 0
-    back, cfg = lj.restore(tmp_path / "ckpt2", base)
+    back, cfg = lj.restore(tmp_path / "ckpt2", params=base)
     assert_trees_close(back, ad, exact=True)
     assert lj.describe(base, cfg).specs.keys() == lj.describe(base, LORA).specs.keys()
 

@@ -136,7 +136,7 @@ def test_conv_and_embedding_on_quantized_base(method):
     x = jnp.asarray(gen.standard_normal((2, 9, 9, 3)), jnp.float32)
     variables = _Convs().init(jax.random.key(SEED), x)
     cfg = lj.LoraConfig(rank=2, alpha=4, targets=r".*/c(0|2)/kernel")
-    q = lj.quantize(variables, r".*/kernel", method=method, config=cfg)   # c1: frozen, quantized
+    q = lj.quantize(variables, targets=r".*/kernel", method=method, config=cfg)   # c1: frozen, quantized
     ad = _random_b(lj.init(q, cfg, key=jax.random.key(1)), gen)
     got = jax.jit(lj.apply(_Convs().apply, cfg))(q, ad, x)
     want = _Convs().apply(lj.merge(lj.dequantize(q), ad, cfg), x)
@@ -145,7 +145,7 @@ def test_conv_and_embedding_on_quantized_base(method):
     ids = jnp.asarray(gen.integers(0, 30, (4, 6)))
     ev = _Embed().init(jax.random.key(SEED), ids)
     ecfg = lj.LoraConfig(rank=3, targets=r".*/embedding")
-    eq = lj.quantize(ev, r".*/embedding", method=method, config=ecfg)
+    eq = lj.quantize(ev, targets=r".*/embedding", method=method, config=ecfg)
     ead = _random_b(lj.init(eq, ecfg, key=jax.random.key(2)), gen)
     assert_close(jax.jit(lj.apply(_Embed().apply, ecfg))(eq, ead, ids),
                  _Embed().apply(lj.merge(lj.dequantize(eq), ead, ecfg), ids), rtol=1e-5)

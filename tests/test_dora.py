@@ -128,7 +128,7 @@ def test_magnitude_is_trained_and_checkpointed(tmp_path):
     tx = lj.optimizer(optax.adam(1e-2))
     state = tx.init(ad)
     assert lj.trainable_labels(ad)["w"] == lj.LoraWeights("train", "train", "frozen", "train")
-    assert lj.summary(params, ad, state).optimizer_state == 2 * (32 + 16 + 8)
+    assert lj.summary(params, ad, opt_state=state).optimizer_state == 2 * (32 + 16 + 8)
     x = jnp.asarray(gen.standard_normal((4, 16)), jnp.float32)
     loss = lambda p, ad, x: jnp.mean((x @ lj.merge(p, ad, cfg)["w"] - 1.0) ** 2)  # noqa: E731
     step = lj.make_train_step(loss, tx, donate=False)

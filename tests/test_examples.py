@@ -119,7 +119,7 @@ def test_minilm_wordnet_smoke(tmp_path):
 
     model, encoder_vars, _ = bert.load_minilm()
     params = bert.classifier_variables(encoder_vars, 4, key=jax.random.key(s.seed))
-    adapters, config = lj.restore(tmp_path / "adapter", params)
+    adapters, config = lj.restore(tmp_path / "adapter", params=params)
     assert config.targets == (bert.QUERY_VALUE,) and config.rank == 8
     folder = lj.export_peft(tmp_path / "peft", adapters, config, key_map="bert", params=params)
     assert os.path.exists(os.path.join(folder, "adapter_model.safetensors"))

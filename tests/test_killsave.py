@@ -131,11 +131,11 @@ def _check_directory(directory, last_done):
     partial = [n for n in names if "orbax-checkpoint-tmp" in n]
     if last_done < 0:
         try:
-            info = lj.inspect(directory)
+            info = lj.checkpoint_info(directory)
         except lj.CheckpointError:
             return partial, None
     else:
-        info = lj.inspect(directory)
+        info = lj.checkpoint_info(directory)
     assert info.steps[-1] >= last_done, (info.steps, last_done)
     for p in partial:
         assert int(p.split(".")[0]) not in info.steps

@@ -426,7 +426,7 @@ def test_save_and_restore_set(rng, tmp_path):
             "b": lj.LoraConfig(rank=4, alpha=3, targets=".*", layouts=_STACK)}
     aset = lj.adapter_set(_members(params, cfgs, _seed(rng)))
     lj.save_set(tmp_path / "s", aset, params=params, metadata={"note": "x"})
-    back = lj.restore_set(tmp_path / "s", params)
+    back = lj.restore_set(tmp_path / "s", params=params)
     assert back.names == aset.names and back.members == aset.members
     assert back.config == aset.config
     for x, y in zip(jax.tree.leaves(back.adapters), jax.tree.leaves(aset.adapters)):
@@ -435,7 +435,7 @@ def test_save_and_restore_set(rng, tmp_path):
     np.testing.assert_array_equal(flat.adapters["stack"].a, aset.adapters["stack"].a)
     np.testing.assert_array_equal(lj.select_adapter(flat, "a", trim=True)["q"].b,
                                   lj.select_adapter(aset, "a", trim=True)["q"].b)
-    assert lj.inspect(tmp_path / "s").metadata["note"] == "x"
+    assert lj.checkpoint_info(tmp_path / "s").metadata["note"] == "x"
     one, one_cfg = _members(params, {"a": cfgs["a"]}, 0)["a"]
     lj.save(tmp_path / "one", one, one_cfg)
     with pytest.raises(lj.CheckpointError, match="single adapter, not an adapter set"):

@@ -56,5 +56,5 @@ def test_two_processes_train_save_restore(tmp_path):
     a = adapters["params/block_0/attn/q/kernel"].a
     assert a.shape == (64, 8) and len(a.sharding.device_set) == 1
     assert np.all(np.isfinite(np.asarray(a)))
-    info = lj.inspect(ckpt)
+    info = lj.checkpoint_info(ckpt)
     assert info.has_opt_state and info.fingerprint is not None   # base fingerprinted across processes

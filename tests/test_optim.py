@@ -26,7 +26,7 @@ def _setup(small_gpt, rng, train=()):
 def test_labels_and_state_size(small_gpt, rng):
     _, variables, _, ad, tx, _ = _setup(small_gpt, rng, train=r"params/ln_f/.*")
     state = tx.init(ad)
-    s = lj.summary(variables, ad, state)
+    s = lj.summary(variables, ad, opt_state=state)
     assert s.fully_trained == 2 * SMALL.d_model
     # Adam: mu and nu for every trainable value, nothing for scales or frozen leaves
     assert s.optimizer_state == 2 * s.trainable

@@ -77,7 +77,7 @@ def test_quantized_bases_and_optimizers():
     # Fully-trained leaves count as trainable; optimizer states per parameter.
     lora = 2 * 4 * 1024
     for opt, states in [("adamw", 2), ("sgd", 0), ("lion", 1), (3, 3)]:
-        p = lj.plan(tree, cfg, opt, adapter_dtype=jnp.float32)
+        p = lj.plan(tree, cfg, optimizer=opt, adapter_dtype=jnp.float32)
         assert p.trainable == lora + 1024 and p.trained_params == 1024
         assert p.optimizer_bytes == states * (lora + 1024) * 4
         assert p.gradient_bytes == p.adapter_bytes == (lora + 1024) * 4
@@ -95,7 +95,7 @@ def test_plan_matches_real_adapters_and_optimizer_state(small_gpt, rng):
     p = lj.plan(abstract, cfg)
     ad = lj.init(variables, cfg, key=rng)
     state = lj.optimizer(optax.adamw(1e-3)).init(ad)
-    s = lj.summary(variables, ad, state)
+    s = lj.summary(variables, ad, opt_state=state)
     assert p.trainable == s.trainable and p.n_params == s.total - s.lora
     assert p.adapter_bytes == sum(s.adapter_bytes.values())
     assert p.optimizer_bytes == 4 * s.optimizer_state
@@ -106,19 +106,19 @@ def test_plan_matches_real_adapters_and_optimizer_state(small_gpt, rng):
 
 def test_table():
     p = lj.plan("gpt2", lj.LoraConfig(rank=8, targets=r".*/c_attn/kernel"))
-    text = p.table(10)
+    text = p.table(n_adapters=10)
     assert text.startswith("gpt2: 124,439,808 parameters, 12 targets (rank 8)")
     assert "storage, 10 tasks" in text and "294,912" in text
-    assert str(p) == p.table(50)
+    assert str(p) == p.table(n_adapters=50)
 
 
 def test_plan_errors():
     tree = {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32)}
     cfg = lj.LoraConfig(rank=4, targets="w")
     with pytest.raises(ValueError, match="optimizer='adagrad' is unknown"):
-        lj.plan(tree, cfg, "adagrad")
+        lj.plan(tree, cfg, optimizer="adagrad")
     with pytest.raises(ValueError, match="optimizer=-1"):
-        lj.plan(tree, cfg, -1)
+        lj.plan(tree, cfg, optimizer=-1)
     with pytest.raises(ValueError, match="base_dtype='int4' is not one of"):
         lj.plan(tree, cfg, base_dtype="int4")
     with pytest.raises(ValueError, match="adapter_dtype='nf4': trainable weights must be"):

@@ -23,13 +23,13 @@ def _report(rng, stacked=3):
     ad = {"w": lj.LoraWeights(a, b, jnp.float32(2.0)),
           "u": lj.LoraWeights(a[0], b[0] * 0, jnp.float32(1.0))}    # untrained: all zero
     cfg = lj.LoraConfig(rank=5, targets="w|u", layouts={"w": lj.Layout(1, 1, 1)})
-    return lj.analyze(ad, cfg)
+    return lj.analyze(None, ad, cfg)
 
 
 def test_spectra_png_and_data(rng, tmp_path):
     rep = _report(rng)
     file = tmp_path / "spectra.png"
-    fig = plot.spectra(rep, file)
+    fig = plot.spectra(rep, file=file)
     assert file.read_bytes()[:8] == PNG_MAGIC
     ax_s, ax_e = fig.axes
     assert len(ax_s.lines) == len(rep) == 4 and ax_s.get_yscale() == "log"
@@ -50,7 +50,7 @@ def test_truncation_error_marks_kept_rank(rng, tmp_path):
     cfg = lj.LoraConfig(rank=6, targets="w")
     _, rep = lj.extract(base, {"w": jnp.asarray(dw, jnp.float32)}, cfg)
     file = tmp_path / "err.png"
-    fig = plot.truncation_error(rep, file, paths="w")
+    fig = plot.truncation_error(rep, file=file, paths="w")
     assert file.read_bytes()[:8] == PNG_MAGIC
     curve, marker = fig.axes[0].lines
     s = np.linalg.svd(dw, compute_uv=False)

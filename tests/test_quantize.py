@@ -152,7 +152,7 @@ def test_merge_into_quantized_base_requantizes_with_warning(method):
                                             r"relative error"):
         merged = lj.merge(q, ad, cfg)
     assert type(merged["w"]) is type(q["w"])
-    exact = q["w"].dequantize(jnp.float32) + lj.delta(ad["w"], lj.describe(q, cfg).specs["w"])
+    exact = q["w"].dequantize(dtype=jnp.float32) + lj.delta(ad["w"], lj.describe(q, cfg).specs["w"])
     want = lj.quantize({"w": exact}, targets="w", method=method)["w"]
     for a, b in zip(jax.tree.leaves(merged["w"]), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

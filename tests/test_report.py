@@ -24,7 +24,7 @@ def test_reference_decoder_figures(rng):
 
     ad = lj.init(variables, cfg, key=rng)
     state = lj.optimizer(optax.adamw(1e-3)).init(ad)
-    s = lj.summary(variables, ad, state)
+    s = lj.summary(variables, ad, opt_state=state)
     assert (s.trainable, s.lora, s.fully_trained) == (294_912, 294_912, 0)
     assert s.total == d.n_params + 294_912
     assert s.optimizer_state == 2 * 294_912

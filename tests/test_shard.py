@@ -171,17 +171,17 @@ def test_single_device_params_give_single_device_adapters():
 def test_param_shardings():
     params = {"q": {"kernel": jnp.ones((8, 16)), "bias": jnp.ones(16)}}
     mesh = jax.make_mesh((1, 1), ("data", "model"))
-    sh = lj.param_shardings(params, mesh, {r".*/kernel": P("data", "model")})
+    sh = lj.param_shardings(params, mesh, rules={r".*/kernel": P("data", "model")})
     assert sh["q"]["kernel"].spec == P("data", "model") and sh["q"]["bias"].spec == P()
     with pytest.raises(ValueError, match=r"matched no path.*\n  q/bias"):
-        lj.param_shardings(params, mesh, {r".*/scale": P()})
+        lj.param_shardings(params, mesh, rules={r".*/scale": P()})
     with pytest.raises(ValueError, match=r"q/bias: the rule's spec .* 2 entries"):
-        lj.param_shardings(params, mesh, {r".*": P("data", "model")})
+        lj.param_shardings(params, mesh, rules={r".*": P("data", "model")})
     big = {"w": jax.ShapeDtypeStruct((6, 8), jnp.float32)}
     with pytest.raises(ValueError, match=r"w: .* axis 0 \(size 6\) over 4 devices"):
-        lj.param_shardings(big, MESH, {"w": P("model")})
+        lj.param_shardings(big, MESH, rules={"w": P("model")})
     with pytest.raises(TypeError, match="mapping"):
-        lj.param_shardings(params, mesh, 3)
+        lj.param_shardings(params, mesh, rules=3)
 
 
 # ----------------------------------------------------------------------------- optimizer state
@@ -237,7 +237,7 @@ def one_device_setup():
     mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
     model, variables, cfg, _ = make_inputs(SEED)          # one block, numpy-filled
     rules = {r".*/(q|k|v|fc1)/kernel": P("data", "model"), r".*/(o|fc2)/kernel": P("model", "data")}
-    params = jax.device_put(variables, lj.param_shardings(variables, mesh, rules))
+    params = jax.device_put(variables, lj.param_shardings(variables, mesh, rules=rules))
     tx = lj.optimizer(optax.adam(1e-2))
     sh = lj.train_shardings(params, cfg, tx, batch=P("data"))
     fwd = lj.apply(model.apply, cfg)

@@ -75,7 +75,7 @@ def _base_norms(leaf, spec, lead: tuple) -> np.ndarray:
     return np.broadcast_to(as_float64(jnp.linalg.norm(w, axis=-1)), lead)
 
 
-def analyze(adapters, config: LoraConfig, params=None) -> Analysis:
+def analyze(params, adapters, config: LoraConfig) -> Analysis:
     """Singular values and effective rank of every adapter's update.
 
     For each `LoraWeights` leaf (each layer of a stacked leaf, each adapter
@@ -90,11 +90,12 @@ def analyze(adapters, config: LoraConfig, params=None) -> Analysis:
     ``||dW||_F / ||W||_F``. An untrained adapter (B = 0) has all of them 0.
 
     Args:
+      params: the frozen params (float or quantized), or None: with them the
+        report adds ``||dW|| / ||W||`` and the adapters are checked against
+        them.
       adapters: an adapter tree (`lj.init`, `lj.restore`, `truncate`, ...);
         float32 or bfloat16 factors.
       config: the `LoraConfig` the adapters were made with.
-      params: the frozen params, optional: adds ``||dW|| / ||W||`` and checks
-        the adapters against them.
 
     Returns:
       An `Analysis`: ``str`` is a table; ``.spectra`` the rows.
@@ -105,7 +106,7 @@ def analyze(adapters, config: LoraConfig, params=None) -> Analysis:
       >>> cfg = lj.LoraConfig(rank=2, alpha=2, targets="w")   # scale 1
       >>> b = jnp.array([[3.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
       >>> ad = {"w": lj.LoraWeights(jnp.eye(4, 2), b, jnp.float32(1.0))}
-      >>> rep = lj.analyze(ad, cfg, params)
+      >>> rep = lj.analyze(params, ad, cfg)
       >>> rep.spectra[0].singular_values
       array([3., 1.])
       >>> print(rep)  # doctest: +NORMALIZE_WHITESPACE
@@ -113,6 +114,11 @@ def analyze(adapters, config: LoraConfig, params=None) -> Analysis:
       ----  -----  --------  ----  ----  --------  ---  ---  -----
       w     -           4x3     2  3.16     0.913    1    2   1.75
     """
+    if isinstance(adapters, LoraConfig):
+        raise TypeError(
+            "lj.analyze: the arguments are (params, adapters, config) since lora_jax 0.2, "
+            "like lj.merge; got a LoraConfig as adapters. Fix: lj.analyze(params, adapters, "
+            "config), or lj.analyze(None, adapters, config) without the base.")
     rows = []
     for path, node, leaf, spec in _lora_nodes(adapters, config, params):
         lead = tuple(np.shape(node.a)[:-2])
@@ -232,8 +238,8 @@ def truncate(adapters, config: LoraConfig, *, rank: int | None = None,
 def spectra_summary(directory, *, step: int | None = None) -> str:
     """The per-leaf spectra table of a checkpoint's adapters (``python -m lora_jax
     inspect`` prints it): restores ``(adapters, config)`` with `lj.restore` (no base
-    needed) and returns ``analyze(adapters, config).summary()``."""
+    needed) and returns ``analyze(None, adapters, config).summary()``."""
 
     adapters, config = restore(directory, step=step)
     return "spectra of s*A@B (energy ranks at 90%/99%; erank: entropy effective rank)\n" + \
-        analyze(adapters, config).summary()
+        analyze(None, adapters, config).summary()

@@ -118,7 +118,7 @@ class Plan:
         return (self.frozen_bytes + n_adapters * self.adapter_bytes,
                 n_adapters * self.frozen_bytes)
 
-    def table(self, n_adapters: int = 50) -> str:
+    def table(self, *, n_adapters: int = 50) -> str:
         """The plan as a table, with storage for ``n_adapters`` tasks."""
         lora_disk, full_disk = self.storage(n_adapters)
         b = lambda n: f"{fmt_bytes(n)}"  # noqa: E731
@@ -145,7 +145,7 @@ class Plan:
     __repr__ = __str__
 
 
-def plan(shapes_or_params, config: LoraConfig, optimizer: str | int = "adamw", *,
+def plan(shapes_or_params, config: LoraConfig, *, optimizer: str | int = "adamw",
          base_dtype=None, adapter_dtype=None, name: str | None = None) -> Plan:
     """What a LoRA run costs in parameters and bytes, before allocating anything.
 
@@ -373,7 +373,7 @@ def run_plan_command(args) -> int:
     """Runs ``python -m lora_jax plan`` from parsed arguments; prints the table."""
     config = LoraConfig(rank=args.rank, alpha=args.alpha or args.rank,
                         targets=targets_regex(args.targets))
-    p = plan(args.preset, config, args.optimizer, base_dtype=args.base_dtype,
+    p = plan(args.preset, config, optimizer=args.optimizer, base_dtype=args.base_dtype,
              adapter_dtype=args.adapter_dtype)
-    print(p.table(args.n_adapters))
+    print(p.table(n_adapters=args.n_adapters))
     return 0

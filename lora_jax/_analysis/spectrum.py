@@ -178,7 +178,7 @@ class Analysis:
           >>> a = jnp.stack([jnp.eye(4, 2), 2 * jnp.eye(4, 2)])  # 2 stacked layers
           >>> ad = {"w": lj.LoraWeights(a, jnp.eye(2, 3).at[1, 1].set(0.5)[None].repeat(2, 0),
           ...                           jnp.float32(1.0))}
-          >>> print(lj.analyze(ad, lj.LoraConfig(rank=2, targets="w")).summary())
+          >>> print(lj.analyze(None, ad, lj.LoraConfig(rank=2, targets="w")).summary())
           ... # doctest: +NORMALIZE_WHITESPACE
           path  layers  in x out  rank  mean |dW|  max r90  max r99  mean erank
           ----  ------  --------  ----  ---------  -------  -------  ----------

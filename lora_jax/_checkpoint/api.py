@@ -25,6 +25,8 @@ a skeleton built from ``params`` and the saved config, or from ``like=``.
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Mapping
 
 from lora_jax._checkpoint.checkpointer import Checkpointer
@@ -78,7 +80,7 @@ def save(directory, adapters, config: LoraConfig, *, step: int | None = None, pa
                          metrics=metrics, metadata=metadata, check_finite=check_finite)
 
 
-def restore(directory, params=None, *, like=None, step: int | None = None, dtype=None,
+def restore(directory, *, params=None, like=None, step: int | None = None, dtype=None,
             shardings=None, on_base_mismatch: str = "error", check_finite: bool = True):
     """Restores ``(adapters, config)`` from a checkpoint, verified.
 
@@ -119,16 +121,16 @@ def restore(directory, params=None, *, like=None, step: int | None = None, dtype
       >>> ad = lj.init(params, cfg, key=jax.random.key(1))
       >>> with tempfile.TemporaryDirectory() as d:
       ...     _ = lj.save(d, ad, cfg, params=params)
-      ...     back, cfg2 = lj.restore(d, params)
+      ...     back, cfg2 = lj.restore(d, params=params)
       >>> bool((back["w"].a == ad["w"].a).all()), cfg2 == cfg
       (True, True)
     """
     with Checkpointer(directory, read_only=True) as ck:
-        return ck.restore(params, like=like, step=step, dtype=dtype, shardings=shardings,
+        return ck.restore(params=params, like=like, step=step, dtype=dtype, shardings=shardings,
                           on_base_mismatch=on_base_mismatch, check_finite=check_finite)
 
 
-def restore_state(directory, params=None, *, like=None, tx=None, opt_state_like=None,
+def restore_state(directory, *, params=None, like=None, tx=None, opt_state_like=None,
                   step: int | None = None, dtype=None, shardings=None,
                   on_base_mismatch: str = "error", check_finite: bool = True):
     """Restores ``(TrainState(step, adapters, opt_state, rng), config)`` to resume.
@@ -144,17 +146,17 @@ def restore_state(directory, params=None, *, like=None, tx=None, opt_state_like=
       >>> tx = lj.optimizer(optax.adam(1e-3))
       >>> with tempfile.TemporaryDirectory() as d:
       ...     _ = lj.save(d, ad, cfg, step=7, opt_state=tx.init(ad), rng=jax.random.key(3))
-      ...     state, _ = lj.restore_state(d, params, tx=tx)
+      ...     state, _ = lj.restore_state(d, params=params, tx=tx)
       >>> state.step, jax.random.key_data(state.rng).tolist()
       (7, [0, 3])
     """
     with Checkpointer(directory, read_only=True) as ck:
-        return ck.restore_state(params, like=like, tx=tx, opt_state_like=opt_state_like,
+        return ck.restore_state(params=params, like=like, tx=tx, opt_state_like=opt_state_like,
                                 step=step, dtype=dtype, shardings=shardings,
                                 on_base_mismatch=on_base_mismatch, check_finite=check_finite)
 
 
-def inspect(directory, *, step: int | None = None) -> CheckpointInfo:
+def checkpoint_info(directory, *, step: int | None = None) -> CheckpointInfo:
     """Reads a checkpoint's config, entries and fingerprint without its arrays.
 
     Example:
@@ -164,9 +166,30 @@ def inspect(directory, *, step: int | None = None) -> CheckpointInfo:
       >>> ad = lj.init(params, cfg, key=jax.random.key(1))
       >>> with tempfile.TemporaryDirectory() as d:
       ...     _ = lj.save(d, ad, cfg)
-      ...     info = lj.inspect(d)
+      ...     info = lj.checkpoint_info(d)
       >>> info.step, info.n_params, info.rows[0][:5]
       (0, 64, ('w', 'lora', (16, 2), (2, 16), 2))
     """
     with Checkpointer(directory, read_only=True) as ck:
-        return ck.inspect(step)
+        return ck.info(step=step)
+
+
+def inspect(directory, *, step: int | None = None) -> CheckpointInfo:
+    """Deprecated alias of `checkpoint_info` (the name shadowed the standard library's
+    ``inspect`` module on ``from lora_jax import *``); removed in lora_jax 0.3.
+
+    Example:
+      >>> import tempfile, warnings, jax, lora_jax as lj
+      >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
+      >>> cfg = lj.LoraConfig(rank=2, targets="w")
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     _ = lj.save(d, lj.init(params, cfg, key=jax.random.key(1)), cfg)
+      ...     with warnings.catch_warnings(record=True) as w:
+      ...         warnings.simplefilter("always")
+      ...         step = lj.inspect(d).step
+      >>> step, w[0].category.__name__
+      (0, 'DeprecationWarning')
+    """
+    warnings.warn("lj.inspect is deprecated; use lj.checkpoint_info (same arguments). It "
+                  "will be removed in lora_jax 0.3.", DeprecationWarning, stacklevel=2)
+    return checkpoint_info(directory, step=step)

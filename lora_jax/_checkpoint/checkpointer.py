@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -90,7 +91,7 @@ class Checkpointer:
       ...         for step in range(3):
       ...             _ = ckpt.save(step, ad, cfg, opt_state=tx.init(ad), rng=jax.random.key(step))
       ...         ckpt.wait()
-      ...         state, cfg2 = ckpt.restore_state(params, tx=tx)
+      ...         state, cfg2 = ckpt.restore_state(params=params, tx=tx)
       ...         print(ckpt.steps, state.step, cfg2 == cfg)
       [1, 2] 2 True
     """
@@ -202,14 +203,14 @@ class Checkpointer:
         return step
 
     # -- restore
-    def restore(self, params=None, *, like=None, step: int | None = None, dtype=None,
+    def restore(self, *, params=None, like=None, step: int | None = None, dtype=None,
                 shardings=None, on_base_mismatch: str = "error", check_finite: bool = True):
         """Restores ``(adapters, config)``; see `lj.restore`."""
         state, config = self._restore(params, like, step, dtype, shardings, on_base_mismatch,
                                       check_finite, with_state=False, state_like=None)
         return state.adapters, config
 
-    def restore_state(self, params=None, *, like=None, tx=None, opt_state_like=None,
+    def restore_state(self, *, params=None, like=None, tx=None, opt_state_like=None,
                       step: int | None = None, dtype=None, shardings=None,
                       on_base_mismatch: str = "error", check_finite: bool = True):
         """Restores ``(TrainState, config)``; see `lj.restore_state`."""
@@ -217,9 +218,15 @@ class Checkpointer:
                              check_finite, with_state=True,
                              state_like=(tx, opt_state_like))
 
-    def inspect(self, step: int | None = None) -> CheckpointInfo:
-        """Metadata of one step without reading its arrays; see `lj.inspect`."""
+    def info(self, *, step: int | None = None) -> CheckpointInfo:
+        """Metadata of one step without reading its arrays; see `lj.checkpoint_info`."""
         return inspect_step(self._mngr, self.directory, step)
+
+    def inspect(self, step: int | None = None) -> CheckpointInfo:
+        """Deprecated alias of `info` (it shadowed the standard library's name)."""
+        warnings.warn("Checkpointer.inspect is deprecated; use Checkpointer.info(step=...). "
+                      "It will be removed in lora_jax 0.3.", DeprecationWarning, stacklevel=2)
+        return self.info(step=step)
 
     def _restore(self, params, like, step, dtype, shardings, on_base_mismatch, check_finite,
                  with_state, state_like):

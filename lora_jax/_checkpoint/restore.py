@@ -112,7 +112,7 @@ def check_slots(rec, slots, where, dtype, used_like: bool):
             raise CheckpointError(
                 f"{where}: {path} was saved as {'LoraWeights' if e['kind'] == 'lora' else 'a fully-trained array'}"
                 f" but the target holds {type(node).__name__}. Fix: build the target for the "
-                f"saved config (lj.inspect shows it).")
+                f"saved config (lj.checkpoint_info shows it).")
         for field, leaf, arec in pairs:
             name = f"{path}/{field}" if field else path
             if _shape_of(leaf) != tuple(arec["shape"]):
@@ -158,7 +158,7 @@ def restore_arrays(mngr, step, rec, slots, shardings, where, check_finite, state
         raise CheckpointError(
             f"{where}: reading the arrays failed ({type(e).__name__}: {e}). The step's files "
             f"are truncated or corrupted. Fix: restore an earlier step "
-            f"(lj.inspect(directory).steps lists them).") from e
+            f"(lj.checkpoint_info(directory).steps lists them).") from e
     arrays = out[ARRAYS_ITEM]
     order = [(path, f, arrays[path][f] if f else arrays[path], e[f] if f else e["array"])
              for path, e in entries.items()

@@ -26,7 +26,7 @@ class LeafContainer:
     A subclass (`lora_jax.NF4Weight`, `lora_jax.Int8Weight`) is registered
     with `register_container`: its children are storage arrays, so it passes
     through ``jit``, ``scan`` and ``device_put``, and ``shape``/``dtype`` are
-    the weight's logical ones. Subclasses implement ``dequantize(dtype=None)``
+    the weight's logical ones. Subclasses implement ``dequantize(*, dtype=None)``
     (the dense weight) and ``requantize(dense)`` (a new container with the same
     settings).
     """
@@ -88,7 +88,7 @@ def register_container(cls):
 def dense_float32(leaf):
     """The weight ``leaf`` as a float32 array (dequantized if it is a container)."""
     if is_container(leaf):
-        return leaf.dequantize(jnp.float32)
+        return leaf.dequantize(dtype=jnp.float32)
     return jnp.asarray(leaf, jnp.float32)
 
 

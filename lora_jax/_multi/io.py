@@ -50,7 +50,7 @@ def save_set(directory, aset: AdapterSet, *, params=None, step: int | None = Non
       ...                        "b": (lj.init(params, c4, key=jax.random.key(2)), c4)})
       >>> with tempfile.TemporaryDirectory() as d:
       ...     _ = lj.save_set(d, aset, params=params)
-      ...     back = lj.restore_set(d, params)
+      ...     back = lj.restore_set(d, params=params)
       >>> back.names, back.members[0].config == c2, bool((back.adapters["w"].b == aset.adapters["w"].b).all())
       (('a', 'b'), True, True)
     """
@@ -66,7 +66,7 @@ def save_set(directory, aset: AdapterSet, *, params=None, step: int | None = Non
     return save(directory, aset.adapters, aset.config, step=step, params=params, metadata=meta)
 
 
-def restore_set(directory, params=None, *, step: int | None = None,
+def restore_set(directory, *, params=None, step: int | None = None,
                 on_base_mismatch: str = "error") -> AdapterSet:
     """Restores an `AdapterSet` written by `save_set` (verified as `lj.restore`).
 
@@ -98,14 +98,14 @@ def restore_set(directory, params=None, *, step: int | None = None,
       ('a',)
     """
     with Checkpointer(directory, read_only=True) as ck:
-        info = ck.inspect(step)
+        info = ck.info(step=step)
         meta = (info.metadata or {}).get(METADATA_KEY)
         where = f"{ck.directory}/{info.step}"
         if meta is None:
             raise CheckpointError(
                 f"{where}: this step holds a single adapter, not an adapter set. Fix: restore "
                 f"it with lj.restore, or save sets with lj.save_set.")
-        adapters, config = ck.restore(params, step=info.step, on_base_mismatch=on_base_mismatch)
+        adapters, config = ck.restore(params=params, step=info.step, on_base_mismatch=on_base_mismatch)
     try:
         members = tuple(Member(n, LoraConfig.from_dict(c), tuple((p, int(r)) for p, r in rk))
                         for n, c, rk in zip(meta["names"], meta["configs"], meta["ranks"],

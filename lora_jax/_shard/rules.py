@@ -174,7 +174,7 @@ def _unused_rules_error(rules: list, paths: list[str], what: str):
         f"these.")
 
 
-def param_shardings(params, mesh, rules=None, *, default: PartitionSpec = P()):
+def param_shardings(params, mesh, *, rules=None, default: PartitionSpec = P()):
     """``NamedSharding``s for a params tree from ``{regex: PartitionSpec}`` rules.
 
     Each leaf takes the spec of the first rule whose regex fullmatches its
@@ -201,7 +201,7 @@ def param_shardings(params, mesh, rules=None, *, default: PartitionSpec = P()):
       >>> from jax.sharding import PartitionSpec as P
       >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
       >>> params = {"q": {"kernel": jnp.ones((8, 8))}, "o": {"kernel": jnp.ones((8, 8))}}
-      >>> sh = lj.param_shardings(params, mesh, {r"q/kernel": P(None, "model"),
+      >>> sh = lj.param_shardings(params, mesh, rules={r"q/kernel": P(None, "model"),
       ...                                        r"o/kernel": P("model", None)})
       >>> sh["q"]["kernel"].spec, sh["o"]["kernel"].spec
       (P(None, 'model'), P('model', None))
@@ -258,7 +258,7 @@ def _sharding_of(path: str, leaf, given):
         raise TypeError(
             f"{path}: this params leaf ({type(leaf).__name__}) carries no sharding, so the "
             f"adapter's can't be derived from it. Fix: pass params as jax.Arrays placed with "
-            f"jax.device_put(params, lj.param_shardings(params, mesh, rules)), or "
+            f"jax.device_put(params, lj.param_shardings(params, mesh, rules=rules)), or "
             f"jax.ShapeDtypeStruct(..., sharding=...), or pass shardings=<tree of "
             f"NamedSharding mirroring params>.")
     raise TypeError(
@@ -350,7 +350,7 @@ def adapter_shardings(params, config: LoraConfig, *, shardings=None, overrides=N
     if shardings is not None:
         sh_leaves = mirror(params, shardings, what="shardings=",
                            fix="pass one Sharding per params leaf, e.g. "
-                               "lj.param_shardings(params, mesh, rules).")
+                               "lj.param_shardings(params, mesh, rules=rules).")
         given = {path: sh for (path, _), sh in zip(leaves_with_paths(params), sh_leaves)}
     rules = _compile_rules(overrides, "adapter_shardings overrides")
     paths = []

@@ -64,7 +64,7 @@ def _param_shardings(params, shardings):
         if not isinstance(sh, Sharding):
             raise TypeError(
                 f"{path}: this params leaf ({type(leaf).__name__}) carries no sharding. Fix: "
-                f"place params with jax.device_put(params, lj.param_shardings(params, mesh, "
+                f"place params with jax.device_put(params, lj.param_shardings(params, mesh, rules="
                 f"rules)), or pass shardings=.")
         return sh
 
@@ -127,7 +127,7 @@ def train_shardings(params, config: LoraConfig, tx: optax.GradientTransformation
       >>> from jax.sharding import PartitionSpec as P
       >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
       >>> params = {"w": jnp.ones((8, 8))}
-      >>> params = jax.device_put(params, lj.param_shardings(params, mesh, {"w": P("data", "model")}))
+      >>> params = jax.device_put(params, lj.param_shardings(params, mesh, rules={"w": P("data", "model")}))
       >>> cfg = lj.LoraConfig(rank=2, targets="w")
       >>> sh = lj.train_shardings(params, cfg, lj.optimizer(optax.adam(1e-3)), batch=P("data"))
       >>> sh.adapters["w"].a.spec, sh.batch[0].spec, sh.scalar.spec
@@ -167,7 +167,7 @@ def shard_train_state(adapters, opt_state, shardings: TrainShardings):
       >>> from jax.sharding import PartitionSpec as P
       >>> mesh = jax.make_mesh((1,), ("data",))
       >>> params = {"w": jnp.ones((8, 8))}
-      >>> params = jax.device_put(params, lj.param_shardings(params, mesh, {"w": P("data")}))
+      >>> params = jax.device_put(params, lj.param_shardings(params, mesh, rules={"w": P("data")}))
       >>> cfg = lj.LoraConfig(rank=2, targets="w")
       >>> tx = lj.optimizer(optax.adam(1e-3))
       >>> sh = lj.train_shardings(params, cfg, tx, batch=P("data"))
@@ -220,7 +220,7 @@ def make_sharded_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
       >>> from jax.sharding import AxisType, PartitionSpec as P
       >>> mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
       >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
-      >>> params = jax.device_put(params, lj.param_shardings(params, mesh, {"w": P(None, "model")}))
+      >>> params = jax.device_put(params, lj.param_shardings(params, mesh, rules={"w": P(None, "model")}))
       >>> cfg = lj.LoraConfig(rank=2, targets="w")
       >>> tx = lj.optimizer(optax.adam(1e-2))
       >>> sh = lj.train_shardings(params, cfg, tx, batch=P("data"))

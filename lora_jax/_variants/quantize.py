@@ -144,7 +144,7 @@ class NF4Weight(LeafContainer):
         return _nf4_absmax(self.absmax_codes, self.absmax_scale, self.absmax_offset,
                            self.scale_block)
 
-    def dequantize(self, dtype=None):
+    def dequantize(self, *, dtype=None):
         """The dense weight, in ``dtype`` (default: the logical dtype)."""
         return _nf4_dequantize(self.codes, self.absmax(), self.inner_shape, self.block_size,
                                jnp.dtype(dtype or self.dtype))
@@ -213,7 +213,7 @@ class Int8Weight(LeafContainer):
         return tuple(self.q.shape)
 
 
-    def dequantize(self, dtype=None):
+    def dequantize(self, *, dtype=None):
         """The dense weight, in ``dtype`` (default: the logical dtype)."""
         return (self.q.astype(jnp.float32) * self.scale).astype(jnp.dtype(dtype or self.dtype))
 
@@ -319,7 +319,7 @@ def _quantize_int8(x, layout: Layout, dtype):
 # ----------------------------------------------------------------------------- public
 
 
-def quantize(params, targets=r".*kernel", *, method: str = "nf4", exclude=(),
+def quantize(params, *, targets=r".*kernel", method: str = "nf4", exclude=(),
              config: LoraConfig | None = None, block_size: int = 64):
     """Stores the chosen weights of ``params`` in 4-bit NF4 or int8 (QLoRA's frozen base).
 
@@ -468,7 +468,7 @@ def requantize_merged(path: str, leaf, dense, *, what: str):
     out = leaf.requantize(dense)
     why = ""
     if not isinstance(dense, jax.core.Tracer):
-        back = out.dequantize(jnp.float32)
+        back = out.dequantize(dtype=jnp.float32)
         d = jnp.asarray(dense, jnp.float32)
         err = float(jnp.linalg.norm(back - d) / jnp.maximum(jnp.linalg.norm(d), 1e-30))
         why = f" (relative error {err:.2g})"

@@ -72,8 +72,8 @@ class KeyMap:
     """
 
     rules: tuple
-    prefix: str = ""
-    name: str = "custom"
+    prefix: str = dataclasses.field(default="", kw_only=True)
+    name: str = dataclasses.field(default="custom", kw_only=True)
 
     def __post_init__(self):
         rules = []
