@@ -21,6 +21,9 @@ from lora_jax._analysis.plan import plan as plan
 from lora_jax._analysis.plan import preset as preset
 from lora_jax._analysis.spectrum import Analysis as Analysis
 from lora_jax._analysis.spectrum import Spectrum as Spectrum
+from lora_jax._apply.configure import LayoutReport as LayoutReport
+from lora_jax._apply.configure import configure as configure
+from lora_jax._apply.configure import infer_layouts as infer_layouts
 from lora_jax._apply.interp import StrictError as StrictError
 from lora_jax._apply.transform import Explanation as Explanation
 from lora_jax._apply.transform import apply as apply
@@ -115,6 +118,7 @@ __all__ = [
     "CheckpointInfo",
     "Combination",
     "combine",
+    "configure",
     "delta",
     "dequantize",
     "describe",
@@ -126,6 +130,7 @@ __all__ = [
     "extract",
     "Extraction",
     "import_peft",
+    "infer_layouts",
     "init",
     "INITS",
     "inspect",
@@ -134,6 +139,7 @@ __all__ = [
     "is_lora",
     "is_quantized",
     "Layout",
+    "LayoutReport",
     "LeafContainer",
     "LeafSpec",
     "LoraConfig",

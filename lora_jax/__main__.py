@@ -20,9 +20,17 @@ directory holding the params tree.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
+import jax.numpy as jnp
+
+import lora_jax as lj
+from lora_jax._analysis.analyze import spectra_summary
 from lora_jax._analysis.plan import add_plan_command
+from lora_jax._checkpoint.api import checkpoint_info
+from lora_jax._core.errors import error
+from lora_jax.interop import KEY_MAPS
 
 
 def add_inspect_command(subparsers) -> None:
@@ -39,9 +47,6 @@ def add_inspect_command(subparsers) -> None:
 
 
 def _run_inspect(args) -> int:
-    from lora_jax._analysis.analyze import spectra_summary
-    from lora_jax._checkpoint.api import checkpoint_info
-
     print(checkpoint_info(args.directory, step=args.step))
     if not args.no_spectra:
         print()
@@ -55,21 +60,21 @@ _KEY_MAP_HELP = ("our paths -> Hugging Face names: a preset (llama, gpt2, bert) 
                  "'module:ATTRIBUTE' naming a lj.interop.KeyMap")
 
 
-def _key_map(spec: str):
-    from lora_jax.interop import KEY_MAPS
-
+def _key_map(spec: str, command: str):
+    """``--key-map``: a preset name, or ``module:ATTRIBUTE`` naming a KeyMap."""
+    where = f"{command} --key-map"
     if spec in KEY_MAPS:
         return spec
     if ":" in spec:
-        import importlib
         module, _, attr = spec.partition(":")
         try:
             return getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"--key-map {spec}: can't load it ({e}). Fix: use a preset "
-                             f"{sorted(KEY_MAPS)} or an importable 'module:ATTRIBUTE'.") from e
-    raise ValueError(f"--key-map {spec}: not a preset {sorted(KEY_MAPS)} and not "
-                     f"'module:ATTRIBUTE'.")
+            raise error(where, f"{spec}: can't load it ({e})",
+                        f"use a preset {sorted(KEY_MAPS)} or an importable "
+                        f"'module:ATTRIBUTE'") from e
+    raise error(where, f"{spec}: not a preset {sorted(KEY_MAPS)} and not 'module:ATTRIBUTE'",
+                "pass a preset name, or 'module:ATTRIBUTE' naming a lj.interop.KeyMap")
 
 
 def add_merge_command(subparsers) -> None:
@@ -89,8 +94,6 @@ def add_merge_command(subparsers) -> None:
 
 
 def _run_merge(args) -> int:
-    import lora_jax as lj
-
     base = lj.interop.load_params(args.base)
     adapters, config = lj.restore(args.checkpoint, params=base, step=args.step,
                                   on_base_mismatch=args.on_base_mismatch)
@@ -122,11 +125,10 @@ def add_export_peft_command(subparsers) -> None:
 
 
 def _run_export_peft(args) -> int:
-    import lora_jax as lj
-
     base = lj.interop.load_params(args.base) if args.base else None
     adapters, config = lj.restore(args.checkpoint, params=base, step=args.step)
-    folder = lj.export_peft(args.out, adapters, config, key_map=_key_map(args.key_map),
+    key_map = _key_map(args.key_map, "export-peft")
+    folder = lj.export_peft(args.out, adapters, config, key_map=key_map,
                             params=base, adapter_name=args.adapter_name,
                             task_type=args.task_type,
                             base_model_name_or_path=args.base_model_name_or_path,
@@ -154,12 +156,9 @@ def add_import_peft_command(subparsers) -> None:
 
 
 def _run_import_peft(args) -> int:
-    import jax.numpy as jnp
-
-    import lora_jax as lj
-
     base = lj.interop.load_params(args.base)
-    adapters, config = lj.import_peft(args.peft_dir, base, key_map=_key_map(args.key_map),
+    key_map = _key_map(args.key_map, "import-peft")
+    adapters, config = lj.import_peft(args.peft_dir, base, key_map=key_map,
                                       adapter_name=args.adapter_name,
                                       dtype=jnp.dtype(args.dtype) if args.dtype else None)
     step = lj.save(args.checkpoint, adapters, config, step=args.step, params=base)

@@ -21,14 +21,14 @@ import zlib
 
 import jax
 import jax.numpy as jnp
-
 from jax import lax
 
-from lora_jax._variants import dora as _dora
-from lora_jax._core.config import LoraConfig
-from lora_jax._core.leaf import as_matrix, dense_float32, is_container
+from lora_jax._core.config import INITS, LoraConfig
+from lora_jax._core.errors import error
+from lora_jax._core.leaf import as_matrix, dense_float32, from_matrix, is_container
 from lora_jax._core.paths import LeafSpec, flatten_params, path_str, resolve
 from lora_jax._core.weights import LoraWeights, delta, flatten_adapters, scale_array
+from lora_jax._variants import dora as _dora
 
 __all__ = ["init", "leaf_key", "subtract_init"]
 
@@ -59,7 +59,10 @@ def _init_a(key, spec: LeafSpec, config: LoraConfig):
         init_std = 1.0 / spec.rank  # PEFT's "gaussian": std 1/r
         return (init_std * jax.random.normal(key, spec.a_shape, jnp.float32)
                 ).astype(config.dtype)
-    raise ValueError(f"LoraConfig.init={config.init!r} is not handled by lj.init.")
+    # LoraConfig accepts only INITS, and the residual ones never get here.
+    raise error("lj.init", f"LoraConfig.init={config.init!r} is not handled by lj.init "
+                f"(LoraConfig accepts {INITS}, so this is a bug in lora_jax)",
+                "none on your side; please report it to lora_jax")
 
 
 def _factorize(w32, spec: LeafSpec, config: LoraConfig):
@@ -130,19 +133,20 @@ def init(params, config: LoraConfig, *, key=None, return_params: bool = False):
       True
     """
     if not isinstance(return_params, bool):
-        raise TypeError(f"lj.init: return_params must be a bool, got {return_params!r}.")
+        raise error("lj.init", f"return_params must be a bool, got {return_params!r}",
+                    "pass return_params=True or return_params=False", kind=TypeError)
     resolved = resolve(params, config)
     train = set(resolved.train)
     residual_init = config.init in RESIDUAL_INITS
     if residual_init and not return_params:
-        raise ValueError(
-            f"lj.init: init={config.init!r} subtracts scale * a @ b from the base weights, "
-            f"so the adapters only fit the new base. Fix: params, adapters = "
-            f"lj.init(params, config, return_params=True), and train with those params.")
+        raise error(
+            "lj.init", f"init={config.init!r} subtracts scale * a @ b from the base weights, "
+            f"so the adapters only fit the new base",
+            "params, adapters = lj.init(params, config, return_params=True), and train with "
+            "those params")
     if not residual_init and key is None:
-        raise ValueError(
-            f"lj.init: init={config.init!r} draws A at random and needs a PRNG key. Fix: "
-            f"lj.init(params, config, key=jax.random.key(0)).")
+        raise error("lj.init", f"init={config.init!r} draws A at random and needs a PRNG key",
+                    "lj.init(params, config, key=jax.random.key(0))")
 
     flat, treedef = flatten_params(params)
     new_params, nodes = [], []
@@ -155,7 +159,7 @@ def init(params, config: LoraConfig, *, key=None, return_params: bool = False):
                 w32 = as_matrix(dense_float32(leaf), spec)
                 a, b, res = _factorize(w32, spec, config)
                 a, b = a.astype(config.dtype), b.astype(config.dtype)
-                res = res.reshape(spec.shape)
+                res = from_matrix(res, spec)
                 base = leaf.requantize(res) if is_container(leaf) else res.astype(leaf.dtype)
             else:
                 a = _init_a(leaf_key(key, path), spec, config)
@@ -214,25 +218,26 @@ def subtract_init(adapters, initial, config: LoraConfig):
       True
     """
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"subtract_init: config must be a lj.LoraConfig, got "
-                        f"{type(config).__name__}.")
+        raise error("lj.subtract_init",
+                    f"config must be a lj.LoraConfig, got {type(config).__name__}",
+                    "pass the LoraConfig the adapters were made with", kind=TypeError)
     flat, treedef = flatten_adapters(adapters)
     try:
         init_nodes = treedef.flatten_up_to(initial)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"subtract_init: initial does not mirror adapters ({e}). Fix: pass "
-                         f"the tree lj.init returned for this config.") from None
+        raise error("lj.subtract_init", f"initial does not mirror adapters ({e})",
+                    "pass the tree lj.init returned for this config") from None
     out = []
-    for (path, node), node0 in zip(flat, init_nodes):
+    for (path, node), node0 in zip(flat, init_nodes, strict=True):
         if not isinstance(node, LoraWeights):
             out.append(node)
             continue
         if not isinstance(node0, LoraWeights) or jnp.shape(node0.a) != jnp.shape(node.a) \
                 or jnp.shape(node0.b) != jnp.shape(node.b):
-            raise ValueError(
-                f"{path}: initial holds {type(node0).__name__} with other shapes than the "
-                f"adapter (a {jnp.shape(node.a)}, b {jnp.shape(node.b)}). Fix: pass the "
-                f"initial adapters of this same run.")
+            raise error(
+                path, f"initial holds {type(node0).__name__} with other shapes than the "
+                f"adapter (a {jnp.shape(node.a)}, b {jnp.shape(node.b)})",
+                "pass the initial adapters of this same run")
         a = jnp.concatenate([node.a, jnp.asarray(node0.a, node.a.dtype)], axis=-1)
         b = jnp.concatenate([node.b, -jnp.asarray(node0.b, node.b.dtype)], axis=-2)
         out.append(node._replace(a=a, b=b))

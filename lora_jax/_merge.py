@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import warnings
 
-import jax
 import jax.numpy as jnp
+from jax import core as jax_core
 
-from lora_jax._variants import dora as _dora
-from lora_jax._variants.quantize import requantize_merged
 from lora_jax._core.config import LoraConfig, LoraWarning
+from lora_jax._core.errors import error, message
 from lora_jax._core.leaf import dense_float32, is_container
 from lora_jax._core.paths import leaves_with_paths, mirror, unflatten_params
 from lora_jax._core.weights import check_adapters, delta
+from lora_jax._variants import dora as _dora
+from lora_jax._variants.quantize import requantize_merged
 
 __all__ = ["merge", "unmerge", "delta", "check_merged"]
 
@@ -27,7 +28,7 @@ _ERASED_WARN_FRACTION = 0.5
 
 
 def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+    return not isinstance(x, jax_core.Tracer)
 
 
 def check_merged(path, base, merged, d):
@@ -35,10 +36,10 @@ def check_merged(path, base, merged, d):
     if not (_is_concrete(merged) and _is_concrete(d)):
         return
     if not bool(jnp.all(jnp.isfinite(d))):
-        raise ValueError(
-            f"{path}: the adapter's update scale * a @ b has NaN/Inf entries; merging "
-            f"would corrupt the weight. Fix: check the adapter (training diverged, or a "
-            f"corrupted file) before merging.")
+        raise error(
+            path, "the adapter's update scale * a @ b has NaN/Inf entries; merging would "
+            "corrupt the weight",
+            "check the adapter (training diverged, or a corrupted file) before merging")
     if jnp.dtype(merged.dtype).itemsize >= 4:
         return
     changed = d != 0
@@ -47,11 +48,12 @@ def check_merged(path, base, merged, d):
         return
     erased = int(jnp.sum(changed & (merged == jnp.asarray(base, merged.dtype))))
     if erased / n > _ERASED_WARN_FRACTION:
-        warnings.warn(
-            f"{path}: casting the merged weight to {jnp.dtype(merged.dtype).name} erased "
+        warnings.warn(message(
+            path, f"casting the merged weight to {jnp.dtype(merged.dtype).name} erased "
             f"{erased / n:.0%} of the update's entries (the delta is below that dtype's "
-            f"resolution). Keep a float32 copy of the merged weights, or serve unmerged "
-            f"with lj.apply.", LoraWarning, stacklevel=3)
+            f"resolution)",
+            "keep a float32 copy of the merged weights, or serve unmerged with lj.apply"),
+            LoraWarning, stacklevel=3)
 
 
 def _combine(params, adapters, config, sign: float, norms=None):
@@ -86,18 +88,20 @@ def _combine(params, adapters, config, sign: float, norms=None):
 def _norms_by_path(params, norms, config) -> dict:
     if not config.use_dora:
         if norms is not None:
-            raise ValueError("unmerge: norms= is for DoRA adapters, but config.use_dora is "
-                             "False. Fix: leave norms out.")
+            raise error("lj.unmerge",
+                        "norms= is for DoRA adapters, but config.use_dora is False",
+                        "leave norms out")
         return {}
     if norms is None:
-        raise ValueError(
-            "unmerge: DoRA adapters can't be unmerged from the merged weights alone (their "
-            "columns have norm m; the norm ||W + scale * a @ b|| they were divided by is "
-            "gone). Fix: norms = lj.dora_norms(params, adapters, config) before merging, "
-            "then lj.unmerge(merged, adapters, config, norms=norms).")
+        raise error(
+            "lj.unmerge",
+            "DoRA adapters can't be unmerged from the merged weights alone (their columns "
+            "have norm m; the norm ||W + scale * a @ b|| they were divided by is gone)",
+            "norms = lj.dora_norms(params, adapters, config) before merging, then "
+            "lj.unmerge(merged, adapters, config, norms=norms)")
     nodes = mirror(params, norms, what="norms=",
                    fix="pass the tree lj.dora_norms(params, adapters, config) returned.")
-    return {path: n for (path, _), n in zip(leaves_with_paths(params), nodes)}
+    return {path: n for (path, _), n in zip(leaves_with_paths(params), nodes, strict=True)}
 
 
 def merge(params, adapters, config: LoraConfig):
@@ -155,8 +159,8 @@ def unmerge(merged, adapters, config: LoraConfig, *, norms=None):
     """
     params, trained = _combine(merged, adapters, config, -1.0, norms)
     if trained:
-        warnings.warn(
-            f"unmerge kept the trained values of fully-trained leaves {trained}: the "
-            f"adapter does not hold their original values. Fix: keep the original params "
-            f"if you need them back.", LoraWarning, stacklevel=2)
+        warnings.warn(message(
+            "lj.unmerge", f"kept the trained values of fully-trained leaves {trained}: the "
+            f"adapter does not hold their original values",
+            "keep the original params if you need them back"), LoraWarning, stacklevel=2)
     return params

@@ -35,23 +35,42 @@ def _size(x) -> int:
     return int(np.prod(np.shape(x), dtype=np.int64))
 
 
+_AXIS = {"stacked": "stk", "in": "in", "out": "out"}
+
+
+def _axes(spec) -> str:
+    """``stk/in/out`` per axis of the weight as stored (``out/in`` for an (out, in) one)."""
+    return "/".join(_AXIS[a] for a in spec.layout.axes())
+
+
 @dataclasses.dataclass(frozen=True)
 class Description:
-    """What `describe` found: the targeted leaves and the fully-trained ones."""
+    """What `describe` found: the targeted leaves and the fully-trained ones.
+
+    ``sources`` maps each target to where its layout comes from:
+    ``("explicit", "")`` (``LoraConfig.layouts``), ``("inferred", what it was
+    read from)`` (`lj.configure`) or ``("default", "")``.
+    """
 
     specs: dict          # path -> LeafSpec
     train: tuple         # paths trained fully
     n_params: int        # all leaves of params
     n_adapter_params: int
+    sources: dict = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
         rows = []
         for s in self.specs.values():
+            kind = self.sources.get(s.path, ("default", ""))[0]
             rows.append([s.path, "x".join(map(str, s.shape)) or "()", np.dtype(s.dtype).name,
-                         f"{s.layout.n_stacked}/{s.layout.n_in}/{s.layout.n_out}",
-                         s.rank, f"{s.alpha:g}", f"{s.scale:g}", f"{s.n_adapter_params:,}"])
-        out = [table(["path", "shape", "dtype", "stk/in/out", "rank", "alpha", "scale",
-                       "adapter params"], rows, "<<<>>>>>")]
+                         _axes(s), kind, s.rank, f"{s.alpha:g}", f"{s.scale:g}",
+                         f"{s.n_adapter_params:,}"])
+        out = [table(["path", "shape", "dtype", "axes", "layout", "rank", "alpha", "scale",
+                      "adapter params"], rows, "<<<<<>>>>")]
+        inferred = [(p, note) for p, (kind, note) in self.sources.items() if kind == "inferred"]
+        if inferred:
+            out.append("layouts read from the program (lj.configure):")
+            out += [f"  {p}: {note}" for p, note in inferred]
         for p in self.train:
             out.append(f"trained fully: {p}")
         pct = 100.0 * self.n_adapter_params / max(self.n_params, 1)
@@ -65,9 +84,12 @@ class Description:
 def describe(params, config: LoraConfig) -> Description:
     """Which leaves ``config`` adapts in ``params``, and how.
 
-    Shows each target's path, shape, dtype, layout (stacked/in/out axes),
-    rank, alpha, scale and adapter parameter count. Errors exactly as `init`
-    would (no match, unfactorizable leaf, rank too large).
+    Shows each target's path, shape, dtype, the role of each axis
+    (``stk``/``in``/``out``) and where that layout comes from (``explicit``:
+    ``LoraConfig.layouts``; ``inferred``: read from the program by
+    `lj.configure`, with what it was read from; ``default``), rank, alpha,
+    scale and adapter parameter count. Errors exactly as `init` would (no
+    match, unfactorizable leaf, rank too large).
 
     Example:
       >>> import jax.numpy as jnp, lora_jax as lj
@@ -76,16 +98,17 @@ def describe(params, config: LoraConfig) -> Description:
       >>> d.n_adapter_params, list(d.specs)
       (3584, ['mlp/kernel', 'q/kernel'])
       >>> print(d)  # doctest: +NORMALIZE_WHITESPACE
-      path        shape   dtype    stk/in/out  rank  alpha  scale  adapter params
-      ----------  ------  -------  ----------  ----  -----  -----  --------------
-      mlp/kernel  64x256  float32       0/1/1     8     16      2           2,560
-      q/kernel    64x64   float32       0/1/1     8     16      2           1,024
+      path        shape   dtype    axes    layout   rank  alpha  scale  adapter params
+      ----------  ------  -------  ------  -------  ----  -----  -----  --------------
+      mlp/kernel  64x256  float32  in/out  default     8     16      2           2,560
+      q/kernel    64x64   float32  in/out  default     8     16      2           1,024
       2 targets, 3,584 adapter parameters (17.5000% of 20,480)
     """
     resolved = resolve(params, config)
     n_params = sum(_size(x) for _, x in leaves_with_paths(params))
     n_ad = sum(s.n_adapter_params for s in resolved.targets.values())
-    return Description(dict(resolved.targets), resolved.train, n_params, n_ad)
+    sources = {p: config.layout_source(p) for p in resolved.targets}
+    return Description(dict(resolved.targets), resolved.train, n_params, n_ad, sources)
 
 
 @dataclasses.dataclass(frozen=True)

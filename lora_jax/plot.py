@@ -24,6 +24,7 @@ import os
 import numpy as np
 
 from lora_jax._analysis.spectrum import Spectrum
+from lora_jax._core.errors import error
 
 __all__ = ["spectra", "truncation_error"]
 
@@ -31,31 +32,38 @@ _MAX_LEGEND = 12
 
 
 def _figure(ncols: int):
+    # matplotlib is an optional extra: imported when a plot is drawn, so that
+    # `lora_jax.plot` imports without it and the error below says how to get it.
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise ImportError(
-            "lora_jax.plot needs matplotlib, which is not installed. Fix: "
-            "pip install 'lora-jax[plot]' (or pip install matplotlib).") from None
+        raise error("lora_jax.plot", "it needs matplotlib, which is not installed",
+                    "pip install 'lora-jax[plot]' (or pip install matplotlib)",
+                    kind=ImportError) from None
     return Figure(figsize=(5.0 * ncols, 3.8), layout="constrained")
 
 
-def _rows(report, paths) -> list:
+def _rows(where: str, report, paths) -> list:
     rows = list(report)
     bad = [type(r).__name__ for r in rows if not isinstance(r, Spectrum)]
     if bad:
-        raise TypeError(f"expected an Analysis (from lj.analyze / lj.truncate / lj.extract) "
-                        f"or Spectrum rows; got elements of type {bad[0]}.")
+        raise error(where, f"expected an Analysis (from lj.analyze / lj.truncate / lj.extract) "
+                    f"or Spectrum rows; got elements of type {bad[0]}",
+                    f"pass the report, e.g. {where}(lj.analyze(None, adapters, config))",
+                    kind=TypeError)
     if paths is not None:
         wanted = {paths} if isinstance(paths, str) else set(paths)
         known = sorted({r.path for r in rows})
         missing = sorted(wanted - set(known))
         if missing:
-            raise ValueError(f"paths {missing} are not in the report; it has {known[:8]}"
-                             f"{' ...' if len(known) > 8 else ''}.")
+            raise error(where, f"paths {missing} are not in the report; it has {known[:8]}"
+                        f"{' ...' if len(known) > 8 else ''}",
+                        "pass paths= among these, or leave paths out to plot every leaf")
         rows = [r for r in rows if r.path in wanted]
     if not rows:
-        raise ValueError("nothing to plot: the report has no spectra.")
+        raise error(where, "nothing to plot: the report has no spectra",
+                    "pass the report of adapters that hold LoraWeights, e.g. "
+                    "lj.analyze(None, adapters, config)")
     return rows
 
 
@@ -64,7 +72,7 @@ def _label(row) -> str:
 
 
 def _colors(n: int):
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # optional extra; `_figure` has checked it is there
     cmap = colormaps["viridis"]
     return [cmap(i / max(n - 1, 1)) for i in range(n)]
 
@@ -99,10 +107,10 @@ def spectra(report, *, file=None, paths=None):
       >>> fig.axes[0].lines[0].get_ydata().tolist()
       [3.0, 2.0, 1.0]
     """
-    rows = _rows(report, paths)
+    rows = _rows("lj.plot.spectra", report, paths)
     fig = _figure(2)
     ax_s, ax_e = fig.subplots(1, 2)
-    for row, c in zip(rows, _colors(len(rows))):
+    for row, c in zip(rows, _colors(len(rows)), strict=True):
         k = np.arange(1, len(row.singular_values) + 1)
         ax_s.plot(k, row.singular_values, marker=".", color=c, label=_label(row))
         ax_e.plot(k, row.energy, marker=".", color=c, label=_label(row))
@@ -140,10 +148,10 @@ def truncation_error(report, *, file=None, paths=None):
       >>> [round(float(e), 4) for e in fig.axes[0].lines[0].get_ydata()]
       [1.0, 0.7071, 0.0]
     """
-    rows = _rows(report, paths)
+    rows = _rows("lj.plot.truncation_error", report, paths)
     fig = _figure(1)
     ax = fig.subplots(1, 1)
-    for row, c in zip(rows, _colors(len(rows))):
+    for row, c in zip(rows, _colors(len(rows)), strict=True):
         k = np.arange(0, len(row.singular_values) + 1)
         err = np.array([row.error_at(int(i)) for i in k])
         ax.plot(k, err, marker=".", color=c, label=_label(row))

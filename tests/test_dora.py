@@ -97,7 +97,7 @@ def test_merge_formula_and_unmerge_roundtrip():
     with pytest.raises(ValueError, match=r"norms= does not mirror params"):
         lj.unmerge({"w": got}, ad, cfg, norms={"v": norms["w"]})
     plain = lj.LoraConfig(rank=4, targets="w", layouts={"w": lj.Layout(1, 1, 1)})
-    with pytest.raises(ValueError, match="dora_norms: config.use_dora is False"):
+    with pytest.raises(ValueError, match=r"lj\.dora_norms: config\.use_dora is False"):
         lj.dora_norms(params, ad, plain)
 
 
@@ -114,7 +114,7 @@ def test_magnitude_checked_against_config():
         lj.merge(params, {"w": ad["w"]._replace(m=None)}, dora)
     with pytest.raises(ValueError, match=r"w: DoRA magnitude m has shape \(8,\), expected \(6,\)"):
         lj.merge(params, {"w": ad["w"]._replace(m=jnp.ones(8))}, dora)
-    with pytest.raises(ValueError, match=r"LoraConfig.use_dora=1"):
+    with pytest.raises(ValueError, match=r"LoraConfig.use_dora: 1 is invalid"):
         lj.LoraConfig(targets="w", use_dora=1)
     assert "m=" not in repr(lj.init(params, plain, key=jax.random.key(0))["w"])
 

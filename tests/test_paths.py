@@ -125,7 +125,7 @@ def test_train_leaves():
     assert r.train == ("params/head/kernel",)
     with pytest.raises(ValueError, match=r"params/block_0/q/kernel: matched by both"):
         resolve(_params(), lj.LoraConfig(targets=r".*/q/kernel", train=r".*/kernel"))
-    with pytest.raises(ValueError, match=r"LoraConfig.train='\.\*nohead\.\*' matched no leaf"):
+    with pytest.raises(ValueError, match=r"LoraConfig.train: '\.\*nohead\.\*' matched no leaf"):
         resolve(_params(), lj.LoraConfig(targets=r".*/q/kernel", train=r".*nohead.*"))
 
 

@@ -48,4 +48,5 @@ def test_describe_shows_layout_and_train():
     p = {"q": jnp.ones((32, 4, 8)), "head": jnp.ones((8, 2))}
     cfg = lj.LoraConfig(targets="q", rank=2, layouts={"q": lj.Layout(0, 1, 2)}, train="head")
     text = str(lj.describe(p, cfg))
-    assert "32x4x8" in text and "0/1/2" in text and "trained fully: head" in text
+    assert "32x4x8" in text and "in/out/out" in text and "explicit" in text
+    assert "trained fully: head" in text

@@ -23,7 +23,8 @@ import numpy as np
 from lora_jax._analysis.spectrum import Analysis, Spectrum, as_float64, factor_svd
 from lora_jax._checkpoint.api import restore
 from lora_jax._core.config import LoraConfig
-from lora_jax._core.leaf import dense_float32
+from lora_jax._core.errors import error
+from lora_jax._core.leaf import as_matrix, dense_float32
 from lora_jax._core.weights import (
     LoraWeights,
     check_adapters,
@@ -35,14 +36,15 @@ from lora_jax._core.weights import (
 __all__ = ["Truncation", "analyze", "truncate", "spectra_summary"]
 
 
-def _lora_nodes(adapters, config: LoraConfig, params=None):
+def _lora_nodes(where: str, adapters, config: LoraConfig, params=None):
     """``[(path, node, w_or_None, spec_or_None)]`` for the LoraWeights of ``adapters``.
 
     Without params, checks that a and b fit each other and the config's rank.
+    ``where`` is the calling function, as errors name it (``lj.analyze``).
     """
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"expected a lj.LoraConfig as config, got {type(config).__name__}. "
-                        f"Fix: pass the config the adapters were made with.")
+        raise error(where, f"expected a lj.LoraConfig as config, got {type(config).__name__}",
+                    "pass the config the adapters were made with", kind=TypeError)
     if params is not None:
         return [(p, n, leaf, spec) for p, leaf, n, spec in
                 check_adapters(params, adapters, config) if is_lora(n)]
@@ -52,26 +54,27 @@ def _lora_nodes(adapters, config: LoraConfig, params=None):
             continue  # None (frozen) or a fully-trained leaf
         sa, sb = tuple(np.shape(node.a)), tuple(np.shape(node.b))
         if len(sa) < 2 or len(sa) != len(sb) or sa[:-2] != sb[:-2] or sa[-1] != sb[-2]:
-            raise ValueError(
-                f"{path}: a {sa} and b {sb} do not form a LoRA pair; expected a "
-                f"(*stacked, in, r) and b (*stacked, r, out). Fix: pass adapters made by "
-                f"lj.init (or restored with their config).")
+            raise error(
+                path, f"a {sa} and b {sb} do not form a LoRA pair; expected a "
+                f"(*stacked, in, r) and b (*stacked, r, out)",
+                "pass adapters made by lj.init (or restored with their config)")
         if sa[-1] != config.rank_for(path):
-            raise ValueError(
-                f"{path}: the adapter has rank {sa[-1]} but the config gives rank "
-                f"{config.rank_for(path)} for this path. Fix: pass the config the adapters "
-                f"were made with (after lj.truncate, the config it returned).")
+            raise error(
+                path, f"the adapter has rank {sa[-1]} but the config gives rank "
+                f"{config.rank_for(path)} for this path",
+                "pass the config the adapters were made with (after lj.truncate, the config "
+                "it returned)")
         out.append((path, node, None, None))
     if not out:
-        raise ValueError(
-            "the adapter tree holds no LoraWeights (only None / fully-trained leaves). "
-            "Fix: pass the tree returned by lj.init, lj.truncate, lj.extract or lj.restore.")
+        raise error(
+            where, "the adapter tree holds no LoraWeights (only None / fully-trained leaves)",
+            "pass the tree returned by lj.init, lj.truncate, lj.extract or lj.restore")
     return out
 
 
 def _base_norms(leaf, spec, lead: tuple) -> np.ndarray:
     """``||W||_F`` per stacked layer, broadcast over an adapter set's extra axis."""
-    w = dense_float32(leaf).reshape(*spec.stacked_shape, -1)
+    w = as_matrix(dense_float32(leaf), spec).reshape(*spec.stacked_shape, -1)
     return np.broadcast_to(as_float64(jnp.linalg.norm(w, axis=-1)), lead)
 
 
@@ -115,15 +118,16 @@ def analyze(params, adapters, config: LoraConfig) -> Analysis:
       w     -           4x3     2  3.16     0.913    1    2   1.75
     """
     if isinstance(adapters, LoraConfig):
-        raise TypeError(
-            "lj.analyze: the arguments are (params, adapters, config) since lora_jax 0.2, "
-            "like lj.merge; got a LoraConfig as adapters. Fix: lj.analyze(params, adapters, "
-            "config), or lj.analyze(None, adapters, config) without the base.")
+        raise error(
+            "lj.analyze", "the arguments are (params, adapters, config) since lora_jax 0.2, "
+            "like lj.merge; got a LoraConfig as adapters",
+            "lj.analyze(params, adapters, config), or lj.analyze(None, adapters, config) "
+            "without the base", kind=TypeError)
     rows = []
-    for path, node, leaf, spec in _lora_nodes(adapters, config, params):
+    for path, node, leaf, spec in _lora_nodes("lj.analyze", adapters, config, params):
         lead = tuple(np.shape(node.a)[:-2])
         shape = (int(np.shape(node.a)[-2]), int(np.shape(node.b)[-1]))
-        _, s, _ = factor_svd(node)
+        _, s, _ = factor_svd(node, path=path)
         norms = _base_norms(leaf, spec, lead) if leaf is not None else None
         for idx in np.ndindex(*lead):
             rows.append(Spectrum(path, tuple(int(i) for i in idx), shape, s[idx],
@@ -188,30 +192,32 @@ def truncate(adapters, config: LoraConfig, *, rank: int | None = None,
       True
     """
     if (rank is None) == (energy is None):
-        raise ValueError("truncate needs exactly one of rank=k or energy=f; got "
-                         f"rank={rank!r}, energy={energy!r}. Fix: e.g. "
-                         "lj.truncate(adapters, config, rank=4) or energy=0.99.")
+        raise error("lj.truncate", f"it needs exactly one of rank=k or energy=f; got "
+                    f"rank={rank!r}, energy={energy!r}",
+                    "e.g. lj.truncate(adapters, config, rank=4) or energy=0.99")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, np.integer))
                              or rank < 1):
-        raise ValueError(f"truncate: rank={rank!r} must be a positive int, e.g. rank=4.")
+        raise error("lj.truncate", f"rank={rank!r} must be a positive int", "e.g. rank=4")
     if energy is not None and (isinstance(energy, bool) or
                                not isinstance(energy, (int, float, np.floating))
                                or not 0.0 < float(energy) <= 1.0):
-        raise ValueError(f"truncate: energy={energy!r} must be a fraction in (0, 1], "
-                         f"e.g. energy=0.99.")
-    nodes = _lora_nodes(adapters, config)
+        raise error("lj.truncate", f"energy={energy!r} must be a fraction in (0, 1]",
+                    "e.g. energy=0.99")
+    # Read only without rank=, that is with energy= (exactly one of them is given).
+    fraction = 1.0 if energy is None else float(energy)
+    nodes = _lora_nodes("lj.truncate", adapters, config)
     new_ranks, replaced, rows = {}, {}, []
     for path, node, _, _ in nodes:
         lead = tuple(np.shape(node.a)[:-2])
         r = int(np.shape(node.a)[-1])
         shape = (int(np.shape(node.a)[-2]), int(np.shape(node.b)[-1]))
-        left, s, right = factor_svd(node)
+        left, s, right = factor_svd(node, path=path)
         specs = [Spectrum(path, tuple(int(i) for i in idx), shape, s[idx])
                  for idx in np.ndindex(*lead)]
         if rank is not None:
             k = min(int(rank), r)
         else:
-            k = max(1, max(sp.rank_for_energy(float(energy)) for sp in specs))
+            k = max(1, max(sp.rank_for_energy(fraction) for sp in specs))
         rows += [dataclasses.replace(sp, rank_kept=k, error=sp.error_at(k)) for sp in specs]
         if k == r:
             continue

@@ -17,7 +17,8 @@ import numpy as np
 
 from lora_jax._analysis.spectrum import Analysis, Spectrum, as_float64
 from lora_jax._core.config import LoraConfig, LoraWarning
-from lora_jax._core.leaf import dense_float32
+from lora_jax._core.errors import error, message
+from lora_jax._core.leaf import as_matrix, dense_float32
 from lora_jax._core.paths import leaves_with_paths, mirror, resolve, unflatten_params
 from lora_jax._core.weights import LoraWeights
 from lora_jax._init import leaf_key
@@ -34,8 +35,8 @@ def _randomized_svd(m, key, *, k: int, oversample: int, power_iters: int):
     """Top-``k + oversample`` SVD of ``m`` (in, out) by a randomized range finder
     (Halko, Martinsson & Tropp 2011, Alg. 4.4 with QR between power steps)."""
     n_in, n_out = m.shape
-    l = min(k + oversample, n_in, n_out)
-    omega = jax.random.normal(key, (n_out, l), jnp.float32)
+    n_probes = min(k + oversample, n_in, n_out)
+    omega = jax.random.normal(key, (n_out, n_probes), jnp.float32)
     q, _ = jnp.linalg.qr(jnp.matmul(m, omega, precision=_HI))
     for _ in range(power_iters):
         z, _ = jnp.linalg.qr(jnp.matmul(m.T, q, precision=_HI))
@@ -127,10 +128,13 @@ def extract(base_params, tuned_params, config: LoraConfig, *, svd: str = "auto",
       True
     """
     if svd not in ("auto", "exact", "randomized"):
-        raise ValueError(f"extract: svd={svd!r}; use 'auto', 'exact' or 'randomized'.")
-    for name, v, lo in (("oversample", oversample, 0), ("power_iters", power_iters, 0)):
+        raise error("lj.extract", f"svd={svd!r} is not a known SVD",
+                    "use svd='auto', 'exact' or 'randomized'")
+    for name, v, lo, default in (("oversample", oversample, 0, 10),
+                                 ("power_iters", power_iters, 0, 2)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-            raise ValueError(f"extract: {name}={v!r} must be an int >= {lo}.")
+            raise error("lj.extract", f"{name}={v!r} must be an int >= {lo}",
+                        f"e.g. {name}={default} (the default)")
     key = jax.random.key(0) if key is None else key
     resolved = resolve(base_params, config)
     train = set(resolved.train)
@@ -140,12 +144,11 @@ def extract(base_params, tuned_params, config: LoraConfig, *, svd: str = "auto",
                           fix="pass the same model's parameters before and after fine-tuning.")
 
     rows, nodes, untargeted = [], [], []
-    for (path, w), t in zip(base_items, tuned_leaves):
+    for (path, w), t in zip(base_items, tuned_leaves, strict=True):
         if np.shape(w) != np.shape(t):
-            raise ValueError(
-                f"{path}: base has shape {tuple(np.shape(w))}, tuned has "
-                f"{tuple(np.shape(t))}. Fix: pass the same model's parameters before and "
-                f"after fine-tuning.")
+            raise error(
+                path, f"base has shape {tuple(np.shape(w))}, tuned has {tuple(np.shape(t))}",
+                "pass the same model's parameters before and after fine-tuning")
         spec = resolved.targets.get(path)
         if spec is None:
             if path in train:
@@ -159,9 +162,10 @@ def extract(base_params, tuned_params, config: LoraConfig, *, svd: str = "auto",
         lead, (n_in, n_out), k = spec.stacked_shape, (spec.in_size, spec.out_size), spec.rank
         randomized = svd == "randomized" or (svd == "auto" and min(n_in, n_out) > _EXACT_SVD_MAX)
         a, b, sv, err, norm, wn = _extract_leaf(
-            dense_float32(w), dense_float32(t), leaf_key(key, path), jnp.float32(spec.scale), n_in=n_in, n_out=n_out, k=k,
-            randomized=randomized, oversample=oversample, power_iters=power_iters,
-            dtype=config.dtype)
+            as_matrix(dense_float32(w), spec), as_matrix(dense_float32(t), spec),
+            leaf_key(key, path), jnp.float32(spec.scale),
+            n_in=n_in, n_out=n_out, k=k, randomized=randomized, oversample=oversample,
+            power_iters=power_iters, dtype=config.dtype)
         sv, err, norm, wn = as_float64(sv), as_float64(err), as_float64(norm), as_float64(wn)
         for i in range(sv.shape[0]):
             tail = max(norm[i] ** 2 - float(np.sum(sv[i] ** 2)), 0.0) if randomized else 0.0
@@ -172,10 +176,10 @@ def extract(base_params, tuned_params, config: LoraConfig, *, svd: str = "auto",
         nodes.append(LoraWeights(a, b, jnp.asarray(spec.scale, jnp.float32)))
 
     if untargeted:
-        warnings.warn(
-            f"extract: {len(untargeted)} leaves differ between base and tuned but the config "
-            f"neither targets nor trains them, so the adapters drop their change: "
-            f"{untargeted[:8]}{' ...' if len(untargeted) > 8 else ''}. Fix: add them to "
-            f"LoraConfig.targets (matrices) or LoraConfig.train (biases, norms).",
+        warnings.warn(message(
+            "lj.extract", f"{len(untargeted)} leaves differ between base and tuned but the "
+            f"config neither targets nor trains them, so the adapters drop their change: "
+            f"{untargeted[:8]}{' ...' if len(untargeted) > 8 else ''}",
+            "add them to LoraConfig.targets (matrices) or LoraConfig.train (biases, norms)"),
             LoraWarning, stacklevel=2)
     return Extraction(unflatten_params(base_params, nodes), Analysis(tuple(rows)))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._core.config import LoraConfig
+from lora_jax._core.errors import error
 from lora_jax._core.fmt import fmt_bytes, table
 from lora_jax._core.paths import leaves_with_paths, resolve
 
@@ -36,7 +37,7 @@ _ALIASES = {"f32": "float32", "fp32": "float32", "bf16": "bfloat16", "f16": "flo
             "fp16": "float16", "half": "float16"}
 
 
-def _dtype_name(dtype, what: str) -> str:
+def _dtype_name(dtype, what: str, fix: str | None = None) -> str:
     if isinstance(dtype, str):
         name = _ALIASES.get(dtype.lower(), dtype.lower())
     else:
@@ -45,9 +46,8 @@ def _dtype_name(dtype, what: str) -> str:
         except TypeError:
             name = repr(dtype)
     if name not in BITS_PER_PARAM:
-        raise ValueError(f"plan: {what}={dtype!r} is not one of {sorted(BITS_PER_PARAM)}. "
-                         f"Fix: e.g. {what}='bfloat16' (or 'nf4' / 'int8' for a quantized "
-                         f"base).")
+        raise error("lj.plan", f"{what}={dtype!r} is not one of {sorted(BITS_PER_PARAM)}",
+                    fix or f"e.g. {what}='bfloat16' (or 'nf4' / 'int8' for a quantized base)")
     return name
 
 
@@ -114,7 +114,8 @@ class Plan:
         """
         if isinstance(n_adapters, bool) or not isinstance(n_adapters, (int, np.integer)) \
                 or n_adapters < 1:
-            raise ValueError(f"storage: n_adapters={n_adapters!r} must be a positive int.")
+            raise error("Plan.storage", f"n_adapters={n_adapters!r} must be a positive int",
+                        "e.g. n_adapters=50")
         return (self.frozen_bytes + n_adapters * self.adapter_bytes,
                 n_adapters * self.frozen_bytes)
 
@@ -175,7 +176,8 @@ def plan(shapes_or_params, config: LoraConfig, *, optimizer: str | int = "adamw"
       >>> p.trainable, p.adapter_bytes, p.n_params
       (4194304, 8388608, 6738415616)
       >>> print(p)  # doctest: +NORMALIZE_WHITESPACE
-      llama-7b: 6,738,415,616 parameters, 64 targets (rank 8), adamw (2 state(s)/param), base float16, trainable float16
+      llama-7b: 6,738,415,616 parameters, 64 targets (rank 8), adamw (2 state(s)/param),
+      base float16, trainable float16
                               LoRA       full fine-tuning
       ----------------------  ---------  ----------------
       trainable parameters    4,194,304     6,738,415,616
@@ -192,21 +194,23 @@ def plan(shapes_or_params, config: LoraConfig, *, optimizer: str | int = "adamw"
         shapes_or_params = preset(shapes_or_params)
     if isinstance(optimizer, str):
         if optimizer.lower() not in OPTIMIZER_STATES:
-            raise ValueError(f"plan: optimizer={optimizer!r} is unknown; known: "
-                             f"{sorted(OPTIMIZER_STATES)}. Fix: pick one, or pass the number "
-                             f"of state tensors per parameter, e.g. optimizer=2.")
+            raise error("lj.plan", f"optimizer={optimizer!r} is unknown; known: "
+                        f"{sorted(OPTIMIZER_STATES)}",
+                        "pick one, or pass the number of state tensors per parameter, e.g. "
+                        "optimizer=2")
         opt_name, states = optimizer.lower(), OPTIMIZER_STATES[optimizer.lower()]
     elif isinstance(optimizer, (int, np.integer)) and not isinstance(optimizer, bool) \
             and optimizer >= 0:
         opt_name, states = f"{int(optimizer)}-state optimizer", int(optimizer)
     else:
-        raise ValueError(f"plan: optimizer={optimizer!r} must be a name "
-                         f"({sorted(OPTIMIZER_STATES)}) or an int >= 0.")
+        raise error("lj.plan", f"optimizer={optimizer!r} must be a name "
+                    f"({sorted(OPTIMIZER_STATES)}) or an int >= 0",
+                    "e.g. optimizer='adamw', or optimizer=2 (state tensors per parameter)")
     adapter_dtype = _dtype_name(config.dtype if adapter_dtype is None else adapter_dtype,
                                 "adapter_dtype")
     if adapter_dtype in ("int8", "nf4"):
-        raise ValueError(f"plan: adapter_dtype={adapter_dtype!r}: trainable weights must be "
-                         f"floating point. Fix: adapter_dtype='float32' or 'bfloat16'.")
+        raise error("lj.plan", f"adapter_dtype={adapter_dtype!r}: trainable weights must be "
+                    f"floating point", "adapter_dtype='float32' or 'bfloat16'")
 
     resolved = resolve(shapes_or_params, config)
     leaves = [(p, x) for p, x in leaves_with_paths(shapes_or_params) if hasattr(x, "shape")]
@@ -215,7 +219,9 @@ def plan(shapes_or_params, config: LoraConfig, *, optimizer: str | int = "adamw"
     if base_dtype is None:
         names = {np.dtype(x.dtype).name for _, x in leaves}
         for n in names:
-            _dtype_name(n, "a params leaf dtype")
+            _dtype_name(n, "a params leaf dtype",
+                        "pass base_dtype= to count the base in one of these formats, e.g. "
+                        "base_dtype='bfloat16'")
         frozen = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for _, x in leaves)
         base_name = names.pop() if len(names) == 1 else "mixed"
     else:
@@ -322,8 +328,8 @@ def preset(name: str, *, dtype=None):
       6738415616
     """
     if name not in _PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {list(PRESETS)}. Fix: "
-                         f"use one of them, or pass jax.eval_shape(model.init, ...) to plan.")
+        raise error("lj.preset", f"unknown preset {name!r}; known presets: {list(PRESETS)}",
+                    "use one of them, or pass jax.eval_shape(model.init, ...) to plan")
     build, default = _PRESETS[name]
     return build(default if dtype is None else dtype)
 
@@ -343,7 +349,8 @@ def targets_regex(names: str) -> str:
     """
     parts = [p.strip() for p in names.split(",") if p.strip()]
     if not parts:
-        raise ValueError("--targets is empty. Fix: e.g. --targets q_proj,v_proj")
+        raise error("python -m lora_jax plan", "--targets is empty",
+                    "e.g. --targets q_proj,v_proj")
     if any(re.search(r"[/\\.*+?()\[\]|^$]", p) for p in parts):
         return "|".join(f"(?:{p})" for p in parts) if len(parts) > 1 else parts[0]
     return f".*/({'|'.join(parts)})/(kernel|weight)"

@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from lora_jax._core.errors import error
 from lora_jax._core.fmt import table
 from lora_jax._core.weights import LoraWeights
 
@@ -71,8 +72,8 @@ class Spectrum:
         """The smallest ``k`` whose top-k directions hold ``fraction`` of the
         energy (0 for a zero update)."""
         if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"energy fraction {fraction!r} must be in (0, 1]; "
-                             f"use e.g. 0.9 or 0.99.")
+            raise error("Spectrum.rank_for_energy",
+                        f"energy fraction {fraction!r} must be in (0, 1]", "use e.g. 0.9 or 0.99")
         if self.norm == 0:
             return 0
         e = self.energy
@@ -203,21 +204,23 @@ def as_float64(x) -> np.ndarray:
     return np.asarray(x).astype(np.float64)
 
 
-def _scales(node: LoraWeights, lead: tuple) -> np.ndarray:
+def _scales(node: LoraWeights, lead: tuple, path: str) -> np.ndarray:
     """The scale broadcast over the leading (stacked / adapter-set) axes."""
     s = as_float64(node.scale)
     if s.ndim > len(lead) or s.shape != lead[: s.ndim]:
-        raise ValueError(f"scale of shape {s.shape} does not fit the leading axes {lead} "
-                         f"of a and b.")
+        raise error(path, f"scale of shape {s.shape} does not fit the leading axes {lead} "
+                    f"of a and b", "give scale the shape of those leading axes, or a prefix "
+                    "of it (a scalar for one adapter), as lj.init does")
     return np.broadcast_to(s.reshape(s.shape + (1,) * (len(lead) - s.ndim)), lead)
 
 
-def factor_svd(node: LoraWeights):
+def factor_svd(node: LoraWeights, *, path: str = "LoraWeights"):
     """``(left, s, right)`` with ``scale * a @ b == left @ diag(s) @ right``, from
-    QR of a and b.T and the SVD of the ``r x r`` core; float64, batched."""
+    QR of a and b.T and the SVD of the ``r x r`` core; float64, batched. ``path``
+    names the leaf in errors."""
     a, b = as_float64(node.a), as_float64(node.b)
     lead = a.shape[:-2]
-    scale = _scales(node, lead)
+    scale = _scales(node, lead, path)
     qa, ra = np.linalg.qr(a)                               # (..., in, r), (..., r, r)
     qb, rb = np.linalg.qr(np.swapaxes(b, -1, -2))          # (..., out, r), (..., r, r)
     core = scale[..., None, None] * (ra @ np.swapaxes(rb, -1, -2))

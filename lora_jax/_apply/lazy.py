@@ -95,8 +95,14 @@ class LazyWeight:
         a = jnp.reshape(weights.a, (*stacked, *ins, spec.rank))
         b = jnp.reshape(weights.b, (*stacked, spec.rank, *outs))
         scale = lax.stop_gradient(jnp.asarray(weights.scale, jnp.float32))
-        dims = tuple((S, k) for k in range(lay.n_stacked)) + \
+        # one label per axis of the weight as stored: the layout's order lists the
+        # stacked, then input, then output axes, which is the factors' order
+        canonical = tuple((S, k) for k in range(lay.n_stacked)) + \
             tuple((A, k) for k in range(lay.n_in)) + tuple((B, k) for k in range(lay.n_out))
+        labels: list = [None] * len(canonical)
+        for label, ax in zip(canonical, spec.order, strict=True):
+            labels[ax] = label
+        dims = tuple(labels)
         g = None
         if weights.m is not None:
             norm = _dora.column_norm(as_matrix(dense_float32(w), spec),

@@ -77,16 +77,17 @@ def lowrank_dot(x, lw: LazyWeight, *, x_is_lhs: bool, dimension_numbers, precisi
     (DoRA's column norm, per-example adapter gathers, sharding constraints)
     hook in here. ``lora_input(x)`` gives the LoRA branch's input (``x``
     after dropout); it is called only once the product is known to be
-    low-rank. The weight's batch axes must be exactly
-    its stacked axes, and its contracted axes all input (``A``) axes or all
-    output (``B``) axes; partial contractions of one kind are fine.
+    low-rank. The weight's batch axes must be stacked axes (a stacked axis
+    the product keeps is fine: the up-projection batches over it), and its
+    contracted axes all input (``A``) axes or all output (``B``) axes;
+    partial contractions of one kind are fine.
     """
     (lc, rc), (lb, rb) = dimension_numbers
     xc, wc, xb, wb = (lc, rc, lb, rb) if x_is_lhs else (rc, lc, rb, lb)
     dims = lw.dims
-    if sorted(dims[i] for i in wb) != [(S, k) for k in range(lw.count(S))]:
-        raise NotLowRank("the matmul's batch axes of the weight are not exactly its stacked "
-                         "axes (check LoraConfig.layouts)")
+    if any(dims[i][0] != S for i in wb):
+        raise NotLowRank("the matmul batches over an input or output axis of the weight, "
+                         "not a stacked one (check LoraConfig.layouts)")
     kinds = {dims[i][0] for i in wc}
     if kinds not in ({A}, {B}):
         raise NotLowRank("the matmul contracts a mix of the weight's input and output axes "
@@ -152,12 +153,16 @@ def _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
         [lab for p, lab in enumerate(f1_labels) if p not in f1_used]
     r_t = t_labels.index("r")
     f2 = f2 * lw.scale.astype(f2.dtype)
-    d = lax.dot_general(t, f2, (((r_t,), (pos2("r"),)),
-                                (tuple(range(nbat)), tuple(pos2(dims[i]) for i in wb))),
+    # Stacked axes the product keeps as free axes (an ensemble on a shared input,
+    # per-head copies): t carries them, and the up-projection batches over them.
+    kept = [lab for lab in t_labels[nbat:] if lab != "r" and lab[0] == S]
+    t_batch = tuple(range(nbat)) + tuple(t_labels.index(lab) for lab in kept)
+    f2_batch = tuple(pos2(dims[i]) for i in wb) + tuple(pos2(lab) for lab in kept)
+    d = lax.dot_general(t, f2, (((r_t,), (pos2("r"),)), (t_batch, f2_batch)),
                         precision=precision, preferred_element_type=f1.dtype)
     f2_free = [lab for lab in factor_labels(lw, not first_is_a) if lab != "r" and lab[0] != S]
-    d_labels = [("batch", i) for i in range(nbat)] + \
-        [lab for lab in t_labels[nbat:] if lab != "r"] + f2_free
+    d_labels = [("batch", i) for i in range(nbat)] + kept + \
+        [lab for lab in t_labels[nbat:] if lab != "r" and lab not in kept] + f2_free
     w_free = [dims[i] for i in range(lw.ndim) if i not in wc and i not in wb]
     x_part = [("x", i) for i in x_free]
     want = [("batch", i) for i in range(nbat)] + \
@@ -228,8 +233,9 @@ def lowrank_gather(lw: LazyWeight, indices, *, params):
     if lw.count(S) or lw.count(B) != 1 or gdn.operand_batching_dims:
         raise NotLowRank("a gather from a stacked weight or one with several output axes")
     bpos = lw.dims.index((B, 0))
-    if sizes[bpos] != lw.shape[bpos] or bpos in gdn.collapsed_slice_dims \
-            or bpos in gdn.start_index_map:
+    # The output axis must be taken whole by every slice (an index into it, as a
+    # vmapped row lookup writes, can then only be 0).
+    if sizes[bpos] != lw.shape[bpos] or bpos in gdn.collapsed_slice_dims:
         raise NotLowRank("the gather slices the weight's output axis (not a row lookup)")
     kw = dict(dimension_numbers=gdn, indices_are_sorted=params["indices_are_sorted"],
               unique_indices=params["unique_indices"], mode=params["mode"],

@@ -67,10 +67,12 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from lora_jax._apply.infer import check_layouts
 from lora_jax._apply.interp import Record, Trace, densify_output, evaluate
 from lora_jax._apply.rules import FALLBACK_WHY, RULES
 from lora_jax._apply.lazy import LazyWeight
 from lora_jax._core.config import LoraConfig, LoraWarning
+from lora_jax._core.errors import error
 from lora_jax._core.leaf import is_container
 from lora_jax._core.paths import flatten_params, unflatten_params
 from lora_jax._core.weights import LoraWeights, check_adapters, flatten_adapters
@@ -176,17 +178,24 @@ def _trace_value(leaf, node, spec):
 
 
 def _rewrite(fn, config, params, adapters, args, kwargs, *, lora_rng, strict,
-             custom_grad=True):
-    """Traces ``fn`` and evaluates it low-rank; returns ``(output, record, paths)``."""
+             custom_grad=True, check=True):
+    """Traces ``fn`` and evaluates it low-rank; returns ``(output, record, paths)``.
+
+    With ``check``, the adapters' layouts are compared with what the program
+    implies (`check_layouts`) and adapters the program never reads are refused
+    (`_check_used`) -- `explain` reports instead.
+    """
     entries = check_adapters(params, adapters, config)
     p_treedef = flatten_params(params)[1]
     a_leaves, a_treedef = jax.tree.flatten((args, kwargs))
-    traced, run, static = [], [], {}
+    traced, run, static, targets = [], [], {}, {}
     for i, (path, leaf, node, spec) in enumerate(entries):
         if spec is not None:
             _check_single(path, node, spec)
         t, r = _trace_value(leaf, node, spec)
         if _is_array(t) or isinstance(t, jax.ShapeDtypeStruct):
+            if spec is not None:
+                targets[len(traced)] = spec
             traced.append(t)
             run.append(r)
         else:
@@ -208,6 +217,8 @@ def _rewrite(fn, config, params, adapters, args, kwargs, *, lora_rng, strict,
         return fn(p, *a, **kw)
 
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*map(_aval, traced))
+    if check:
+        check_layouts(closed.jaxpr, targets, config)
     record = Record()
     key = None
     if lora_rng is not None and config.dropout > 0:
@@ -218,7 +229,30 @@ def _rewrite(fn, config, params, adapters, args, kwargs, *, lora_rng, strict,
     outs = [densify_output(trace, o, "function") for o in outs]
     out = jax.tree.unflatten(jax.tree.structure(out_shape), outs)
     paths = [path for path, _, _, spec in entries if spec is not None]
+    if check:
+        _check_used(record, paths, strict)
     return out, record, paths
+
+
+def _check_used(record: Record, paths: list, strict: bool) -> None:
+    """Adapted weights the function never reads are a mistake, not a no-op."""
+    used = set(record.rule_counts()) | set(record.fallback_list())
+    unused = [p for p in paths if p not in used]
+    if not unused or (len(unused) < len(paths) and not strict):
+        return
+    if len(unused) == len(paths):
+        raise error(
+            "lj.apply",
+            f"fn never reads any of the {len(paths)} adapted weights from its params argument "
+            f"(e.g. {unused[0]}), so the adapters would have no effect. It usually means fn "
+            f"closes over the params (lambda p, x: model.apply(variables, x)) instead of "
+            f"using the ones it is given",
+            "pass them through: lj.apply(lambda p, x: model.apply(p, x), config)")
+    raise error(
+        "lj.apply(strict=True)",
+        f"fn never reads {len(unused)} of the adapted weights from its params argument: "
+        f"{unused[:6]}{' ...' if len(unused) > 6 else ''}",
+        "narrow LoraConfig.targets to the weights fn uses, or pass strict=False")
 
 
 def _check_fn(fn, config, where):
@@ -346,7 +380,7 @@ def explain(fn: Callable, config: LoraConfig, params, adapters, *args, **kwargs
         a, kw = jax.tree.unflatten(arg_treedef, rest)
         out, record, paths = _rewrite(fn, config, unflatten_params(params, p),
                                       jax.tree_util.tree_unflatten(ad_treedef, ad), a, kw,
-                                      lora_rng=None, strict=False)
+                                      lora_rng=None, strict=False, check=False)
         got["record"], got["paths"] = record, paths
         return out
 

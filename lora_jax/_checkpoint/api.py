@@ -26,12 +26,12 @@ a skeleton built from ``params`` and the saved config, or from ``like=``.
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Mapping
 
 from lora_jax._checkpoint.checkpointer import Checkpointer
 from lora_jax._checkpoint.info import CheckpointInfo
 from lora_jax._core.config import LoraConfig
+from lora_jax._core.errors import message
 
 __all__ = ["save", "restore", "restore_state", "inspect"]
 
@@ -190,6 +190,7 @@ def inspect(directory, *, step: int | None = None) -> CheckpointInfo:
       >>> step, w[0].category.__name__
       (0, 'DeprecationWarning')
     """
-    warnings.warn("lj.inspect is deprecated; use lj.checkpoint_info (same arguments). It "
-                  "will be removed in lora_jax 0.3.", DeprecationWarning, stacklevel=2)
+    warnings.warn(message("lj.inspect", "deprecated; it will be removed in lora_jax 0.3",
+                          "use lj.checkpoint_info (same arguments)"),
+                  DeprecationWarning, stacklevel=2)
     return checkpoint_info(directory, step=step)

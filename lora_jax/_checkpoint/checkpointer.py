@@ -41,6 +41,7 @@ from lora_jax._checkpoint.restore import (
     unpack_state,
 )
 from lora_jax._core.config import LoraConfig
+from lora_jax._core.errors import error, message
 from lora_jax._core.weights import check_adapters
 
 __all__ = ["Checkpointer", "TrainState"]
@@ -171,17 +172,20 @@ class Checkpointer:
         donated or overwritten.
         """
         if self._read_only:
-            raise ValueError(f"{self.directory}: this Checkpointer is read_only; open one "
-                             f"without read_only=True to save.")
+            raise error(self.directory, "this Checkpointer is read_only",
+                        "open one without read_only=True to save")
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"step={step!r}; use a non-negative int.")
+            raise error("Checkpointer.save", f"step={step!r} is not a non-negative int",
+                        "use a non-negative int, larger than every step already saved")
         step = int(step)
         if self._best_fn is not None and metrics is None:
-            raise ValueError(
-                "this Checkpointer ranks steps with best_fn, but save() got no metrics. "
-                "Fix: pass metrics={...} (what best_fn reads).")
+            raise error("Checkpointer.save",
+                        "this Checkpointer ranks steps with best_fn, but save() got no metrics",
+                        "pass metrics={...} (what best_fn reads)")
         if not isinstance(config, LoraConfig):
-            raise TypeError(f"config must be a lj.LoraConfig, got {type(config).__name__}.")
+            raise error("Checkpointer.save",
+                        f"config must be a lj.LoraConfig, got {type(config).__name__}",
+                        "pass the LoraConfig the adapters were created with", kind=TypeError)
         config.to_dict()  # fails early for configs that can't be written
         arrays, entries = adapter_arrays(adapters, config, params, check_finite)
         st_arrays, st_record = state_arrays(opt_state, rng)
@@ -190,9 +194,9 @@ class Checkpointer:
         canonical(record)  # user metadata must be JSON-able before anything is written
         latest = self.latest_step
         if latest is not None and step <= latest:
-            raise ValueError(
-                f"{self.directory}: step {step} is not after the latest saved step {latest}. "
-                f"Fix: save with a larger step, or to a new directory.")
+            raise error(self.directory,
+                        f"step {step} is not after the latest saved step {latest}",
+                        "save with a larger step, or to a new directory")
         ocp = orbax_checkpoint()
         items = {ARRAYS_ITEM: ocp.args.StandardSave(arrays), META_ITEM: ocp.args.JsonSave(record)}
         if st_arrays:
@@ -224,14 +228,19 @@ class Checkpointer:
 
     def inspect(self, step: int | None = None) -> CheckpointInfo:
         """Deprecated alias of `info` (it shadowed the standard library's name)."""
-        warnings.warn("Checkpointer.inspect is deprecated; use Checkpointer.info(step=...). "
-                      "It will be removed in lora_jax 0.3.", DeprecationWarning, stacklevel=2)
+        warnings.warn(message("Checkpointer.inspect",
+                              "deprecated; it will be removed in lora_jax 0.3",
+                              "use Checkpointer.info(step=...)"),
+                      DeprecationWarning, stacklevel=2)
         return self.info(step=step)
 
     def _restore(self, params, like, step, dtype, shardings, on_base_mismatch, check_finite,
                  with_state, state_like):
         if params is not None and like is not None:
-            raise TypeError("pass params= or like=, not both (like= is the exact target tree).")
+            raise error("lj.restore_state" if with_state else "lj.restore",
+                        "got both params= and like= (like= is the exact target tree; params= "
+                        "builds one from the saved config)", "pass params= or like=, not both",
+                        kind=TypeError)
         if dtype is not None:
             dtype = jnp.dtype(dtype)
         step = pick_step(self._mngr, step, self.directory)
@@ -244,10 +253,9 @@ class Checkpointer:
             skeleton = jax.tree_util.tree_unflatten(treedef, [n for _, n in slots])
             try:
                 check_adapters(params, skeleton, config)
-            except ValueError as e:
-                raise CheckpointError(f"{where}: {e}") from None
-            check_base(params, rec.get("fingerprint"), on_mismatch=on_base_mismatch,
-                       what=f"the adapter in {where}")
+            except ValueError as e:   # e says what and how to fix; name the step too
+                raise error(where, str(e), kind=CheckpointError) from None
+            check_base(params, rec.get("fingerprint"), on_mismatch=on_base_mismatch, what=where)
         st_abstract = opt_like = None
         if with_state:
             opt_like = abstract_opt_state(rec, slots, treedef, *state_like, where=where)

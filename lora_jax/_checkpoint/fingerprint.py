@@ -21,8 +21,10 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import core as jax_core
 
 from lora_jax._core.config import LoraConfig, LoraWarning
+from lora_jax._core.errors import error, message
 from lora_jax._core.leaf import is_container
 from lora_jax._core.paths import leaves_with_paths, resolve
 from lora_jax._variants.quantize import quantize_as
@@ -62,7 +64,7 @@ def _samples(leaf) -> np.ndarray:
 
 
 def _is_concrete(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
+    return isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax_core.Tracer)
 
 
 def _leaf_record(leaf) -> dict:
@@ -145,7 +147,7 @@ def _compare(path: str, saved: dict, leaf) -> str | None:
 
 
 def check_base(params, fingerprint: dict | None, *, on_mismatch: str = "error",
-               what: str = "the adapter") -> list[str]:
+               what: str = "lj.check_base") -> list[str]:
     """Checks ``params`` against a fingerprint from `base_fingerprint`.
 
     Same dtype: the sampled values must be bit-identical. Another dtype (a
@@ -158,7 +160,8 @@ def check_base(params, fingerprint: dict | None, *, on_mismatch: str = "error",
       fingerprint: the record, or None (nothing to check).
       on_mismatch: ``"error"`` (raise `BaseMismatchError`), ``"warn"`` (a
         `LoraWarning`) or ``"ignore"``.
-      what: how messages name the adapter (e.g. its directory).
+      what: where messages say the adapter is (`lj.restore` passes the step's
+        directory); by default ``lj.check_base``.
 
     Returns:
       The list of differences (empty when the base matches).
@@ -175,18 +178,19 @@ def check_base(params, fingerprint: dict | None, *, on_mismatch: str = "error",
       ...     lj.check_base(other, fp)
       ... except lj.BaseMismatchError as e:
       ...     print(str(e).splitlines()[0])
-      the adapter was trained on a different base than the params given:
+      lj.check_base: the adapter was trained on a different base than the params given:
     """
     if on_mismatch not in ("error", "warn", "ignore"):
-        raise ValueError(f"on_mismatch={on_mismatch!r}; use 'error', 'warn' or 'ignore'.")
+        raise error("lj.check_base", f"on_mismatch={on_mismatch!r} is not a policy",
+                    "use 'error', 'warn' or 'ignore'")
     if not fingerprint or on_mismatch == "ignore":
         return []
     version = fingerprint.get("version")
     if version != FINGERPRINT_VERSION:
-        raise BaseMismatchError(
-            f"{what}: base fingerprint version {version!r} is not one this lora_jax reads "
-            f"({FINGERPRINT_VERSION}). Fix: upgrade lora_jax, or pass "
-            f"on_mismatch='ignore' to skip the base check.")
+        raise error(what, f"base fingerprint version {version!r} is not one this lora_jax "
+                          f"reads ({FINGERPRINT_VERSION})",
+                    "upgrade lora_jax, or pass on_mismatch='ignore' to skip the base check",
+                    kind=BaseMismatchError)
     leaves = dict(leaves_with_paths(params))
     problems = []
     for path, rec in fingerprint.get("targets", {}).items():
@@ -199,13 +203,13 @@ def check_base(params, fingerprint: dict | None, *, on_mismatch: str = "error",
     if problems:
         shown = "\n  ".join(problems[:6]) + (
             f"\n  ... ({len(problems) - 6} more)" if len(problems) > 6 else "")
-        msg = (f"{what} was trained on a different base than the params given:\n  {shown}\n"
-               f"Fix: pass the base params the adapter was trained on (not a merged or "
-               f"re-initialized copy); if you know the base is right, pass "
-               f"on_mismatch='warn' (or 'ignore').")
+        why = f"the adapter was trained on a different base than the params given:\n  {shown}"
+        fix = ("pass the base params the adapter was trained on (not a merged or "
+               "re-initialized copy); if you know the base is right, pass "
+               "on_mismatch='warn' (or 'ignore'; on_base_mismatch= in lj.restore)")
         if on_mismatch == "error":
-            raise BaseMismatchError(msg)
-        warnings.warn(msg, LoraWarning, stacklevel=3)
+            raise error(what, why, fix, kind=BaseMismatchError)
+        warnings.warn(message(what, why, fix), LoraWarning, stacklevel=3)
     return problems
 
 

@@ -31,7 +31,7 @@ class CheckpointInfo:
     has_rng: bool
     metadata: dict
     format_version: int
-    lora_jax_version: str
+    lora_jax_version: str | None   # None in a record written without it
     disk_bytes: int         # bytes of the step's files on disk
 
     @property
@@ -46,9 +46,9 @@ class CheckpointInfo:
         cfg = self.config
         out = [f"checkpoint {self.directory} step {self.step} (steps: {self.steps}); "
                f"format v{self.format_version}, written by lora_jax {self.lora_jax_version}",
-               f"config: rank={cfg.rank} alpha={cfg.alpha:g} targets={list(cfg.targets)} "
+               f"config: rank={cfg.rank} alpha={cfg.alpha:g} targets={_shown(cfg.targets)} "
                f"use_rslora={cfg.use_rslora} dtype={cfg.dtype.name}"
-               + (f" train={list(cfg.train)}" if cfg.train else "")]
+               + (f" train={_shown(cfg.train)}" if cfg.train else "")]
         rows = [[p, k, "x".join(map(str, a)) or "()", "x".join(map(str, b)) if b else "-",
                  r if r else "-", f"{s:g}" if s is not None else "-", f"{n:,}", f"{nb:,}", d]
                 for p, k, a, b, r, s, n, nb, d in self.rows]
@@ -64,6 +64,12 @@ class CheckpointInfo:
         return "\n".join(out)
 
     __repr__ = __str__
+
+
+def _shown(patterns):
+    """A config's normalized patterns (a tuple of regexes; a saved config has no
+    callables) as a list."""
+    return list(patterns) if isinstance(patterns, tuple) else patterns
 
 
 def _dir_bytes(path: str) -> int:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping
 
 from lora_jax._checkpoint.record import CheckpointError, check_record
 from lora_jax._core.config import LoraConfig
+from lora_jax._core.errors import error
 
 __all__ = ["ARRAYS_ITEM", "STATE_ITEM", "META_ITEM", "orbax_checkpoint", "create_manager",
            "empty_trash", "pick_step", "read_record", "config_of"]
@@ -25,7 +27,8 @@ _ITEMS = (ARRAYS_ITEM, STATE_ITEM, META_ITEM)
 
 
 def orbax_checkpoint():
-    """The ``orbax.checkpoint`` module, imported on first use."""
+    """The ``orbax.checkpoint`` module, imported on first use (it adds a quarter of a
+    second to ``import lora_jax``, which most programs that never checkpoint don't need)."""
     import orbax.checkpoint as ocp
     return ocp
 
@@ -34,11 +37,13 @@ def _preservation(max_to_keep, best_fn, best_mode):
     cm = orbax_checkpoint().checkpoint_managers
     if max_to_keep is not None and (isinstance(max_to_keep, bool) or
                                     not isinstance(max_to_keep, int) or max_to_keep < 1):
-        raise ValueError(f"max_to_keep={max_to_keep!r}; use an int >= 1, or None to keep all.")
+        raise error("Checkpointer", f"max_to_keep={max_to_keep!r} is not an int >= 1",
+                    "use an int >= 1, or None to keep all")
     if best_fn is None:
         return cm.LatestN(n=max_to_keep)
     if best_mode not in ("min", "max"):
-        raise ValueError(f"best_mode={best_mode!r}; use 'min' or 'max'.")
+        raise error("Checkpointer", f"best_mode={best_mode!r} is not 'min' or 'max'",
+                    "best_mode='min' (the lowest best_fn value is best) or 'max'")
     # Orbax's best-N alone can delete the latest step; resuming needs it.
     return cm.AnyPreservationPolicy([
         cm.LatestN(n=1),
@@ -47,13 +52,13 @@ def _preservation(max_to_keep, best_fn, best_mode):
 
 def create_manager(directory, *, read_only: bool, async_save: bool = False, max_to_keep=None,
                    best_fn=None, best_mode="min"):
-    """The Orbax ``CheckpointManager`` of ``directory`` (read-only, or with the retention policy)."""
+    """The Orbax ``CheckpointManager`` of ``directory`` (read-only, or with retention)."""
     ocp = orbax_checkpoint()
     directory = os.path.abspath(os.fspath(directory))
     if read_only and not os.path.isdir(directory):
-        raise CheckpointError(
-            f"{directory}: no such checkpoint directory. Fix: check the path (it is the "
-            f"directory given to lj.save, holding one sub-directory per step).")
+        raise error(directory, "no such checkpoint directory",
+                    "check the path (it is the directory given to lj.save, holding one "
+                    "sub-directory per step)", kind=CheckpointError)
     if read_only:
         opts = ocp.CheckpointManagerOptions(read_only=True, create=False,
                                             enable_async_checkpointing=False)
@@ -81,27 +86,25 @@ def pick_step(mngr, step, directory) -> int:
             leftovers = sorted(n for n in os.listdir(directory) if "orbax-checkpoint-tmp" in n)
             extra = (f" (only unfinished saves: {leftovers}, e.g. a killed process)"
                      if leftovers else "")
-            raise CheckpointError(
-                f"{directory}: no complete checkpoint{extra}. Fix: check the path, or save "
-                f"one with lj.save.")
+            raise error(directory, f"no complete checkpoint{extra}",
+                        "check the path, or save one with lj.save", kind=CheckpointError)
         return max(steps)
     if step not in steps:
-        raise CheckpointError(
-            f"{directory}: no complete checkpoint for step {step}; steps present: {steps}. "
-            f"Fix: pass one of those, or step=None for the latest.")
+        raise error(directory, f"no complete checkpoint for step {step}; steps present: {steps}",
+                    "pass one of those, or step=None for the latest", kind=CheckpointError)
     return int(step)
 
 
-def read_record(mngr, step, where) -> dict:
+def read_record(mngr, step, where) -> Mapping:
     """The step's JSON record, validated (`check_record`)."""
     ocp = orbax_checkpoint()
     try:
         out = mngr.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
         rec = out[META_ITEM]
     except Exception as e:  # orbax/json raise many types; name the file either way
-        raise CheckpointError(
-            f"{where}: reading the checkpoint metadata ({META_ITEM}/metadata) failed: "
-            f"{type(e).__name__}: {e}. Fix: restore another step.") from e
+        raise error(where, f"reading the checkpoint metadata ({META_ITEM}/metadata) failed: "
+                           f"{type(e).__name__}: {e}",
+                    "restore another step", kind=CheckpointError) from e
     return check_record(rec, where)
 
 
@@ -110,4 +113,6 @@ def config_of(rec, where) -> LoraConfig:
     try:
         return LoraConfig.from_dict(rec["config"])
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{where}: the saved LoraConfig can't be read: {e}") from e
+        raise error(where, f"the saved LoraConfig can't be read: {e}",
+                    "restore another step, or read this one with the lora_jax version that "
+                    "wrote it", kind=CheckpointError) from e

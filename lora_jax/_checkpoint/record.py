@@ -17,12 +17,17 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata as importlib_metadata
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lora_jax._core.config import LoraConfig
+from lora_jax._core.errors import error
 from lora_jax._core.paths import path_str
 from lora_jax._core.weights import check_adapters, flatten_adapters, is_lora
 
@@ -57,7 +62,6 @@ def _local(x):
     (``jax.distributed``) spans devices of other processes: every process
     gathers it, in the same order (a collective), and hashes the same bytes."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
         return multihost_utils.process_allgather(x, tiled=True)
     return x
 
@@ -69,8 +73,8 @@ def _host(x) -> np.ndarray:
 
 
 def _digest(h: np.ndarray) -> str:
-    # A byte view, not tobytes(): no copy of a 100 MB array.
-    return hashlib.sha256(memoryview(h.reshape(-1).view(np.uint8))).hexdigest()
+    # A byte view (.data: a memoryview), not tobytes(): no copy of a 100 MB array.
+    return hashlib.sha256(h.reshape(-1).view(np.uint8).data).hexdigest()
 
 
 def array_record(x) -> dict:
@@ -85,7 +89,6 @@ def records(arrays: list) -> list[dict]:
     total = sum(int(np.prod(np.shape(x))) for x in arrays)
     if total < (1 << 22) or (os.cpu_count() or 1) < 2:
         return [array_record(x) for x in arrays]
-    from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         return list(pool.map(array_record, arrays))
 
@@ -102,10 +105,11 @@ def check_finite_values(path: str, field: str, x, where: str) -> None:
         if not np.isfinite(h).all():
             n = int(np.sum(~np.isfinite(h)))
             name = f"{path}/{field}" if field else path
-            raise CheckpointError(
-                f"{name}: {n} NaN/Inf value(s) {where}. An adapter with non-finite values "
-                f"breaks every forward pass. Fix: restore an earlier step (or, when saving, "
-                f"find where training diverged); pass check_finite=False to load it anyway.")
+            raise error(name, f"{n} NaN/Inf value(s) {where}. An adapter with non-finite "
+                              f"values breaks every forward pass",
+                        "restore an earlier step (or, when saving, find where training "
+                        "diverged); pass check_finite=False to load it anyway",
+                        kind=CheckpointError)
 
 
 def _matches(patterns, path: str) -> bool:
@@ -117,26 +121,24 @@ def _check_fits_config(entries: dict, config: LoraConfig) -> None:
     for path, node in entries.items():
         if is_lora(node):
             if not _matches(config.targets, path) or _matches(config.exclude, path):
-                raise ValueError(
-                    f"{path}: adapters hold LoraWeights here but the config does not target "
-                    f"this path (targets={config.targets!r}). Fix: save with the config the "
-                    f"adapters were created with.")
+                raise error(path, f"adapters hold LoraWeights here but the config does not "
+                                  f"target this path (targets={config.targets!r})",
+                            "save with the config the adapters were created with")
             if np.ndim(node.a) < 2 or np.ndim(node.a) != np.ndim(node.b) or \
                     np.shape(node.a)[-1] != np.shape(node.b)[-2]:
-                raise ValueError(
-                    f"{path}: a {tuple(np.shape(node.a))} and b {tuple(np.shape(node.b))} do not "
-                    f"form a low-rank pair (*stacked, in, r) / (*stacked, r, out). Fix: build "
-                    f"adapters with lj.init.")
+                raise error(path, f"a {tuple(np.shape(node.a))} and b {tuple(np.shape(node.b))} "
+                                  f"do not form a low-rank pair (*stacked, in, r) / "
+                                  f"(*stacked, r, out)",
+                            "build adapters with lj.init")
             r = config.rank_for(path)
             if np.shape(node.a)[-1] != r:
-                raise ValueError(
-                    f"{path}: rank {np.shape(node.a)[-1]} in the adapters but the config says "
-                    f"{r}. Fix: save with the config the adapters were created with.")
+                raise error(path, f"rank {np.shape(node.a)[-1]} in the adapters but the config "
+                                  f"says {r}",
+                            "save with the config the adapters were created with")
         elif not _matches(config.train, path):
-            raise ValueError(
-                f"{path}: adapters hold an array here but the config does not train this path "
-                f"(train={config.train!r}). Fix: save with the config the adapters were "
-                f"created with.")
+            raise error(path, f"adapters hold an array here but the config does not train this "
+                              f"path (train={config.train!r})",
+                        "save with the config the adapters were created with")
 
 
 def adapter_arrays(adapters, config, params, check_finite: bool):
@@ -145,9 +147,9 @@ def adapter_arrays(adapters, config, params, check_finite: bool):
         check_adapters(params, adapters, config)
     entries = {p: n for p, n in flatten_adapters(adapters)[0] if n is not None}
     if not entries:
-        raise ValueError(
-            "adapters hold no LoraWeights and no trained arrays; there is nothing to save. "
-            "Fix: pass the tree returned by lj.init (or restored by lj.restore).")
+        raise error("Checkpointer.save",
+                    "adapters hold no LoraWeights and no trained arrays; there is nothing to save",
+                    "pass the tree returned by lj.init (or restored by lj.restore)")
     if params is None:
         _check_fits_config(entries, config)
     arrays, order = {}, []
@@ -165,8 +167,9 @@ def adapter_arrays(adapters, config, params, check_finite: bool):
     if check_finite:
         for path, f, x in order:
             check_finite_values(path, f, x, "in the adapter being saved")
-    record = {p: {"kind": "lora" if is_lora(n) else "train"} for p, n in entries.items()}
-    for (path, f, _), rec in zip(order, records([x for _, _, x in order])):
+    record: dict[str, dict[str, Any]] = {
+        p: {"kind": "lora" if is_lora(n) else "train"} for p, n in entries.items()}
+    for (path, f, _), rec in zip(order, records([x for _, _, x in order]), strict=True):
         record[path][f or "array"] = rec
     return arrays, record
 
@@ -177,10 +180,10 @@ def state_arrays(opt_state, rng):
         flat = {path_str(p): _as_array(x)
                 for p, x in jax.tree_util.tree_flatten_with_path(opt_state)[0]}
         arrays["opt_state"] = flat
-        record["opt_state"] = dict(zip(flat, records(list(flat.values()))))
+        record["opt_state"] = dict(zip(flat, records(list(flat.values())), strict=True))
     if rng is not None:
         rng = _as_array(rng)
-        if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
             impl, data = str(jax.random.key_impl(rng)), jax.random.key_data(rng)
         else:
             impl, data = None, rng
@@ -190,10 +193,9 @@ def state_arrays(opt_state, rng):
 
 
 def _version() -> str:
-    from importlib import metadata
     try:
-        return metadata.version("lora-jax")
-    except metadata.PackageNotFoundError:   # a source tree on sys.path, not installed
+        return importlib_metadata.version("lora-jax")
+    except importlib_metadata.PackageNotFoundError:   # a source tree on sys.path, not installed
         return "unknown"
 
 
@@ -207,27 +209,27 @@ def build_record(config, entries, state, fingerprint, metadata, step) -> dict:
     return rec
 
 
-def check_record(rec, where: str) -> dict:
+def check_record(rec, where: str) -> Mapping:
     if not isinstance(rec, Mapping) or rec.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{where}: not a lora_jax adapter checkpoint (format "
-            f"{rec.get('format') if isinstance(rec, Mapping) else type(rec).__name__!r}). "
-            f"Fix: point at a directory written by lj.save / lj.Checkpointer.")
+        fmt = rec.get("format") if isinstance(rec, Mapping) else type(rec).__name__
+        raise error(where, f"not a lora_jax adapter checkpoint (format {fmt!r})",
+                    "point at a directory written by lj.save / lj.Checkpointer",
+                    kind=CheckpointError)
     version = rec.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-        raise CheckpointError(
-            f"{where}: checkpoint format version {version!r} is not supported; this lora_jax "
-            f"reads version {FORMAT_VERSION} (the file was written by lora_jax "
-            f"{rec.get('lora_jax_version')!r}). Fix: upgrade lora_jax to read it.")
+        raise error(where, f"checkpoint format version {version!r} is not supported; this "
+                           f"lora_jax reads version {FORMAT_VERSION} (the file was written by "
+                           f"lora_jax {rec.get('lora_jax_version')!r})",
+                    "upgrade lora_jax to read it", kind=CheckpointError)
     body = {k: v for k, v in rec.items() if k != "sha256"}
     if sha256_json(rec.get("config")) != rec.get("config_sha256"):
-        raise CheckpointError(
-            f"{where}: the stored LoraConfig does not match its sha256; the metadata file was "
-            f"modified or corrupted. Fix: restore another step.")
+        raise error(where, "the stored LoraConfig does not match its sha256; the metadata file "
+                           "was modified or corrupted",
+                    "restore another step", kind=CheckpointError)
     if sha256_json(body) != rec.get("sha256"):
-        raise CheckpointError(
-            f"{where}: the checkpoint metadata does not match its sha256; the file was "
-            f"modified or corrupted. Fix: restore another step.")
+        raise error(where, "the checkpoint metadata does not match its sha256; the file was "
+                           "modified or corrupted",
+                    "restore another step", kind=CheckpointError)
     return rec
 
 

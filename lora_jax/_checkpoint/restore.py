@@ -22,6 +22,7 @@ from lora_jax._checkpoint.record import (
     fields,
     records,
 )
+from lora_jax._core.errors import error
 from lora_jax._core.paths import flatten_params, path_str
 from lora_jax._core.weights import LoraWeights, flatten_adapters, is_lora
 
@@ -90,6 +91,11 @@ def _shape_of(x):
     return tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape)
 
 
+def _some(paths: list) -> str:
+    """Up to 8 of ``paths``, and how many more there are."""
+    return f"{paths[:8]}" + (f" and {len(paths) - 8} more" if len(paths) > 8 else "")
+
+
 def check_slots(rec, slots, where, dtype, used_like: bool):
     """Compares the target slots with what was saved, before any array is read."""
     entries = rec["entries"]
@@ -98,38 +104,38 @@ def check_slots(rec, slots, where, dtype, used_like: bool):
     extra = sorted(set(want) - set(entries))
     if missing or extra:
         src = "like=" if used_like else "params + the saved config"
-        raise CheckpointError(
-            f"{where}: the checkpoint's entries and the target tree ({src}) differ.\n"
-            f"  saved but not in the target: {missing[:8]}{' ...' if len(missing) > 8 else ''}\n"
-            f"  in the target but not saved: {extra[:8]}{' ...' if len(extra) > 8 else ''}\n"
-            f"Fix: restore with the params the adapter was trained for (the saved config "
-            f"decides which leaves are adapted), or a like= tree with exactly these paths.")
+        raise error(where, f"the checkpoint's entries and the target tree ({src}) differ.\n"
+                           f"  saved but not in the target: {_some(missing)}\n"
+                           f"  in the target but not saved: {_some(extra)}",
+                    "restore with the params the adapter was trained for (the saved config "
+                    "decides which leaves are adapted), or a like= tree with exactly these "
+                    "paths", kind=CheckpointError)
     for path, node in want.items():
         e = entries[path]
         pairs = ([(f, getattr(node, f), e[f]) for f in fields(e)] if e["kind"] == "lora"
                  else [("", node, e["array"])])
         if (e["kind"] == "lora") != is_lora(node):
-            raise CheckpointError(
-                f"{where}: {path} was saved as {'LoraWeights' if e['kind'] == 'lora' else 'a fully-trained array'}"
-                f" but the target holds {type(node).__name__}. Fix: build the target for the "
-                f"saved config (lj.checkpoint_info shows it).")
+            saved_as = "LoraWeights" if e["kind"] == "lora" else "a fully-trained array"
+            raise error(where, f"{path} was saved as {saved_as} but the target holds "
+                               f"{type(node).__name__}",
+                        "build the target for the saved config (lj.checkpoint_info shows it)",
+                        kind=CheckpointError)
         for field, leaf, arec in pairs:
             name = f"{path}/{field}" if field else path
             if _shape_of(leaf) != tuple(arec["shape"]):
-                raise CheckpointError(
-                    f"{where}: {name} was saved with shape {tuple(arec['shape'])} but the "
-                    f"target expects {_shape_of(leaf)}. Fix: restore onto the base (and "
-                    f"config) the adapter was trained for.")
+                raise error(where, f"{name} was saved with shape {tuple(arec['shape'])} but "
+                                   f"the target expects {_shape_of(leaf)}",
+                            "restore onto the base (and config) the adapter was trained for",
+                            kind=CheckpointError)
             if not used_like or field == "scale":
                 continue
             saved, asked = jnp.dtype(arec["dtype"]), jnp.dtype(leaf.dtype)
             target = saved if dtype is None or field == "" else jnp.dtype(dtype)
             if asked != target:
-                raise CheckpointError(
-                    f"{where}: {name} was saved as {saved.name} but like= asks for "
-                    f"{asked.name}; lora_jax never casts silently. Fix: pass "
-                    f"dtype=jnp.{asked.name} to convert a and b, or build like= with "
-                    f"{target.name}.")
+                raise error(where, f"{name} was saved as {saved.name} but like= asks for "
+                                   f"{asked.name}; lora_jax never casts silently",
+                            f"pass dtype=jnp.{asked.name} to convert a and b, or build like= "
+                            f"with {target.name}", kind=CheckpointError)
 
 
 def restore_arrays(mngr, step, rec, slots, shardings, where, check_finite, state_like=None):
@@ -155,16 +161,16 @@ def restore_arrays(mngr, step, rec, slots, shardings, where, check_finite, state
     try:
         out = mngr.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # truncated / missing / undecodable files
-        raise CheckpointError(
-            f"{where}: reading the arrays failed ({type(e).__name__}: {e}). The step's files "
-            f"are truncated or corrupted. Fix: restore an earlier step "
-            f"(lj.checkpoint_info(directory).steps lists them).") from e
+        raise error(where, f"reading the arrays failed ({type(e).__name__}: {e}). The step's "
+                           f"files are truncated or corrupted",
+                    "restore an earlier step (lj.checkpoint_info(directory).steps lists them)",
+                    kind=CheckpointError) from e
     arrays = out[ARRAYS_ITEM]
     order = [(path, f, arrays[path][f] if f else arrays[path], e[f] if f else e["array"])
              for path, e in entries.items()
              for f in (fields(e) if e["kind"] == "lora" else ("",))]
     got = records([x for _, _, x, _ in order])
-    for (path, f, x, arec), rec in zip(order, got):
+    for (path, f, x, arec), rec in zip(order, got, strict=True):
         _verify(rec, arec, f"{path}/{f}" if f else path, where)
         if check_finite:
             check_finite_values(path, f, x, f"in the checkpoint ({where})")
@@ -174,14 +180,13 @@ def restore_arrays(mngr, step, rec, slots, shardings, where, check_finite, state
 def _verify(got, arec, name, where):
     """Compares a restored array's record (`array_record`) with the saved one."""
     if got["shape"] != list(arec["shape"]) or got["dtype"] != arec["dtype"]:
-        raise CheckpointError(
-            f"{where}: {name} restored as {got['dtype']}{tuple(got['shape'])}, saved as "
-            f"{arec['dtype']}{tuple(arec['shape'])}. Fix: restore another step.")
+        raise error(where, f"{name} restored as {got['dtype']}{tuple(got['shape'])}, saved as "
+                           f"{arec['dtype']}{tuple(arec['shape'])}",
+                    "restore another step", kind=CheckpointError)
     if got["sha256"] != arec["sha256"]:
-        raise CheckpointError(
-            f"{where}: {name} does not match the sha256 stored when it was saved: the array "
-            f"file is corrupted (Orbax reads such bytes without error). Fix: restore an "
-            f"earlier step, or re-create this one.")
+        raise error(where, f"{name} does not match the sha256 stored when it was saved: the "
+                           f"array file is corrupted (Orbax reads such bytes without error)",
+                    "restore an earlier step, or re-create this one", kind=CheckpointError)
 
 
 def assemble(rec, slots, treedef, arrays, dtype):
@@ -202,7 +207,7 @@ def assemble(rec, slots, treedef, arrays, dtype):
         else:
             nodes.append(arrays[path])
     if treedef is None:
-        return {p: n for (p, _), n in zip(slots, nodes)}
+        return {p: n for (p, _), n in zip(slots, nodes, strict=True)}
     return jax.tree_util.tree_unflatten(treedef, nodes)
 
 
@@ -212,10 +217,9 @@ def abstract_opt_state(rec, slots, treedef, tx, opt_state_like, *, where):
     if opt_state_like is not None or "opt_state" not in (rec.get("state") or {}):
         return opt_state_like
     if tx is None:
-        raise TypeError(
-            f"{where}: restoring optimizer state needs its structure. Fix: pass tx= (the "
-            f"optax transformation, e.g. lj.optimizer(optax.adam(1e-3))) or "
-            f"opt_state_like=jax.eval_shape(tx.init, adapters).")
+        raise error(where, "restoring optimizer state needs its structure",
+                    "pass tx= (the optax transformation, e.g. lj.optimizer(optax.adam(1e-3))) "
+                    "or opt_state_like=jax.eval_shape(tx.init, adapters)", kind=TypeError)
     # The adapters as saved (shapes and dtypes), in the target's structure.
     entries = rec["entries"]
     abstract = {}
@@ -231,9 +235,9 @@ def state_abstract(rec, where, opt_like, shardings):
     """The abstract arrays (shape, dtype, sharding) of the step's training state."""
     state = rec.get("state") or {}
     if not state:
-        raise CheckpointError(
-            f"{where}: this step holds no training state (it was saved without "
-            f"opt_state= / rng=). Fix: use lj.restore for the adapters alone.")
+        raise error(where, "this step holds no training state (it was saved without "
+                           "opt_state= / rng=)",
+                    "use lj.restore for the adapters alone", kind=CheckpointError)
     out = {}
     default = shardings if isinstance(shardings, jax.sharding.Sharding) else None
     if "opt_state" in state:
@@ -243,18 +247,18 @@ def state_abstract(rec, where, opt_like, shardings):
         if set(flat_like) != set(saved):
             missing = sorted(set(saved) - set(flat_like))[:6]
             extra = sorted(set(flat_like) - set(saved))[:6]
-            raise CheckpointError(
-                f"{where}: the saved optimizer state and the target differ.\n"
-                f"  saved only: {missing}\n  target only: {extra}\n"
-                f"Fix: pass the optimizer (tx=) the state was saved with.")
+            raise error(where, f"the saved optimizer state and the target differ.\n"
+                               f"  saved only: {missing}\n  target only: {extra}",
+                        "pass the optimizer (tx=) the state was saved with",
+                        kind=CheckpointError)
         ab = {}
         for p, arec in saved.items():
             x = flat_like[p]
             if _shape_of(x) != tuple(arec["shape"]):
-                raise CheckpointError(
-                    f"{where}: optimizer state {p} was saved with shape "
-                    f"{tuple(arec['shape'])}, the target has {_shape_of(x)}. Fix: pass "
-                    f"the optimizer the state was saved with.")
+                raise error(where, f"optimizer state {p} was saved with shape "
+                                   f"{tuple(arec['shape'])}, the target has {_shape_of(x)}",
+                            "pass the optimizer the state was saved with",
+                            kind=CheckpointError)
             sh = default or getattr(x, "sharding", None)
             if not isinstance(sh, jax.sharding.Sharding):
                 sh = _default_sharding()
@@ -275,7 +279,7 @@ def unpack_state(rec, st, where, opt_like):
     if "opt_state" in state:
         saved = state["opt_state"]
         got = records([st["opt_state"][p] for p in saved])
-        for (p, arec), rec in zip(saved.items(), got):
+        for (p, arec), rec in zip(saved.items(), got, strict=True):
             _verify(rec, arec, f"opt_state/{p}", where)
         flat, treedef = jax.tree_util.tree_flatten_with_path(opt_like)
         opt_state = jax.tree_util.tree_unflatten(

@@ -16,6 +16,8 @@ from typing import Any, NamedTuple, Union
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._core.errors import error
+
 __all__ = ["LoraConfig", "Layout", "INITS", "LoraWarning", "normalize_patterns"]
 
 
@@ -26,27 +28,56 @@ class LoraWarning(UserWarning):
 class Layout(NamedTuple):
     """How a weight's axes split into stacked, input and output axes.
 
-    A weight of shape ``(*stacked, *in, *out)`` is adapted as
+    By default a weight of shape ``(*stacked, *in, *out)`` is adapted as
     ``a: (*stacked, prod(in), rank)`` and ``b: (*stacked, rank, prod(out))``.
+    Weights stored in another axis order say so with ``order``: the weight's
+    axis numbers listing its stacked axes, then its input axes, then its
+    output axes (an Equinox ``Linear`` weight ``(out, in)`` is
+    ``Layout(0, 1, 1, order=(1, 0))``). `lj.configure` reads layouts from the
+    program that uses the weights.
 
     Attributes:
-      n_stacked: leading axes that index independent copies (layers stacked
-        by ``nn.scan`` or ``vmap``); each copy gets its own A and B.
+      n_stacked: axes that index independent copies (layers stacked by
+        ``nn.scan`` or ``vmap``); each copy gets its own A and B.
       n_in: axes contracted with the layer's input (``x @ W``).
       n_out: the remaining axes, produced by the layer.
+      order: None (axes in ``(*stacked, *in, *out)`` order), or a permutation
+        of the weight's axes in that order.
 
     Example:
       >>> Layout(n_stacked=0, n_in=1, n_out=2)  # q kernel (d, heads, head_dim)
-      Layout(n_stacked=0, n_in=1, n_out=2)
+      Layout(n_stacked=0, n_in=1, n_out=2, order=None)
+      >>> Layout(0, 1, 2, order=(1, 0, 2)).axes()   # Gemma's q (heads, d, head_dim)
+      ('out', 'in', 'out')
     """
 
     n_stacked: int
     n_in: int
     n_out: int
+    order: tuple | None = None
 
     @property
     def ndim(self) -> int:
         return self.n_stacked + self.n_in + self.n_out
+
+    def __str__(self) -> str:
+        head = f"({self.n_stacked}, {self.n_in}, {self.n_out}"
+        return head + (")" if self.order is None else f", order={self.order})")
+
+    def axes(self) -> tuple:
+        """The role of each axis of the weight: ``"stacked"``, ``"in"`` or ``"out"``."""
+        ndim = self.ndim
+        order = self.order or tuple(range(ndim))
+        kinds = ["stacked"] * self.n_stacked + ["in"] * self.n_in + ["out"] * self.n_out
+        out = [""] * ndim
+        for kind, ax in zip(kinds, order, strict=True):
+            out[ax] = kind
+        return tuple(out)
+
+    def to_list(self) -> list:
+        """JSON form: ``[n_stacked, n_in, n_out]`` (plus the order when there is one)."""
+        head = [self.n_stacked, self.n_in, self.n_out]
+        return head if self.order is None else head + [list(self.order)]
 
 
 # Pattern specs accepted for `targets`, `exclude` and `train`.
@@ -58,19 +89,29 @@ starts at 0); ``pissa``/``olora`` compute A and B from W and change the base
 (`lj.init(..., return_params=True)`)."""
 
 
-def _field_error(field: str, value: Any, why: str, fix: str) -> ValueError:
-    return ValueError(f"LoraConfig.{field}={value!r} is invalid: {why}. Fix: {fix}.")
+def _field_error(field: str, value: Any, why: str, fix: str, *, where: str | None = None,
+                 kind: type = ValueError) -> Exception:
+    """``LoraConfig.<field>: <value> is invalid: <why>``; with ``where`` (a function
+    taking the same kind of argument, e.g. ``lj.quantize``) ``<where>: <field>=<value> ...``."""
+    if where is None:
+        return error(f"LoraConfig.{field}", f"{value!r} is invalid: {why}", fix, kind=kind)
+    return error(where, f"{field}={value!r} is invalid: {why}", fix, kind=kind)
 
 
-def normalize_patterns(field: str, spec: PathSpec, *, allow_none: bool):
-    """Returns a tuple of compiled-checked regex strings, or the callable."""
+def normalize_patterns(field: str, spec: PathSpec, *, allow_none: bool,
+                       where: str | None = None):
+    """Returns a tuple of compiled-checked regex strings, or the callable.
+
+    Errors name ``LoraConfig.<field>``, or ``where`` (e.g. ``lj.quantize``) when
+    the patterns are another function's argument.
+    """
     if spec is None:
         if allow_none:
             return ()
         raise _field_error(
             field, spec, "it is required",
             f"pass a regex fullmatched against '/'-joined paths, e.g. "
-            f"{field}=r'.*/(query|value)/kernel'")
+            f"{field}=r'.*/(query|value)/kernel'", where=where)
     if callable(spec) and not isinstance(spec, str):
         return spec
     if isinstance(spec, str):
@@ -81,19 +122,24 @@ def normalize_patterns(field: str, spec: PathSpec, *, allow_none: bool):
             if not isinstance(p, str):
                 raise _field_error(
                     field, spec, f"element {p!r} is a {type(p).__name__}, not a str",
-                    "use regex strings, or a single (path, leaf) -> bool callable")
+                    "use regex strings, or a single (path, leaf) -> bool callable",
+                    where=where)
             try:
                 re.compile(p)
             except re.error as e:
                 raise _field_error(field, p, f"not a valid regex ({e})",
-                                   "escape special characters, e.g. re.escape(name)") from None
+                                   "escape special characters, e.g. re.escape(name)",
+                                   where=where) from None
             out.append(p)
         if not out and not allow_none:
-            raise _field_error(field, spec, "it is empty", "give at least one pattern")
+            raise _field_error(field, spec, "it is empty", "give at least one pattern",
+                               where=where)
         return tuple(out)
-    raise TypeError(
-        f"LoraConfig.{field} must be a regex str, a tuple of them, or a "
-        f"(path, leaf) -> bool callable; got {type(spec).__name__}.")
+    raise _field_error(
+        field, spec, f"it must be a regex str, a tuple of them, or a (path, leaf) -> bool "
+        f"callable; got {type(spec).__name__}",
+        f"e.g. {field}=r'.*/(query|value)/kernel', or {field}=lambda path, leaf: ...",
+        where=where, kind=TypeError)
 
 
 def _normalize_pattern_map(field: str, mapping, check_value) -> tuple:
@@ -104,9 +150,11 @@ def _normalize_pattern_map(field: str, mapping, check_value) -> tuple:
     try:
         items = list(items)
     except TypeError:
-        raise TypeError(
-            f"LoraConfig.{field} must be a mapping {{regex: value}} or a sequence of "
-            f"(regex, value) pairs; got {type(mapping).__name__}.") from None
+        raise error(
+            f"LoraConfig.{field}",
+            f"it must be a mapping {{regex: value}} or a sequence of (regex, value) pairs; "
+            f"got {type(mapping).__name__}",
+            f"pass a dict such as {field}={{r'.*/fc2/kernel': ...}}", kind=TypeError) from None
     for item in items:
         if not (isinstance(item, tuple) and len(item) == 2):
             raise _field_error(field, mapping, f"entry {item!r} is not a (regex, value) pair",
@@ -139,21 +187,44 @@ def _check_alpha(field, value):
     return float(value)
 
 
-def _check_layout(pattern, value):
+def _check_layout(pattern, value, field: str = "layouts"):
     if isinstance(value, Layout):
         lay = value
-    elif isinstance(value, (tuple, list)) and len(value) == 3:
+    elif isinstance(value, (tuple, list)) and len(value) in (3, 4):
         lay = Layout(*value)
     else:
         raise _field_error(
-            "layouts", {pattern: value}, "a layout is (n_stacked, n_in, n_out)",
+            field, {pattern: value}, "a layout is (n_stacked, n_in, n_out[, order])",
             "use lj.Layout(n_stacked=0, n_in=1, n_out=2) for a (d, heads, head_dim) kernel")
     for name, v, lo in (("n_stacked", lay.n_stacked, 0), ("n_in", lay.n_in, 1),
                         ("n_out", lay.n_out, 1)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-            raise _field_error("layouts", {pattern: value}, f"{name}={v!r} must be an int >= {lo}",
+            raise _field_error(field, {pattern: value}, f"{name}={v!r} must be an int >= {lo}",
                                "count axes: n_stacked >= 0, n_in >= 1, n_out >= 1")
-    return Layout(int(lay.n_stacked), int(lay.n_in), int(lay.n_out))
+    order = lay.order
+    if order is not None:
+        nd = int(lay.n_stacked) + int(lay.n_in) + int(lay.n_out)
+        ok = isinstance(order, (tuple, list)) and all(
+            isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in order)
+        if not ok or sorted(int(i) for i in order) != list(range(nd)):
+            raise _field_error(field, {pattern: value},
+                               f"order={order!r} must list each of the {nd} axes once",
+                               "give the axis numbers of the stacked, then input, then output "
+                               "axes, e.g. order=(1, 0) for an (out, in) weight")
+        order = tuple(int(i) for i in order)
+        order = None if order == tuple(range(nd)) else order
+    return Layout(int(lay.n_stacked), int(lay.n_in), int(lay.n_out), order)
+
+
+def _check_inferred(pattern, value):
+    if isinstance(value, tuple) and len(value) == 2 and not isinstance(value[0], int):
+        lay, note = value
+    else:
+        lay, note = value, ""
+    if not isinstance(note, str):
+        raise _field_error("inferred_layouts", {pattern: value}, "the source note must be a str",
+                           "pass (Layout, 'what it was read from') pairs (lj.configure does)")
+    return (_check_layout(pattern, lay, "inferred_layouts"), note)
 
 
 def _first_match(pairs: tuple, path: str):
@@ -196,10 +267,14 @@ class LoraConfig:
       dtype: dtype of A and B (float32 by default, whatever the base dtype).
       train: leaves trained fully, not through LoRA (a classifier head, norms:
         PEFT's ``modules_to_save``). Same forms as ``targets``.
-      layouts: ``{regex: Layout}`` axis splits for leaves whose default is
-        wrong: stacked layers, multi-head ``DenseGeneral``/``Einsum`` kernels.
-        Defaults: 2-D ``(in, out)``; N-D ``(*in, out)`` (conv kernels
-        ``(*spatial, in, out)``, out-projections ``(heads, head_dim, d)``).
+      layouts: ``{regex: Layout}`` axis splits you declare (they always win):
+        stacked layers, multi-head ``DenseGeneral``/``Einsum`` kernels, other
+        axis orders. Defaults: 2-D ``(in, out)``; N-D ``(*in, out)`` (conv
+        kernels ``(*spatial, in, out)``, out-projections ``(heads, head_dim,
+        d)``). `lj.apply` refuses a default layout the program contradicts.
+      inferred_layouts: layouts read from the program by `lj.configure`, as
+        ``{path: (Layout, what it was read from)}``; used where ``layouts``
+        says nothing. Set by `lj.configure`, rarely by hand.
 
     Example:
       >>> import lora_jax as lj
@@ -223,6 +298,7 @@ class LoraConfig:
     dtype: Any = np.float32
     train: PathSpec = ()
     layouts: Any = ()
+    inferred_layouts: Any = ()
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -237,6 +313,8 @@ class LoraConfig:
             "alpha_pattern", self.alpha_pattern,
             lambda p, v: _check_alpha(f"alpha_pattern[{p!r}]", v)))
         set_("layouts", _normalize_pattern_map("layouts", self.layouts, _check_layout))
+        set_("inferred_layouts", _normalize_pattern_map("inferred_layouts",
+                                                        self.inferred_layouts, _check_inferred))
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not 0.0 <= float(self.dropout) < 1.0:
             raise _field_error("dropout", self.dropout, "dropout must be in [0, 1)",
@@ -278,8 +356,28 @@ class LoraConfig:
         return self.alpha_for(path) / (math.sqrt(r) if self.use_rslora else r)
 
     def layout_for(self, path: str) -> Layout | None:
-        """The explicit ``layouts`` entry for ``path``, or None for the default."""
-        return _first_match(self.layouts, path)
+        """The layout of ``path``: declared (``layouts``) first, then read from the
+        program (``inferred_layouts``); None for the default."""
+        lay = _first_match(self.layouts, path)
+        if lay is None:
+            hit = _first_match(self.inferred_layouts, path)
+            lay = None if hit is None else hit[0]
+        return lay
+
+    def layout_source(self, path: str) -> tuple[str, str]:
+        """Where ``path``'s layout comes from: ``("explicit", "")`` (``layouts``),
+        ``("inferred", what it was read from)`` (`lj.configure`) or ``("default", "")``.
+
+        Example:
+          >>> import lora_jax as lj
+          >>> cfg = lj.LoraConfig(targets=".*", layouts={"w": lj.Layout(1, 1, 1)})
+          >>> cfg.layout_source("w"), cfg.layout_source("v")
+          (('explicit', ''), ('default', ''))
+        """
+        if _first_match(self.layouts, path) is not None:
+            return ("explicit", "")
+        hit = _first_match(self.inferred_layouts, path)
+        return ("default", "") if hit is None else ("inferred", hit[1])
 
     def with_ranks(self, ranks: Mapping[str, int], *, paths=None,
                    unit_scale: bool = False) -> LoraConfig:
@@ -352,15 +450,18 @@ class LoraConfig:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if callable(v) and not isinstance(v, (str, tuple)):
-                raise ValueError(
-                    f"LoraConfig.{f.name} is a callable ({v!r}), which can't be written "
-                    f"to a file. Fix: express it as regexes, e.g. {f.name}=r'.*/q/kernel'.")
+                raise error(
+                    f"LoraConfig.{f.name}",
+                    f"it is a callable ({v!r}), which can't be written to a file",
+                    f"express it as regexes, e.g. {f.name}=r'.*/q/kernel'")
             if f.name in ("rank_pattern", "alpha_pattern"):
                 v = {p: x for p, x in v}
             elif f.name == "layouts":
-                v = {p: list(x) for p, x in v}
+                v = {p: x.to_list() for p, x in v}
+            elif f.name == "inferred_layouts":
+                v = {p: {"layout": x.to_list(), "from": note} for p, (x, note) in v}
             elif f.name == "dtype":
-                v = v.name
+                v = self.dtype.name
             elif isinstance(v, tuple):
                 v = list(v)
             out[f.name] = v
@@ -372,14 +473,19 @@ class LoraConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(
-                f"LoraConfig.from_dict: unknown fields {unknown}; known fields are "
-                f"{sorted(names)}. Fix: the data was written by a newer lora_jax, or edited; "
-                f"remove the unknown keys or upgrade lora_jax.")
+            raise error(
+                "LoraConfig.from_dict",
+                f"unknown fields {unknown}; known fields are {sorted(names)} (the data was "
+                f"written by a newer lora_jax, or edited)",
+                "remove the unknown keys or upgrade lora_jax")
         kw = dict(data)
         for name in ("targets", "exclude", "train"):
             if isinstance(kw.get(name), list):
                 kw[name] = tuple(kw[name])
         if isinstance(kw.get("layouts"), Mapping):
             kw["layouts"] = {p: tuple(v) for p, v in kw["layouts"].items()}
+        if isinstance(kw.get("inferred_layouts"), Mapping):
+            kw["inferred_layouts"] = {
+                p: (tuple(v["layout"]), v.get("from", "")) if isinstance(v, Mapping) else v
+                for p, v in kw["inferred_layouts"].items()}
         return cls(**kw)

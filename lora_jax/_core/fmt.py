@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from lora_jax._core.errors import error
+
 __all__ = ["table", "fmt_bytes", "sample_paths"]
 
 
@@ -17,11 +19,15 @@ def table(header: list[str], rows: list[list], align: str) -> str:
       a/kernel   3
       b         12
     """
+    if len(align) != len(header):
+        raise error("table", f"align={align!r} has {len(align)} columns but the header has "
+                    f"{len(header)}", "give one '<' or '>' per column")
     cells = [header] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = []
     for j, r in enumerate(cells):
-        parts = [c.ljust(w) if a == "<" else c.rjust(w) for c, w, a in zip(r, widths, align)]
+        parts = [c.ljust(w) if a == "<" else c.rjust(w)
+                 for c, w, a in zip(r, widths, align, strict=True)]
         lines.append("  ".join(parts).rstrip())
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))

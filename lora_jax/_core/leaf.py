@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._core.errors import error
+
 __all__ = ["LeafContainer", "is_container", "register_container", "dense_float32",
-           "as_matrix"]
+           "as_matrix", "from_matrix"]
 
 
 class LeafContainer:
@@ -31,9 +33,23 @@ class LeafContainer:
     settings).
     """
 
-    shape: tuple
-    dtype: Any
     _children: tuple = ()     # names of the storage arrays (the pytree children)
+
+    # The logical shape and dtype are properties of each subclass (computed from
+    # its storage). Missing, they raise AttributeError, so `hasattr` stays False.
+    @property
+    def shape(self) -> tuple:
+        """The weight's logical shape (``(*stacked, *in, *out)``)."""
+        raise error(type(self).__name__, "this LeafContainer subclass defines no shape",
+                    "define a `shape` property giving the weight's logical shape",
+                    kind=AttributeError)
+
+    @property
+    def dtype(self) -> Any:
+        """The weight's logical dtype (what ``dequantize()`` returns)."""
+        raise error(type(self).__name__, "this LeafContainer subclass defines no dtype",
+                    "define a `dtype` property giving the weight's logical dtype",
+                    kind=AttributeError)
 
     @property
     def ndim(self) -> int:
@@ -53,7 +69,6 @@ class LeafContainer:
 def is_container(x) -> bool:
     """True for a `LeafContainer` (use as ``is_leaf=`` when flattening params)."""
     return isinstance(x, LeafContainer)
-
 
 
 def register_container(cls):
@@ -76,7 +91,7 @@ def register_container(cls):
         # Children may be anything here (shardings, ShapeDtypeStructs, labels):
         # store them as they are.
         obj = object.__new__(cls)
-        for f, c in zip(fields, children):
+        for f, c in zip(fields, children, strict=True):
             object.__setattr__(obj, f, c)
         obj._set_aux(aux)
         return obj
@@ -93,5 +108,18 @@ def dense_float32(leaf):
 
 
 def as_matrix(x, spec):
-    """A weight-shaped array as ``(*stacked, in, out)`` (``spec``: its `LeafSpec`)."""
+    """A weight-shaped array as ``(*stacked, in, out)`` (``spec``: its `LeafSpec`),
+    its axes first put in the layout's order."""
+    order = spec.order
+    if order != tuple(range(len(order))):
+        x = jnp.transpose(x, order)
     return jnp.reshape(x, (*spec.stacked_shape, spec.in_size, spec.out_size))
+
+
+def from_matrix(m, spec):
+    """Inverse of `as_matrix`: ``(*stacked, in, out)`` back to the weight's shape."""
+    order = spec.order
+    x = jnp.reshape(m, spec.canonical_shape)
+    if order != tuple(range(len(order))):
+        x = jnp.transpose(x, tuple(int(i) for i in np.argsort(order)))
+    return x

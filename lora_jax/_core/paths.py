@@ -13,12 +13,13 @@ import math
 import re
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import numpy as np
 
 from lora_jax._core.config import Layout, LoraConfig, LoraWarning
+from lora_jax._core.errors import error, message
 from lora_jax._core.fmt import sample_paths
 from lora_jax._core.leaf import is_container
 
@@ -99,8 +100,9 @@ def mirror(params, tree, *, what: str, fix: str, is_leaf=None, against: str = "p
     ``against`` is how messages name ``params``.
 
     Raises:
-      ValueError: ``tree`` does not mirror ``params``, naming the paths
-        missing on each side, ``what`` the tree is and ``fix``.
+      ValueError: ``tree`` does not mirror ``params``, at the first path
+        where they differ, naming the paths missing on each side, ``what``
+        the tree is and ``fix``.
     """
     flat, treedef = flatten_params(params)
     try:
@@ -112,13 +114,15 @@ def mirror(params, tree, *, what: str, fix: str, is_leaf=None, against: str = "p
         theirs = [path_str(p) for p, _ in flat]
         missing = sorted(set(theirs) - set(ours))[:5]
         extra = sorted(set(ours) - set(theirs))[:5]
-        raise ValueError(
+        # Same paths on both sides: the trees differ in their node types only.
+        where = (missing or extra or [against])[0]
+        raise error(
+            where,
             f"{what} does not mirror {against}: it must have the structure of {against}, "
             f"with one entry at each leaf.\n"
             f"  {against} leaves missing from {what}: {missing}\n"
             f"  {what} entries not in {against}: {extra}\n"
-            f"  ({e})\n"
-            f"Fix: {fix}") from None
+            f"  ({str(e).rstrip('.')})", fix) from None
 
 
 # ----------------------------------------------------------------------------- matching
@@ -128,7 +132,8 @@ def matcher(spec) -> Callable[[str, Any], bool]:
     """A ``(path, leaf) -> bool`` predicate from a normalized pattern spec
     (a tuple of regexes, fullmatched, or a callable)."""
     if callable(spec) and not isinstance(spec, tuple):
-        return spec
+        # The user's predicate, used as given (its result is only tested for truth).
+        return cast(Callable[[str, Any], bool], spec)
     compiled = [re.compile(p) for p in spec]
     return lambda path, leaf: any(c.fullmatch(path) for c in compiled)
 
@@ -147,7 +152,8 @@ class LeafSpec(NamedTuple):
     """Everything the library knows about one adapted leaf.
 
     ``a`` has shape ``(*stacked_shape, in_size, rank)`` and ``b``
-    ``(*stacked_shape, rank, out_size)``.
+    ``(*stacked_shape, rank, out_size)``; the shapes list the weight's axes
+    in ``layout.order`` (stacked, then input, then output axes).
     """
 
     path: str
@@ -159,17 +165,27 @@ class LeafSpec(NamedTuple):
     scale: float
 
     @property
+    def order(self) -> tuple:
+        """The weight's axes as stacked, then input, then output axes."""
+        return self.layout.order or tuple(range(len(self.shape)))
+
+    @property
+    def canonical_shape(self) -> tuple:
+        """The weight's shape with its axes in `order`."""
+        return tuple(self.shape[i] for i in self.order)
+
+    @property
     def stacked_shape(self) -> tuple:
-        return tuple(self.shape[: self.layout.n_stacked])
+        return self.canonical_shape[: self.layout.n_stacked]
 
     @property
     def in_shape(self) -> tuple:
         s = self.layout.n_stacked
-        return tuple(self.shape[s: s + self.layout.n_in])
+        return self.canonical_shape[s: s + self.layout.n_in]
 
     @property
     def out_shape(self) -> tuple:
-        return tuple(self.shape[self.layout.n_stacked + self.layout.n_in:])
+        return self.canonical_shape[self.layout.n_stacked + self.layout.n_in:]
 
     @property
     def in_size(self) -> int:
@@ -203,12 +219,13 @@ def _no_match_error(field, spec, arrays):
     example = arrays[0][0] if arrays else "params/dense/kernel"
     if isinstance(spec, tuple) and len(spec) == 1:
         spec = spec[0]
-    return ValueError(
-        f"LoraConfig.{field}={spec!r} matched no leaf of params. Patterns are "
-        f"regexes fullmatched against '/'-joined paths; some real paths are:\n  "
+    return error(
+        f"LoraConfig.{field}",
+        f"{spec!r} matched no leaf of params; some real paths are:\n  "
         f"{sample_paths([p for p, _ in arrays])}\n"
-        f"Fix: write the pattern against these, e.g. {field}=r'{re.escape(example)}' "
-        f"or r'.*/kernel'.")
+        f"(patterns are regexes fullmatched against '/'-joined paths)",
+        f"write the pattern against these, e.g. {field}=r'{re.escape(example)}' "
+        f"or r'.*/kernel'")
 
 
 def resolve(params, config: LoraConfig) -> Resolved:
@@ -221,7 +238,9 @@ def resolve(params, config: LoraConfig) -> Resolved:
         rank exceeds ``min(in, out)``; a leaf is both a target and ``train``.
     """
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"expected a lj.LoraConfig, got {type(config).__name__}.")
+        raise error("config", f"expected a lj.LoraConfig, got {type(config).__name__}",
+                    "pass e.g. config=lj.LoraConfig(rank=8, targets=r'.*/kernel')",
+                    kind=TypeError)
     items = leaves_with_paths(params)
     arrays = [(p, x) for p, x in items if is_array_like(x)]
     is_target = matcher(config.targets)
@@ -231,9 +250,10 @@ def resolve(params, config: LoraConfig) -> Resolved:
     if isinstance(config.targets, tuple) and len(config.targets) > 1:
         for pat in config.targets:
             if not any(re.fullmatch(pat, p) for p, _ in arrays):
-                warnings.warn(
-                    f"LoraConfig.targets pattern {pat!r} matched no leaf (the other "
-                    f"patterns did).", LoraWarning, stacklevel=3)
+                warnings.warn(message(
+                    "LoraConfig.targets",
+                    f"pattern {pat!r} matched no leaf (the other patterns did)",
+                    "correct the pattern, or remove it"), LoraWarning, stacklevel=3)
 
     targets: dict[str, LeafSpec] = {}
     train: list[str] = []
@@ -241,14 +261,15 @@ def resolve(params, config: LoraConfig) -> Resolved:
         hit = is_target(path, leaf) and not is_excluded(path, leaf)
         trained = bool(config.train) and is_train(path, leaf)
         if hit and trained:
-            raise ValueError(
-                f"{path}: matched by both LoraConfig.targets and LoraConfig.train. A leaf "
-                f"is adapted with LoRA or trained fully, not both. Fix: narrow one pattern, "
-                f"or add the path to exclude=.")
+            raise error(
+                path, "matched by both LoraConfig.targets and LoraConfig.train. A leaf is "
+                "adapted with LoRA or trained fully, not both",
+                f"narrow one pattern, or add the path to exclude=, e.g. "
+                f"exclude=r'{re.escape(path)}'")
         if trained:
             if not is_array_like(leaf):
-                raise ValueError(f"{path}: LoraConfig.train matched a {type(leaf).__name__}, "
-                                 f"not an array. Fix: narrow the train pattern.")
+                raise error(path, f"LoraConfig.train matched a {type(leaf).__name__}, not an "
+                            f"array", "narrow the train pattern")
             train.append(path)
         if hit:
             targets[path] = _leaf_spec(path, leaf, config)
@@ -262,36 +283,37 @@ def resolve(params, config: LoraConfig) -> Resolved:
 
 def _leaf_spec(path: str, leaf, config: LoraConfig) -> LeafSpec:
     if not is_array_like(leaf):
-        raise ValueError(
-            f"{path}: LoraConfig.targets matched a {type(leaf).__name__}, not an array. "
-            f"Fix: narrow the pattern to weight arrays, e.g. r'.*/kernel'.")
+        raise error(path, f"LoraConfig.targets matched a {type(leaf).__name__}, not an array",
+                    "narrow the pattern to weight arrays, e.g. r'.*/kernel'")
     dtype = np.dtype(leaf.dtype)
     if not (np.issubdtype(dtype, np.floating) or dtype.name in ("bfloat16",)):
-        raise ValueError(
-            f"{path}: can't adapt a {dtype.name} leaf {tuple(leaf.shape)}; LoRA needs a "
-            f"floating-point weight. Fix: exclude it, e.g. exclude=r'{re.escape(path)}'.")
+        raise error(path, f"can't adapt a {dtype.name} leaf {tuple(leaf.shape)}; LoRA needs a "
+                    f"floating-point weight", f"exclude it, e.g. exclude=r'{re.escape(path)}'")
     shape = tuple(leaf.shape)
     layout = config.layout_for(path)
     if layout is None:
         if len(shape) < 2:
-            raise ValueError(
-                f"{path}: can't factorize a {len(shape)}-D leaf {shape} (a bias or norm "
-                f"scale?); LoRA needs a matrix. Fix: narrow LoraConfig.targets to kernels, "
-                f"or train it fully with train=r'{re.escape(path)}'.")
+            raise error(
+                path, f"can't factorize a {len(shape)}-D leaf {shape} (a bias or norm "
+                f"scale?); LoRA needs a matrix",
+                f"narrow LoraConfig.targets to kernels, or train it fully with "
+                f"train=r'{re.escape(path)}'")
         layout = _default_layout(leaf)
     elif layout.ndim != len(shape):
-        raise ValueError(
-            f"{path}: layout {tuple(layout)} (n_stacked, n_in, n_out) covers {layout.ndim} "
-            f"axes but the leaf has shape {shape}. Fix: set LoraConfig.layouts for this "
-            f"path so n_stacked + n_in + n_out == {len(shape)}.")
+        raise error(
+            path, f"layout {layout} (n_stacked, n_in, n_out) covers {layout.ndim} "
+            f"axes but the leaf has shape {shape}",
+            f"set LoraConfig.layouts for this path so n_stacked + n_in + n_out == "
+            f"{len(shape)}")
     rank = config.rank_for(path)
     spec = LeafSpec(path, shape, dtype, layout, rank, config.alpha_for(path),
                     config.scale_for(path))
     if rank > min(spec.in_size, spec.out_size):
-        raise ValueError(
-            f"{path}: rank {rank} exceeds min(in, out) = min({spec.in_size}, "
-            f"{spec.out_size}) for shape {shape} with layout {tuple(layout)}; the update "
-            f"could never use it. Fix: lower the rank for this path, e.g. "
+        raise error(
+            path, f"rank {rank} exceeds min(in, out) = min({spec.in_size}, "
+            f"{spec.out_size}) for shape {shape} with layout {layout}; the update "
+            f"could never use it",
+            f"lower the rank for this path, e.g. "
             f"rank_pattern={{r'{re.escape(path)}': {min(spec.in_size, spec.out_size)}}}, "
-            f"or check LoraConfig.layouts if the axes are split wrongly.")
+            f"or check LoraConfig.layouts if the axes are split wrongly")
     return spec

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._core.errors import error
+from lora_jax._core.leaf import from_matrix
 from lora_jax._core.paths import LeafSpec, Resolved, leaves_with_paths, mirror, path_str, resolve
 
 __all__ = ["LoraWeights", "is_lora", "is_node", "flatten_adapters", "map_adapters",
@@ -111,7 +113,8 @@ def pair_with_params(params, adapters) -> list[tuple[str, Any, Any]]:
       ValueError: ``adapters`` does not mirror ``params`` (showing where).
     """
     nodes = mirror(params, adapters, what="the adapter tree", fix=_REBUILD, is_leaf=is_node)
-    return [(path, x, n) for (path, x), n in zip(leaves_with_paths(params), nodes)]
+    return [(path, x, n) for (path, x), n in zip(leaves_with_paths(params), nodes,
+                                                            strict=True)]
 
 
 def _shape(x):
@@ -136,36 +139,35 @@ def check_adapters(params, adapters, config, *, resolved: Resolved | None = None
         spec = resolved.targets.get(path)
         if spec is not None:
             if not is_lora(node):
-                raise ValueError(
-                    f"{path}: the config targets this leaf but adapters hold "
-                    f"{type(node).__name__} there. Fix: build adapters with lj.init for this "
-                    f"config, or restore them with the config they were saved with.")
+                raise error(
+                    path, f"the config targets this leaf but adapters hold "
+                    f"{type(node).__name__} there",
+                    "build adapters with lj.init for this config, or restore them with the "
+                    "config they were saved with")
             # An adapter *set* adds one leading axis to a, b and scale.
             extra = _shape(node.a)[: max(0, len(_shape(node.a)) - len(spec.a_shape))]
             if _shape(node.a) != (*extra, *spec.a_shape) or \
                     _shape(node.b) != (*extra, *spec.b_shape):
-                raise ValueError(
-                    f"{path}: adapter shapes do not fit the weight {spec.shape} "
-                    f"(layout {tuple(spec.layout)}, rank {spec.rank}):\n"
+                raise error(
+                    path, f"adapter shapes do not fit the weight {spec.shape} "
+                    f"(layout {spec.layout}, rank {spec.rank}):\n"
                     f"  expected a {spec.a_shape}, b {spec.b_shape}\n"
-                    f"  got      a {_shape(node.a)}, b {_shape(node.b)}\n"
-                    f"Fix: use the config and base the adapter was created for.")
+                    f"  got      a {_shape(node.a)}, b {_shape(node.b)}",
+                    "use the config and base the adapter was created for")
             _check_magnitude(path, node, spec, extra, config)
         elif path in train:
             if node is None or is_lora(node):
-                raise ValueError(
-                    f"{path}: LoraConfig.train names this leaf but adapters hold "
-                    f"{type(node).__name__} there. Fix: build adapters with lj.init "
-                    f"for this config.")
+                raise error(
+                    path, f"LoraConfig.train names this leaf but adapters hold "
+                    f"{type(node).__name__} there", "build adapters with lj.init for this config")
             if _shape(node) != _shape(leaf):
-                raise ValueError(
-                    f"{path}: fully-trained leaf has shape {_shape(node)}, the base has "
-                    f"{_shape(leaf)}. Fix: use adapters made for this base.")
+                raise error(
+                    path, f"fully-trained leaf has shape {_shape(node)}, the base has "
+                    f"{_shape(leaf)}", "use adapters made for this base")
         elif node is not None:
-            raise ValueError(
-                f"{path}: adapters hold {type(node).__name__} here but the config neither "
-                f"targets nor trains this leaf. Fix: pass the config the adapters were "
-                f"created with.")
+            raise error(
+                path, f"adapters hold {type(node).__name__} here but the config neither "
+                f"targets nor trains this leaf", "pass the config the adapters were created with")
         out.append((path, leaf, node, spec))
     return out
 
@@ -173,20 +175,20 @@ def check_adapters(params, adapters, config, *, resolved: Resolved | None = None
 def _check_magnitude(path, node, spec: LeafSpec, extra: tuple, config) -> None:
     """DoRA's magnitude: present exactly when the config says, shaped (*stacked, out)."""
     if config.use_dora and node.m is None:
-        raise ValueError(
-            f"{path}: LoraConfig(use_dora=True) but the adapter has no magnitude m. Fix: "
-            f"build adapters with lj.init for this config (it sets m to W's column norms), "
-            f"or pass the config they were made with.")
+        raise error(
+            path, "LoraConfig(use_dora=True) but the adapter has no magnitude m",
+            "build adapters with lj.init for this config (it sets m to W's column norms), "
+            "or pass the config they were made with")
     if not config.use_dora and node.m is not None:
-        raise ValueError(
-            f"{path}: the adapter has a DoRA magnitude m but the config has use_dora=False. "
-            f"Fix: pass the config the adapters were made with (use_dora=True).")
+        raise error(
+            path, "the adapter has a DoRA magnitude m but the config has use_dora=False",
+            "pass the config the adapters were made with (use_dora=True)")
     want = (*extra, *spec.stacked_shape, spec.out_size)
     if node.m is not None and _shape(node.m) != want:
-        raise ValueError(
-            f"{path}: DoRA magnitude m has shape {_shape(node.m)}, expected {want} (one "
-            f"value per output unit of the weight {spec.shape}). Fix: use the adapter made "
-            f"for this base and config.")
+        raise error(
+            path, f"DoRA magnitude m has shape {_shape(node.m)}, expected {want} (one "
+            f"value per output unit of the weight {spec.shape})",
+            "use the adapter made for this base and config")
 
 
 def scale_array(spec: LeafSpec):
@@ -207,12 +209,12 @@ def delta(weights: LoraWeights, spec: LeafSpec):
       4.0
     """
     if np.ndim(weights.a) != len(spec.a_shape):
-        raise ValueError(
-            f"{spec.path}: a has shape {tuple(np.shape(weights.a))}, expected "
+        raise error(
+            spec.path, f"a has shape {tuple(np.shape(weights.a))}, expected "
             f"{spec.a_shape}. An adapter set (leading adapter axis) can't be merged as "
-            f"one adapter. Fix: select one adapter from the set first.")
+            f"one adapter", "select one adapter from the set first")
     a = jnp.asarray(weights.a, jnp.float32)
     b = jnp.asarray(weights.b, jnp.float32)
     ab = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
     scale = jax.lax.stop_gradient(jnp.asarray(weights.scale, jnp.float32))
-    return (scale * ab).reshape(spec.shape)
+    return from_matrix(scale * ab, spec)

@@ -20,7 +20,8 @@ from jax import lax
 
 from lora_jax._analysis.spectrum import Analysis, Spectrum, factor_svd
 from lora_jax._core.config import LoraConfig
-from lora_jax._core.leaf import dense_float32, is_container
+from lora_jax._core.errors import error
+from lora_jax._core.leaf import dense_float32, from_matrix, is_container
 from lora_jax._core.paths import unflatten_params
 from lora_jax._core.weights import LoraWeights, check_adapters, flatten_adapters
 from lora_jax._merge import check_merged
@@ -48,28 +49,35 @@ class Combination(NamedTuple):
     report: Analysis
 
 
-def _weights(aset: AdapterSet, weights) -> list:
-    """``[(member index, weight), ...]`` validated."""
+def _weights(aset: AdapterSet, weights, where: str) -> list:
+    """``[(member index, weight), ...]`` validated; errors name ``where``."""
     if isinstance(weights, Mapping):
-        pairs = [(index_of(aset, n) if n != BASE else None, w) for n, w in weights.items()]
-        if any(i is None for i, _ in pairs):
-            raise ValueError(f"{BASE!r} is not an adapter and can't be weighted.")
+        named = [(index_of(aset, n, where) if n != BASE else None, w)
+                 for n, w in weights.items()]
+        if any(i is None for i, _ in named):
+            raise error(where, f"{BASE!r} is not an adapter and can't be weighted",
+                        f"leave {BASE!r} out of weights (the base is what the adapters are "
+                        f"added to)")
+        pairs = [(i, w) for i, w in named if i is not None]
     elif isinstance(weights, Sequence) and not isinstance(weights, str):
         if len(weights) != aset.n:
-            raise ValueError(
-                f"{len(weights)} weights for a set of {aset.n} adapters {list(aset.names)}. "
-                f"Fix: one weight per adapter, or a {{name: weight}} dict for some of them.")
+            raise error(where, f"{len(weights)} weights for a set of {aset.n} adapters "
+                               f"{list(aset.names)}",
+                        "one weight per adapter, or a {name: weight} dict for some of them")
         pairs = list(enumerate(weights))
     else:
-        raise TypeError(f"weights must be {{name: weight}} or a sequence with one weight per "
-                        f"adapter; got {type(weights).__name__}.")
+        raise error(where, f"weights must be {{name: weight}} or a sequence with one weight per "
+                           f"adapter; got {type(weights).__name__}",
+                    f"e.g. weights={{{aset.names[0]!r}: 1.0}}", kind=TypeError)
     for i, w in pairs:
         if isinstance(w, bool) or not isinstance(w, (int, float, np.number)) \
                 or not math.isfinite(float(w)):
-            raise ValueError(f"the weight of {aset.names[i]!r} is {w!r}; weights must be "
-                             f"finite numbers (negative subtracts the adapter).")
+            raise error(where, f"the weight of {aset.names[i]!r} is {w!r}; weights must be "
+                               f"finite numbers (negative subtracts the adapter)",
+                        "pass a finite float for every adapter")
     if not pairs:
-        raise ValueError("no adapters to combine: weights is empty.")
+        raise error(where, "no adapters to combine: weights is empty",
+                    "give at least one adapter a weight, e.g. {name: 1.0}")
     return [(i, float(w)) for i, w in pairs]
 
 
@@ -124,10 +132,10 @@ def _linear(a_cat, b_cat, parts, host, *, rank, path, names):
     """PEFT's linear: sqrt-weighted sums of the factors themselves (one common rank)."""
     rs = {names[i]: r for i, _, r in parts}
     if len(set(rs.values())) > 1:
-        raise ValueError(
-            f"combine(method='linear'): {path} has adapters of different ranks {rs}; "
-            f"'linear' adds the factors themselves, so it needs one rank. Fix: use "
-            f"method='cat' (exact) or 'svd'.")
+        raise error("lj.combine", f"method='linear': {path} has adapters of different ranks "
+                                  f"{rs}; 'linear' adds the factors themselves, so it needs "
+                                  f"one rank",
+                    "use method='cat' (exact) or 'svd'")
     k = next(iter(rs.values()))
     f64, s_all = np.float64, host.scale
     a_new = sum(math.copysign(math.sqrt(abs(w * float(s_all[i]))), w * float(s_all[i]))
@@ -196,7 +204,7 @@ def combine(aset: AdapterSet, weights, *, method: str = "svd",
     """
     check_set(aset, "combine")
     _check_method(method, rank)
-    pairs = _weights(aset, weights)
+    pairs = _weights(aset, weights, "lj.combine")
     flat, treedef = flatten_adapters(aset.adapters)
     nodes, ranks, rows = [], {}, []
     for path, node in flat:
@@ -214,14 +222,18 @@ def combine(aset: AdapterSet, weights, *, method: str = "svd",
 def _check_method(method: str, rank) -> None:
     names = tuple(_METHODS)   # a tuple: an unhashable method is refused, not a TypeError
     if method not in names:
-        raise ValueError(f"combine: method={method!r}; use one of {names} ('cat' is exact, "
-                         f"'svd' truncates, 'linear' is PEFT's approximate one).")
+        raise error("lj.combine", f"method={method!r} is not one of {names}",
+                    "use one of those ('cat' is exact, 'svd' truncates, 'linear' is PEFT's "
+                    "approximate one)")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, np.integer))
                              or rank < 1):
-        raise ValueError(f"combine: rank={rank!r} must be a positive int.")
+        raise error("lj.combine", f"rank={rank!r} must be a positive int",
+                    "pass an int >= 1, or rank=None for the largest member rank")
     if rank is not None and method != "svd":
-        raise ValueError(f"combine: rank= applies to method='svd' only (cat's rank is the sum "
-                         f"of the ranks, linear's the common rank); got method={method!r}.")
+        raise error("lj.combine", f"rank= applies to method='svd' only (cat's rank is the sum "
+                                  f"of the ranks, linear's the common rank); got "
+                                  f"method={method!r}",
+                    "drop rank=, or use method='svd'")
 
 
 def _combine_path(aset: AdapterSet, pairs: list, path: str, node, method: str, rank):
@@ -288,7 +300,7 @@ def merge_weighted(params, aset: AdapterSet, weights):
       1.5
     """
     check_set(aset, "merge_weighted")
-    pairs = _weights(aset, weights)
+    pairs = _weights(aset, weights, "lj.merge_weighted")
     w = np.zeros((aset.n,), np.float32)
     for i, x in pairs:
         w[i] += x
@@ -300,8 +312,8 @@ def merge_weighted(params, aset: AdapterSet, weights):
             continue
         coef = w * jnp.asarray(node.scale, jnp.float32)
         a = jnp.asarray(node.a, jnp.float32) * coef.reshape((-1,) + (1,) * (node.a.ndim - 1))
-        d = jnp.einsum("n...ir,n...ro->...io", a, jnp.asarray(node.b, jnp.float32),
-                       precision=lax.Precision.HIGHEST).reshape(spec.shape)
+        d = from_matrix(jnp.einsum("n...ir,n...ro->...io", a, jnp.asarray(node.b, jnp.float32),
+                                   precision=lax.Precision.HIGHEST), spec)
         new32 = dense_float32(leaf) + d
         if is_container(leaf):
             leaves.append(requantize_merged(path, leaf, new32, what="merging adapters"))

@@ -14,6 +14,7 @@ from lora_jax._checkpoint.api import save
 from lora_jax._checkpoint.checkpointer import Checkpointer
 from lora_jax._checkpoint.record import CheckpointError
 from lora_jax._core.config import LoraConfig
+from lora_jax._core.errors import error
 from lora_jax._core.weights import flatten_adapters, is_lora
 from lora_jax._multi.set import AdapterSet, Member, check_set
 
@@ -51,13 +52,16 @@ def save_set(directory, aset: AdapterSet, *, params=None, step: int | None = Non
       >>> with tempfile.TemporaryDirectory() as d:
       ...     _ = lj.save_set(d, aset, params=params)
       ...     back = lj.restore_set(d, params=params)
-      >>> back.names, back.members[0].config == c2, bool((back.adapters["w"].b == aset.adapters["w"].b).all())
+      >>> same_b = bool((back.adapters["w"].b == aset.adapters["w"].b).all())
+      >>> back.names, back.members[0].config == c2, same_b
       (('a', 'b'), True, True)
     """
     check_set(aset, "save_set")
     meta = dict(metadata or {})
     if METADATA_KEY in meta:
-        raise ValueError(f"metadata key {METADATA_KEY!r} is reserved for the set's names.")
+        raise error("lj.save_set", f"metadata key {METADATA_KEY!r} is reserved for the set's "
+                                   f"names and configs",
+                    "store your data under another key")
     meta[METADATA_KEY] = {
         "names": list(aset.names),
         "configs": [m.config.to_dict() for m in aset.members],
@@ -102,19 +106,22 @@ def restore_set(directory, *, params=None, step: int | None = None,
         meta = (info.metadata or {}).get(METADATA_KEY)
         where = f"{ck.directory}/{info.step}"
         if meta is None:
-            raise CheckpointError(
-                f"{where}: this step holds a single adapter, not an adapter set. Fix: restore "
-                f"it with lj.restore, or save sets with lj.save_set.")
-        adapters, config = ck.restore(params=params, step=info.step, on_base_mismatch=on_base_mismatch)
+            raise error(where, "this step holds a single adapter, not an adapter set",
+                        "restore it with lj.restore, or save sets with lj.save_set",
+                        kind=CheckpointError)
+        adapters, config = ck.restore(params=params, step=info.step,
+                                      on_base_mismatch=on_base_mismatch)
     try:
         members = tuple(Member(n, LoraConfig.from_dict(c), tuple((p, int(r)) for p, r in rk))
                         for n, c, rk in zip(meta["names"], meta["configs"], meta["ranks"],
                                             strict=True))
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: the adapter-set metadata can't be read ({e}).") from e
+        raise error(where, f"the adapter-set metadata can't be read ({type(e).__name__}: {e})",
+                    "restore another step, or re-save the set with lj.save_set",
+                    kind=CheckpointError) from e
     for _, node in flatten_adapters(adapters)[0]:
         if is_lora(node) and np.shape(node.scale) != (len(members),):
-            raise CheckpointError(
-                f"{where}: the metadata names {len(members)} adapters but the arrays hold "
-                f"{np.shape(node.scale)}; the step is inconsistent. Fix: restore another step.")
+            raise error(where, f"the metadata names {len(members)} adapters but the arrays hold "
+                               f"{np.shape(node.scale)}; the step is inconsistent",
+                        "restore another step", kind=CheckpointError)
     return AdapterSet(adapters, config, members)

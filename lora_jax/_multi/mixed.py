@@ -16,9 +16,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import core as jax_core
 from jax import lax
 
 from lora_jax._apply.transform import apply
+from lora_jax._core.errors import error
 from lora_jax._core.weights import LoraWeights, check_adapters, is_node
 from lora_jax._multi.set import AdapterSet, adapter_ids, check_set
 
@@ -30,16 +32,17 @@ def _ids_array(aset: AdapterSet, ids):
         return adapter_ids(aset, ids)
     ids = jnp.asarray(ids)
     if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise ValueError(
-            f"adapter_ids must be one int per example (shape (batch,)), got "
-            f"{ids.dtype.name}{tuple(ids.shape)}. Fix: lj.adapter_ids(aset, names).")
-    if not isinstance(ids, jax.core.Tracer):
+        raise error("lj.apply_mixed", f"adapter_ids must be one int per example (shape "
+                                      f"(batch,)), got {ids.dtype.name}{tuple(ids.shape)}",
+                    "lj.adapter_ids(aset, names)")
+    if not isinstance(ids, jax_core.Tracer):
         bad = np.asarray(ids)
         bad = bad[(bad < -1) | (bad >= aset.n)]
         if bad.size:
-            raise ValueError(
-                f"adapter_ids hold {sorted(set(bad.tolist()))[:5]}, outside [-1, {aset.n}) for a "
-                f"set of {aset.n} adapters (-1 means the base). Fix: lj.adapter_ids(aset, names).")
+            raise error("lj.apply_mixed", f"adapter_ids hold {sorted(set(bad.tolist()))[:5]}, "
+                                          f"outside [-1, {aset.n}) for a set of {aset.n} "
+                                          f"adapters (-1 means the base)",
+                        "lj.adapter_ids(aset, names)")
     return ids.astype(jnp.int32)
 
 
@@ -65,21 +68,24 @@ def _arg_axes(in_axes, args) -> list:
     if isinstance(in_axes, (tuple, list)) and len(in_axes) == len(args) and all(
             a is None or (isinstance(a, int) and not isinstance(a, bool)) for a in in_axes):
         return list(in_axes)
-    raise ValueError(
-        f"in_axes={in_axes!r} must be an int, None, or a tuple with one int/None per "
-        f"positional argument of fn after params ({len(args)} given). Fix: e.g. in_axes=0 "
-        f"when every array argument has the examples on axis 0.")
+    raise error("lj.apply_mixed", f"in_axes={in_axes!r} must be an int, None, or a tuple with "
+                                  f"one int/None per positional argument of fn after params "
+                                  f"({len(args)} given)",
+                "e.g. in_axes=0 when every array argument has the examples on axis 0")
 
 
 def _check_options(fn, in_axes, out_axes, strict) -> None:
     """apply_mixed's own arguments (checked when it is called, not at the first batch)."""
     if not callable(fn):
-        raise TypeError(f"lj.apply_mixed: fn must be callable (e.g. model.apply); got "
-                        f"{type(fn).__name__}.")
+        raise error("lj.apply_mixed", f"fn must be callable; got {type(fn).__name__}",
+                    "pass the model's function, e.g. lj.apply_mixed(model.apply)",
+                    kind=TypeError)
     if isinstance(out_axes, bool) or not isinstance(out_axes, int) or out_axes < 0:
-        raise ValueError(f"lj.apply_mixed: out_axes={out_axes!r} must be an int >= 0.")
+        raise error("lj.apply_mixed", f"out_axes={out_axes!r} must be an int >= 0",
+                    "set out_axes to the outputs' batch axis, e.g. out_axes=0")
     if not isinstance(strict, bool):
-        raise TypeError(f"lj.apply_mixed: strict must be a bool; got {strict!r}.")
+        raise error("lj.apply_mixed", f"strict must be a bool; got {strict!r}",
+                    "strict=True or strict=False", kind=TypeError)
     if (not (in_axes is None or isinstance(in_axes, (int, tuple, list)))
             or isinstance(in_axes, bool)):
         _arg_axes(in_axes, ())  # raises, naming the accepted forms
@@ -94,11 +100,12 @@ def _split_args(args: tuple, axes: list, n_ex: int):
         for leaf in flat:
             if ax is not None and hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
                 if leaf.ndim <= ax or leaf.shape[ax] != n_ex:
-                    raise ValueError(
-                        f"lj.apply_mixed: argument {j} has a leaf of shape "
-                        f"{tuple(leaf.shape)} whose axis {ax} should hold the {n_ex} "
-                        f"examples that adapter_ids names. Fix: one id per example, or "
-                        f"in_axes=(...) with None for arguments shared by all examples.")
+                    raise error("lj.apply_mixed",
+                                f"argument {j} has a leaf of shape {tuple(leaf.shape)} whose "
+                                f"axis {ax} should hold the {n_ex} examples that adapter_ids "
+                                f"names",
+                                "one id per example, or in_axes=(...) with None for arguments "
+                                "shared by all examples")
                 where.append((len(leaves), ax))
             leaves.append(leaf)
     return leaves, where, per_arg
@@ -118,13 +125,14 @@ def _squeeze_examples(out, out_axes: int):
     """fn's output for one example without its example axis (which must have size 1)."""
     def squeeze(y):
         if jnp.ndim(y) <= out_axes or jnp.shape(y)[out_axes] != 1:
-            raise ValueError(
-                f"lj.apply_mixed: fn's output for one example has shape "
-                f"{tuple(jnp.shape(y))}, with no example axis {out_axes} of size 1. "
-                f"Fix: set out_axes to the outputs' batch axis; fn must keep one "
-                f"output per example.")
+            raise error("lj.apply_mixed", f"fn's output for one example has shape "
+                                          f"{tuple(jnp.shape(y))}, with no example axis "
+                                          f"{out_axes} of size 1",
+                        "set out_axes to the outputs' batch axis; fn must keep one output per "
+                        "example")
         return jnp.squeeze(y, out_axes)
     return jax.tree.map(squeeze, out)
+
 
 def apply_mixed(fn: Callable, *, in_axes=0, out_axes: int = 0,
                 strict: bool = False) -> Callable:

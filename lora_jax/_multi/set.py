@@ -22,8 +22,8 @@ What a set is for:
   ordinary adapter tree, for `lj.apply` / `lj.merge` with ``aset.config``.
   Every adapter has the same shapes and the scale is data, so changing the
   adapter between calls of a jitted apply never recompiles.
-* **mixed batches** (`lora_jax._multi.mixed`) -- `apply_mixed` runs one forward pass in which every
-  example uses its own adapter, or none (``"__base__"``). It maps the
+* **mixed batches** (`lora_jax._multi.mixed`) -- `apply_mixed` runs one forward pass in
+  which every example uses its own adapter, or none (``"__base__"``). It maps the
   low-rank apply over the examples with `jax.vmap`, each example's adapter
   gathered from the set by its index: under ``vmap`` the frozen products
   ``x @ W`` stay single matmuls over the whole batch, while the low-rank
@@ -31,8 +31,8 @@ What a set is for:
   ``(x_e @ a[i_e]) @ b[i_e]`` -- the gather-batched form of Punica's BGMV /
   S-LoRA. No Python loop over adapters, and the indices are data: a new
   assignment of adapters to examples reuses the compiled program.
-* **composition** (`lora_jax._multi.combine`) -- `combine` builds one adapter from weighted adapters of
-  a set, as PEFT's ``add_weighted_adapter`` (``"cat"``, ``"svd"``,
+* **composition** (`lora_jax._multi.combine`) -- `combine` builds one adapter from weighted
+  adapters of a set, as PEFT's ``add_weighted_adapter`` (``"cat"``, ``"svd"``,
   ``"linear"``); `merge_weighted` folds a weighted sum of adapters into the
   base weights at once.
 * **checkpoints** (`lora_jax._multi.io`) -- `save_set` / `restore_set`:
@@ -53,6 +53,7 @@ import numpy as np
 from jax import lax
 
 from lora_jax._core.config import LoraConfig
+from lora_jax._core.errors import error
 from lora_jax._core.weights import (
     LoraWeights,
     flatten_adapters,
@@ -152,76 +153,86 @@ jax.tree_util.register_dataclass(AdapterSet, data_fields=["adapters"],
                                  meta_fields=["config", "members"])
 
 
-def index_of(aset: AdapterSet, name) -> int:
+def index_of(aset: AdapterSet, name, where: str = "AdapterSet.index") -> int:
+    """The index of the adapter ``name`` (a str, or an int index); errors name ``where``."""
     if isinstance(name, str):
         if name in aset.names:
             return aset.names.index(name)
-        raise ValueError(
-            f"no adapter called {name!r} in this set; it holds {list(aset.names)}. Fix: use "
-            f"one of these names (or add it with lj.add_adapter).")
+        raise error(where, f"no adapter called {name!r} in this set; it holds {list(aset.names)}",
+                    "use one of these names (or add it with lj.add_adapter)")
     if isinstance(name, (int, np.integer)) and not isinstance(name, bool):
         if -aset.n <= int(name) < aset.n:
             return int(name) % aset.n
-        raise ValueError(f"adapter index {int(name)} is out of range for a set of {aset.n} "
-                         f"adapters {list(aset.names)}.")
-    raise TypeError(f"an adapter is named by a str (or an int index); got "
-                    f"{type(name).__name__} {name!r}.")
+        raise error(where, f"adapter index {int(name)} is out of range for a set of {aset.n} "
+                           f"adapters {list(aset.names)}",
+                    f"use an index in [-{aset.n}, {aset.n}), or the adapter's name")
+    raise error(where, f"an adapter is named by a str (or an int index); got "
+                       f"{type(name).__name__} {name!r}",
+                f"pass one of the names {list(aset.names)}", kind=TypeError)
 
 
-def _check_name(name) -> str:
+def _check_name(name, where: str) -> str:
     if not isinstance(name, str) or not name:
-        raise TypeError(f"adapter names must be non-empty strs; got {name!r}.")
+        raise error(where, f"adapter names must be non-empty strs; got {name!r}",
+                    "name every adapter with a str, e.g. 'de'", kind=TypeError)
     if name == BASE:
-        raise ValueError(f"{BASE!r} is reserved: it means 'no adapter' in adapter_ids. Fix: "
-                         f"name the adapter something else.")
+        raise error(where, f"{BASE!r} is reserved: it means 'no adapter' in adapter_ids",
+                    "name the adapter something else")
     return name
 
 
-def _check_member(name, adapters, config):
+def _check_member(name, adapters, config, where: str):
     """``(flat nodes, treedef, ranks)`` of one adapter, validated."""
     if isinstance(adapters, AdapterSet):
-        raise TypeError(f"adapter {name!r}: got an AdapterSet where one adapter tree was "
-                        f"expected. Fix: pass lj.select_adapter(aset, name, trim=True) (with "
-                        f"aset.members[i].config), or combine the sets member by member.")
+        raise error(where, f"adapter {name!r}: got an AdapterSet where one adapter tree was "
+                           f"expected",
+                    "pass lj.select_adapter(aset, name, trim=True) (with "
+                    "aset.members[i].config), or combine the sets member by member",
+                    kind=TypeError)
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"adapter {name!r}: expected its lj.LoraConfig, got "
-                        f"{type(config).__name__}. Fix: pass (adapters, config) pairs.")
+        raise error(where, f"adapter {name!r}: expected its lj.LoraConfig, got "
+                           f"{type(config).__name__}",
+                    "pass (adapters, config) pairs", kind=TypeError)
     flat, treedef = flatten_adapters(adapters)
     ranks = []
     for path, node in flat:
         if node is None:
             continue
-        if not is_lora(node):
-            raise ValueError(
-                f"adapter {name!r}: {path} is a fully-trained leaf (LoraConfig.train). An "
-                f"adapter set holds LoRA factors only. Fix: fold such leaves into the base "
-                f"params before building the set, or serve this adapter alone with lj.apply.")
-        sa, sb = tuple(np.shape(node.a)), tuple(np.shape(node.b))
-        if len(sa) < 2 or len(sa) != len(sb) or sa[:-2] != sb[:-2] or sa[-1] != sb[-2]:
-            raise ValueError(
-                f"adapter {name!r}: {path} has a {sa} and b {sb}, not a LoRA pair "
-                f"(*stacked, in, r) / (*stacked, r, out). Fix: pass adapters made by lj.init, "
-                f"lj.restore or lj.truncate.")
-        if getattr(node, "m", None) is not None:
-            raise ValueError(
-                f"adapter {name!r}: {path} is a DoRA adapter (it has a magnitude m). Adapter "
-                f"sets hold plain LoRA adapters (as PEFT, mixed batches exclude DoRA). Fix: "
-                f"serve DoRA adapters alone with lj.apply, or merge them into the base.")
-        if np.ndim(node.scale) != 0:
-            raise ValueError(
-                f"adapter {name!r}: {path} has a scale of shape {tuple(np.shape(node.scale))}; "
-                f"one adapter has a scalar scale (is this already an adapter set?). Fix: pass "
-                f"single adapters, e.g. lj.select_adapter(aset, name, trim=True).")
-        if sa[-1] != config.rank_for(path):
-            raise ValueError(
-                f"adapter {name!r}: {path} has rank {sa[-1]} but its config gives rank "
-                f"{config.rank_for(path)}. Fix: pass the config the adapter was made with "
-                f"(after lj.truncate, the config it returned).")
-        ranks.append((path, int(sa[-1])))
+        _check_member_node(name, path, node, config)
+        ranks.append((path, int(np.shape(node.a)[-1])))
     if not ranks:
-        raise ValueError(f"adapter {name!r} holds no LoraWeights. Fix: pass the tree returned "
-                         f"by lj.init / lj.restore.")
+        raise error(where, f"adapter {name!r} holds no LoraWeights",
+                    "pass the tree returned by lj.init / lj.restore")
     return flat, treedef, tuple(ranks)
+
+
+def _check_member_node(name, path: str, node, config: LoraConfig) -> None:
+    """One adapted leaf of adapter ``name``: a plain LoRA pair of the config's rank."""
+    if not is_lora(node):
+        raise error(path, f"adapter {name!r} has a fully-trained leaf here (LoraConfig.train). "
+                          f"An adapter set holds LoRA factors only",
+                    "fold such leaves into the base params before building the set, or serve "
+                    "this adapter alone with lj.apply")
+    sa, sb = tuple(np.shape(node.a)), tuple(np.shape(node.b))
+    if len(sa) < 2 or len(sa) != len(sb) or sa[:-2] != sb[:-2] or sa[-1] != sb[-2]:
+        raise error(path, f"adapter {name!r} has a {sa} and b {sb}, not a LoRA pair "
+                          f"(*stacked, in, r) / (*stacked, r, out)",
+                    "pass adapters made by lj.init, lj.restore or lj.truncate")
+    if getattr(node, "m", None) is not None:
+        raise error(path, f"adapter {name!r} is a DoRA adapter here (it has a magnitude m). "
+                          f"Adapter sets hold plain LoRA adapters (as PEFT, mixed batches "
+                          f"exclude DoRA)",
+                    "serve DoRA adapters alone with lj.apply, or merge them into the base")
+    if np.ndim(node.scale) != 0:
+        raise error(path, f"adapter {name!r} has a scale of shape "
+                          f"{tuple(np.shape(node.scale))}; one adapter has a scalar scale (is "
+                          f"this already an adapter set?)",
+                    "pass single adapters, e.g. lj.select_adapter(aset, name, trim=True)")
+    if sa[-1] != config.rank_for(path):
+        raise error(path, f"adapter {name!r} has rank {sa[-1]} but its config gives rank "
+                          f"{config.rank_for(path)}",
+                    "pass the config the adapter was made with (after lj.truncate, the config "
+                    "it returned)")
 
 
 def targets_config(config: LoraConfig, members, paths: list) -> LoraConfig:
@@ -239,30 +250,30 @@ def targets_config(config: LoraConfig, members, paths: list) -> LoraConfig:
                           layouts=tuple((re.escape(p), lay) for p, lay in layouts.items()))
 
 
-def _build(items) -> AdapterSet:
-    """An `AdapterSet` from ``[(name, adapters, config), ...]``."""
+def _build(items, where: str) -> AdapterSet:
+    """An `AdapterSet` from ``[(name, adapters, config), ...]``; errors name ``where``."""
     if not items:
-        raise ValueError("an adapter set needs at least one adapter. Fix: pass "
-                         "{'name': (adapters, config), ...}.")
-    names = [_check_name(n) for n, _, _ in items]
+        raise error(where, "an adapter set needs at least one adapter",
+                    "pass {'name': (adapters, config), ...}")
+    names = [_check_name(n, where) for n, _, _ in items]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(f"adapter names must be unique; {dup} appear more than once.")
-    checked = [(n, cfg, *_check_member(n, ad, cfg)) for n, ad, cfg in items]
+        raise error(where, f"adapter names must be unique; {dup} appear more than once",
+                    "give every adapter its own name")
+    checked = [(n, cfg, *_check_member(n, ad, cfg, where)) for n, ad, cfg in items]
     name0, _, flat0, treedef0, _ = checked[0]
     for name, _, flat, treedef, _ in checked[1:]:
         if treedef != treedef0:
             p0, p1 = {p for p, _ in flat0}, {p for p, _ in flat}
-            raise ValueError(
-                f"adapter {name!r} does not have the tree structure of {name0!r}: adapters in a "
-                f"set must be for the same base.\n"
-                f"  only in {name0!r}: {sorted(p0 - p1)[:5]}\n  only in {name!r}: "
-                f"{sorted(p1 - p0)[:5]}\n"
-                f"Fix: build every adapter with lj.init from the same params.")
+            raise error(where, f"adapter {name!r} does not have the tree structure of "
+                               f"{name0!r}: adapters in a set must be for the same base.\n"
+                               f"  only in {name0!r}: {sorted(p0 - p1)[:5]}\n"
+                               f"  only in {name!r}: {sorted(p1 - p0)[:5]}",
+                        "build every adapter with lj.init from the same params")
     members = tuple(Member(n, cfg, ranks) for n, cfg, _, _, ranks in checked)
     nodes, padded = [], {}
     for k, (path, _) in enumerate(flat0):
-        here = [(m, flat[k][1]) for m, (_, _, flat, _, _) in zip(members, checked)]
+        here = [(m, flat[k][1]) for m, (_, _, flat, _, _) in zip(members, checked, strict=True)]
         loras = [(m, x) for m, x in here if x is not None]
         if not loras:
             nodes.append(None)
@@ -273,16 +284,16 @@ def _build(items) -> AdapterSet:
         for m, x in loras[1:]:
             got = (np.shape(x.a)[:-2], np.shape(x.a)[-2], np.shape(x.b)[-1])
             if got != (lead, n_in, n_out):
-                raise ValueError(
-                    f"{path}: adapter {m.name!r} has (stacked, in, out) = {got}, adapter "
-                    f"{m0.name!r} has {(lead, n_in, n_out)}. Fix: the adapters must be for the "
-                    f"same base weights with the same LoraConfig.layouts.")
+                raise error(path, f"adapter {m.name!r} has (stacked, in, out) = {got}, adapter "
+                                  f"{m0.name!r} has {(lead, n_in, n_out)}",
+                            "the adapters must be for the same base weights with the same "
+                            "LoraConfig.layouts")
             if (jnp.dtype(x.a.dtype), jnp.dtype(x.b.dtype)) != dtype:
-                raise ValueError(
-                    f"{path}: adapter {m.name!r} has a/b dtypes "
-                    f"{jnp.dtype(x.a.dtype).name}/{jnp.dtype(x.b.dtype).name}, adapter "
-                    f"{m0.name!r} has {dtype[0].name}/{dtype[1].name}. Fix: cast them to one "
-                    f"dtype first, e.g. jax.tree.map(lambda x: x.astype(jnp.float32), adapters).")
+                raise error(path, f"adapter {m.name!r} has a/b dtypes "
+                                  f"{jnp.dtype(x.a.dtype).name}/{jnp.dtype(x.b.dtype).name}, "
+                                  f"adapter {m0.name!r} has {dtype[0].name}/{dtype[1].name}",
+                            "cast them to one dtype first, e.g. "
+                            "jax.tree.map(lambda x: x.astype(jnp.float32), adapters)")
         r_max = max(np.shape(x.a)[-1] for _, x in loras)
         padded[path] = r_max
         a = np.zeros((len(here), *lead, n_in, r_max), dtype[0])
@@ -307,19 +318,24 @@ def _items(members) -> list:
         out = []
         for name, pair in members.items():
             if not (isinstance(pair, tuple) and len(pair) == 2):
-                raise TypeError(f"adapter {name!r}: expected an (adapters, config) pair, got "
-                                f"{type(pair).__name__}.")
+                raise error("lj.adapter_set", f"adapter {name!r}: expected an (adapters, config) "
+                                              f"pair, got {type(pair).__name__}",
+                            f"pass {{{name!r}: (adapters, config)}}", kind=TypeError)
             out.append((name, *pair))
         return out
     if isinstance(members, Sequence) and not isinstance(members, str):
         out = []
         for item in members:
             if not (isinstance(item, tuple) and len(item) == 3):
-                raise TypeError(f"expected (name, adapters, config) triples; got {item!r:.60}.")
+                raise error("lj.adapter_set",
+                            f"expected (name, adapters, config) triples; got {item!r:.60}",
+                            "pass [(name, adapters, config), ...]", kind=TypeError)
             out.append(item)
         return out
-    raise TypeError(f"adapter_set takes {{name: (adapters, config)}} or a sequence of "
-                    f"(name, adapters, config); got {type(members).__name__}.")
+    raise error("lj.adapter_set", f"adapter_set takes {{name: (adapters, config)}} or a "
+                                  f"sequence of (name, adapters, config); got "
+                                  f"{type(members).__name__}",
+                "pass {name: (adapters, config), ...}", kind=TypeError)
 
 
 def adapter_set(members) -> AdapterSet:
@@ -354,7 +370,7 @@ def adapter_set(members) -> AdapterSet:
       >>> aset.names, aset.adapters["v"].a.shape, aset.adapters["v"].scale.tolist()
       (('q-only', 'qv'), (2, 8, 4), [0.0, 2.0])
     """
-    return _build(_items(members))
+    return _build(_items(members), "lj.adapter_set")
 
 
 def add_adapter(aset: AdapterSet, name: str, adapters, config: LoraConfig, *,
@@ -385,16 +401,16 @@ def add_adapter(aset: AdapterSet, name: str, adapters, config: LoraConfig, *,
       (('a', 'b'), (2, 8, 2))
     """
     check_set(aset, "add_adapter")
-    _check_name(name)
+    _check_name(name, "lj.add_adapter")
     items = [(m.name, select_adapter(aset, m.name, trim=True), m.config) for m in aset.members]
     if name in aset.names:
         if not replace:
-            raise ValueError(f"the set already holds an adapter called {name!r}. Fix: pass "
-                             f"replace=True to replace it, or choose another name.")
+            raise error("lj.add_adapter", f"the set already holds an adapter called {name!r}",
+                        "pass replace=True to replace it, or choose another name")
         items[aset.names.index(name)] = (name, adapters, config)
     else:
         items.append((name, adapters, config))
-    return _build(items)
+    return _build(items, "lj.add_adapter")
 
 
 def remove_adapter(aset: AdapterSet, name: str) -> AdapterSet:
@@ -418,19 +434,21 @@ def remove_adapter(aset: AdapterSet, name: str) -> AdapterSet:
       (('a',), 2)
     """
     check_set(aset, "remove_adapter")
-    i = index_of(aset, name)
+    i = index_of(aset, name, "lj.remove_adapter")
     if aset.n == 1:
-        raise ValueError(f"{name!r} is the set's only adapter; a set can't be empty. Fix: keep "
-                         f"it, or serve the base params without adapters.")
+        raise error("lj.remove_adapter", f"{name!r} is the set's only adapter; a set can't be "
+                                         f"empty",
+                    "keep it, or serve the base params without adapters")
     items = [(m.name, select_adapter(aset, m.name, trim=True), m.config)
              for k, m in enumerate(aset.members) if k != i]
-    return _build(items)
+    return _build(items, "lj.remove_adapter")
 
 
-def check_set(aset, where):
+def check_set(aset, where: str) -> None:
+    """Raises unless ``aset`` is an `AdapterSet`; ``where`` is the calling function's name."""
     if not isinstance(aset, AdapterSet):
-        raise TypeError(f"lj.{where}: expected an lj.AdapterSet, got {type(aset).__name__}. "
-                        f"Fix: build one with lj.adapter_set({{name: (adapters, config)}}).")
+        raise error(f"lj.{where}", f"expected an lj.AdapterSet, got {type(aset).__name__}",
+                    "build one with lj.adapter_set({name: (adapters, config)})", kind=TypeError)
 
 
 @jax.jit
@@ -465,7 +483,8 @@ def select_adapter(aset: AdapterSet, name, *, trim: bool = False):
       >>> params = {"w": jnp.zeros((8, 8))}
       >>> c2, c4 = lj.LoraConfig(rank=2, targets="w"), lj.LoraConfig(rank=4, targets="w")
       >>> a2 = lj.init(params, c2, key=jax.random.key(0))
-      >>> aset = lj.adapter_set({"a": (a2, c2), "b": (lj.init(params, c4, key=jax.random.key(1)), c4)})
+      >>> a4 = lj.init(params, c4, key=jax.random.key(1))
+      >>> aset = lj.adapter_set({"a": (a2, c2), "b": (a4, c4)})
       >>> lj.select_adapter(aset, "a")["w"].a.shape     # padded, for aset.config
       (8, 4)
       >>> back = lj.select_adapter(aset, "a", trim=True)
@@ -475,7 +494,7 @@ def select_adapter(aset: AdapterSet, name, *, trim: bool = False):
     check_set(aset, "select_adapter")
     if isinstance(name, (jax.Array, np.ndarray)) and not trim:
         return _take(aset.adapters, jnp.asarray(name, jnp.int32))
-    i = index_of(aset, name)
+    i = index_of(aset, name, "lj.select_adapter")
     out = _take(aset.adapters, jnp.int32(i))
     if not trim:
         return out
@@ -512,8 +531,9 @@ def adapter_ids(aset: AdapterSet, names: Sequence[str]):
     """
     check_set(aset, "adapter_ids")
     if isinstance(names, str) or not isinstance(names, Sequence):
-        raise TypeError(f"names must be a sequence of adapter names, one per example; got "
-                        f"{type(names).__name__}. Fix: e.g. ['fr', '__base__', 'de'].")
+        raise error("lj.adapter_ids", f"names must be a sequence of adapter names, one per "
+                                      f"example; got {type(names).__name__}",
+                    "e.g. ['fr', '__base__', 'de']", kind=TypeError)
     lookup = {n: i for i, n in enumerate(aset.names)}
     out = []
     for k, n in enumerate(names):
@@ -522,6 +542,7 @@ def adapter_ids(aset: AdapterSet, names: Sequence[str]):
         elif n in lookup:
             out.append(lookup[n])
         else:
-            raise ValueError(f"example {k}: no adapter called {n!r}; the set holds "
-                             f"{list(aset.names)} (and {BASE!r} means none).")
+            raise error("lj.adapter_ids", f"example {k}: no adapter called {n!r}; the set "
+                                          f"holds {list(aset.names)} (and {BASE!r} means none)",
+                        "use one of these names per example")
     return jnp.asarray(np.asarray(out, np.int32).reshape(len(out)))

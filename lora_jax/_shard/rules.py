@@ -39,6 +39,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from lora_jax._core.config import LoraConfig
+from lora_jax._core.errors import error
 from lora_jax._core.leaf import is_container
 from lora_jax._core.paths import LeafSpec, leaves_with_paths, map_params, mirror, resolve
 from lora_jax._core.weights import LoraWeights
@@ -47,6 +48,7 @@ __all__ = ["param_shardings", "adapter_shardings", "opt_state_shardings", "repli
            "spec_axes_size"]
 
 P = PartitionSpec
+_REPLICATED = P()   # `param_shardings`' default spec (a module constant, not a call per default)
 
 
 # ----------------------------------------------------------------------------- spec helpers
@@ -79,9 +81,10 @@ def replicated(sharding: Sharding) -> Sharding:
         return NamedSharding(sharding.mesh, P(), memory_kind=sharding.memory_kind)
     if isinstance(sharding, SingleDeviceSharding):
         return sharding
-    raise TypeError(
-        f"can't build a replicated sharding from a {type(sharding).__name__}. Fix: shard "
-        f"the params with jax.sharding.NamedSharding(mesh, PartitionSpec(...)).")
+    raise error("replicated",
+                f"can't build a replicated sharding from a {type(sharding).__name__}",
+                "shard the params with jax.sharding.NamedSharding(mesh, PartitionSpec(...))",
+                kind=TypeError)
 
 
 def _merged_entry(mesh, entries: tuple, shape: tuple):
@@ -97,37 +100,37 @@ def _merged_entry(mesh, entries: tuple, shape: tuple):
 def _check_spec(path: str, mesh, spec: PartitionSpec, shape: tuple, what: str) -> None:
     entries = tuple(spec)
     if len(entries) > len(shape):
-        raise ValueError(
-            f"{path}: {what} {spec} has {len(entries)} entries but the array has shape "
-            f"{shape}. Fix: give at most {len(shape)} entries, e.g. "
-            f"{P(*([None] * len(shape)))}.")
+        raise error(
+            path, f"{what} {spec} has {len(entries)} entries but the array has shape {shape}",
+            f"give at most {len(shape)} entries, e.g. {P(*([None] * len(shape)))}")
     used = []
-    for axis, (e, n) in enumerate(zip(entries, shape)):
+    # Axes past the spec's last entry are replicated: nothing to check there.
+    for axis, (e, n) in enumerate(zip(entries, shape[: len(entries)], strict=True)):
         if e is None or e is P.UNCONSTRAINED:
             continue
         names = e if isinstance(e, tuple) else (e,)
         for name in names:
             if name not in mesh.shape:
-                raise ValueError(
-                    f"{path}: {what} {spec} names mesh axis {name!r}, but the mesh has axes "
-                    f"{tuple(mesh.shape)}. Fix: use one of those names.")
+                raise error(
+                    path, f"{what} {spec} names mesh axis {name!r}, but the mesh has axes "
+                    f"{tuple(mesh.shape)}", "use one of those names")
             if name in used:
-                raise ValueError(
-                    f"{path}: {what} {spec} uses mesh axis {name!r} twice. Fix: shard each "
-                    f"array axis over different mesh axes.")
+                raise error(path, f"{what} {spec} uses mesh axis {name!r} twice",
+                            "shard each array axis over different mesh axes")
             used.append(name)
         k = spec_axes_size(mesh, e)
         if n % k:
-            raise ValueError(
-                f"{path}: {what} {spec} splits axis {axis} (size {n}) over {k} devices, "
-                f"which does not divide it. Fix: replicate that axis (None) or shard it "
-                f"over fewer devices.")
+            raise error(
+                path, f"{what} {spec} splits axis {axis} (size {n}) over {k} devices, "
+                f"which does not divide it",
+                "replicate that axis (None) or shard it over fewer devices")
 
 
 # ----------------------------------------------------------------------------- params
 
 
-def _compile_rules(rules, what: str) -> list:
+def _compile_rules(rules, where: str, what: str) -> list:
+    """``[[compiled, value, used], ...]`` of ``where``'s argument ``what`` (``rules``)."""
     if rules is None:
         return []
     items = rules.items() if isinstance(rules, Mapping) else rules
@@ -135,22 +138,24 @@ def _compile_rules(rules, what: str) -> list:
     try:
         items = list(items)
     except TypeError:
-        raise TypeError(f"{what} must be a mapping {{regex: PartitionSpec}} or a sequence of "
-                        f"(regex, PartitionSpec) pairs; got {type(rules).__name__}.") from None
+        raise error(where, f"{what} must be a mapping {{regex: PartitionSpec}} or a sequence "
+                    f"of (regex, PartitionSpec) pairs; got {type(rules).__name__}",
+                    f"pass e.g. {what}={{r'.*/fc2/kernel/b': P(None, 'model')}}",
+                    kind=TypeError) from None
     for item in items:
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
-            raise TypeError(f"{what}: entry {item!r} is not a (regex, PartitionSpec) pair. "
-                            f"Fix: pass e.g. {{r'.*/fc2/kernel/b': P(None, 'model')}}.")
+            raise error(where, f"{what}: entry {item!r} is not a (regex, PartitionSpec) pair",
+                        f"pass e.g. {what}={{r'.*/fc2/kernel/b': P(None, 'model')}}",
+                        kind=TypeError)
         pattern, value = item
         if not isinstance(value, (PartitionSpec, Sharding)):
-            raise TypeError(
-                f"{what}[{pattern!r}] is a {type(value).__name__}; use a "
-                f"jax.sharding.PartitionSpec (or a full Sharding).")
+            raise error(where, f"{what}[{pattern!r}] is a {type(value).__name__}",
+                        "use a jax.sharding.PartitionSpec (or a full Sharding)", kind=TypeError)
         try:
             out.append([re.compile(pattern), value, False])
         except re.error as e:
-            raise ValueError(f"{what}: {pattern!r} is not a valid regex ({e}). Fix: escape "
-                             f"special characters, e.g. re.escape(name).") from None
+            raise error(where, f"{what}: {pattern!r} is not a valid regex ({e})",
+                        "escape special characters, e.g. re.escape(name)") from None
     return out
 
 
@@ -162,19 +167,19 @@ def _first_rule(rules: list, path: str):
     return None
 
 
-def _unused_rules_error(rules: list, paths: list[str], what: str):
+def _unused_rules_error(rules: list, paths: list[str], where: str, what: str):
     unused = [r[0].pattern for r in rules if not r[2]]
     if not unused:
         return None
     shown = "\n  ".join(paths[:8]) + (f"\n  ... ({len(paths) - 8} more)" if len(paths) > 8
                                         else "")
-    return ValueError(
-        f"{what} patterns {unused} matched no path. Patterns are regexes fullmatched against "
-        f"'/'-joined paths; some real paths are:\n  {shown}\nFix: write the patterns against "
-        f"these.")
+    return error(
+        where, f"{what} patterns {unused} matched no path; some real paths are:\n  {shown}\n"
+        f"(patterns are regexes fullmatched against '/'-joined paths)",
+        "write the patterns against these")
 
 
-def param_shardings(params, mesh, *, rules=None, default: PartitionSpec = P()):
+def param_shardings(params, mesh, *, rules=None, default: PartitionSpec = _REPLICATED):
     """``NamedSharding``s for a params tree from ``{regex: PartitionSpec}`` rules.
 
     Each leaf takes the spec of the first rule whose regex fullmatches its
@@ -206,7 +211,7 @@ def param_shardings(params, mesh, *, rules=None, default: PartitionSpec = P()):
       >>> sh["q"]["kernel"].spec, sh["o"]["kernel"].spec
       (P(None, 'model'), P('model', None))
     """
-    compiled = _compile_rules(rules, "param_shardings rules")
+    compiled = _compile_rules(rules, "lj.param_shardings", "rules")
     paths = []
 
     def one(path, leaf):
@@ -217,15 +222,16 @@ def param_shardings(params, mesh, *, rules=None, default: PartitionSpec = P()):
             return spec
         _check_spec(path, mesh, spec, tuple(leaf.shape), "the rule's spec")
         if is_container(leaf) and any(e is not None for e in spec):
-            raise ValueError(
-                f"{path}: a quantized weight ({type(leaf).__name__}) can't be sharded by "
+            raise error(
+                path, f"a quantized weight ({type(leaf).__name__}) can't be sharded by "
                 f"{spec}: its storage arrays do not have the weight's shape, and lora_jax "
-                f"does not split them yet. Fix: replicate it (a rule giving P(), or no rule "
-                f"with default=P()), or shard the float base and quantize per device.")
+                f"does not split them yet",
+                "replicate it (a rule giving P(), or no rule with default=P()), or shard the "
+                "float base and quantize per device")
         return NamedSharding(mesh, spec)
 
     out = map_params(one, params)
-    err = _unused_rules_error(compiled, paths, "param_shardings rules")
+    err = _unused_rules_error(compiled, paths, "lj.param_shardings", "rules")
     if err:
         raise err
     return out
@@ -234,7 +240,7 @@ def param_shardings(params, mesh, *, rules=None, default: PartitionSpec = P()):
 # ----------------------------------------------------------------------------- adapters
 
 
-def _leaf_sharding(leaf):
+def _leaf_sharding(path: str, leaf):
     """A leaf's sharding; a quantized container's is its (replicated) storage's."""
     if not is_container(leaf):
         return getattr(leaf, "sharding", None)
@@ -244,27 +250,29 @@ def _leaf_sharding(leaf):
         if sh is None or isinstance(sh, SingleDeviceSharding) or \
                 (isinstance(sh, NamedSharding) and all(e is None for e in sh.spec)):
             return sh
-    raise ValueError(
-        f"a quantized weight ({type(leaf).__name__}) whose storage arrays are not all "
-        f"replicated alike ({sorted(map(str, shs))}). Fix: replicate quantized weights "
-        f"(lj.param_shardings gives them P()).")
+    raise error(
+        path, f"a quantized weight ({type(leaf).__name__}) whose storage arrays are not all "
+        f"replicated alike ({sorted(map(str, shs))})",
+        "replicate quantized weights (lj.param_shardings gives them P())")
 
 
 def _sharding_of(path: str, leaf, given):
-    sh = given if given is not None else _leaf_sharding(leaf)
+    sh = given if given is not None else _leaf_sharding(path, leaf)
     if isinstance(sh, (NamedSharding, SingleDeviceSharding)):
         return sh
     if sh is None:
-        raise TypeError(
-            f"{path}: this params leaf ({type(leaf).__name__}) carries no sharding, so the "
-            f"adapter's can't be derived from it. Fix: pass params as jax.Arrays placed with "
-            f"jax.device_put(params, lj.param_shardings(params, mesh, rules=rules)), or "
-            f"jax.ShapeDtypeStruct(..., sharding=...), or pass shardings=<tree of "
-            f"NamedSharding mirroring params>.")
-    raise TypeError(
-        f"{path}: params leaf has a {type(sh).__name__}; the rules need a NamedSharding "
-        f"(axis names tell which mesh axes split W's input and output). Fix: place the "
-        f"params with jax.sharding.NamedSharding(mesh, PartitionSpec(...)).")
+        raise error(
+            path, f"this params leaf ({type(leaf).__name__}) carries no sharding, so the "
+            f"adapter's can't be derived from it",
+            "pass params as jax.Arrays placed with jax.device_put(params, "
+            "lj.param_shardings(params, mesh, rules=rules)), or "
+            "jax.ShapeDtypeStruct(..., sharding=...), or pass shardings=<tree of "
+            "NamedSharding mirroring params>", kind=TypeError)
+    raise error(
+        path, f"params leaf has a {type(sh).__name__}; the rules need a NamedSharding "
+        f"(axis names tell which mesh axes split W's input and output)",
+        "place the params with jax.sharding.NamedSharding(mesh, PartitionSpec(...))",
+        kind=TypeError)
 
 
 def _lora_shardings(sh, spec: LeafSpec) -> LoraWeights:
@@ -272,7 +280,8 @@ def _lora_shardings(sh, spec: LeafSpec) -> LoraWeights:
         return LoraWeights(sh, sh, sh, sh)
     mesh = sh.mesh
     lay = spec.layout
-    entries = _padded(sh.spec, lay.ndim)
+    padded = _padded(sh.spec, lay.ndim)
+    entries = tuple(padded[i] for i in spec.order)     # stacked, input, output axes
     stacked = entries[: lay.n_stacked]
     e_in = _merged_entry(mesh, entries[lay.n_stacked: lay.n_stacked + lay.n_in], spec.in_shape)
     e_out = _merged_entry(mesh, entries[lay.n_stacked + lay.n_in:], spec.out_shape)
@@ -287,9 +296,10 @@ def _override(path: str, base: Sharding, value, shape: tuple) -> Sharding:
     if isinstance(value, Sharding):
         return value
     if not isinstance(base, NamedSharding):
-        raise TypeError(
-            f"{path}: an override PartitionSpec needs a mesh, but the param is on a "
-            f"{type(base).__name__}. Fix: give the override as a full NamedSharding.")
+        raise error(
+            path, f"an override PartitionSpec needs a mesh, but the param is on a "
+            f"{type(base).__name__}", "give the override as a full NamedSharding",
+            kind=TypeError)
     _check_spec(path, base.mesh, value, shape, "override")
     return NamedSharding(base.mesh, value, memory_kind=base.memory_kind)
 
@@ -333,8 +343,10 @@ def adapter_shardings(params, config: LoraConfig, *, shardings=None, overrides=N
       >>> import jax, jax.numpy as jnp, lora_jax as lj
       >>> from jax.sharding import NamedSharding, PartitionSpec as P
       >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
-      >>> params = {"fc1": jax.device_put(jnp.ones((16, 32)), NamedSharding(mesh, P("data", "model"))),
-      ...           "fc2": jax.device_put(jnp.ones((32, 16)), NamedSharding(mesh, P("model", "data")))}
+      >>> params = {"fc1": jax.device_put(jnp.ones((16, 32)),
+      ...                                 NamedSharding(mesh, P("data", "model"))),
+      ...           "fc2": jax.device_put(jnp.ones((32, 16)),
+      ...                                 NamedSharding(mesh, P("model", "data")))}
       >>> cfg = lj.LoraConfig(rank=4, targets="fc1|fc2")
       >>> sh = lj.adapter_shardings(params, cfg)
       >>> sh["fc1"].a.spec, sh["fc1"].b.spec, sh["fc1"].scale.spec
@@ -351,8 +363,9 @@ def adapter_shardings(params, config: LoraConfig, *, shardings=None, overrides=N
         sh_leaves = mirror(params, shardings, what="shardings=",
                            fix="pass one Sharding per params leaf, e.g. "
                                "lj.param_shardings(params, mesh, rules=rules).")
-        given = {path: sh for (path, _), sh in zip(leaves_with_paths(params), sh_leaves)}
-    rules = _compile_rules(overrides, "adapter_shardings overrides")
+        given = {path: sh for (path, _), sh in
+                 zip(leaves_with_paths(params), sh_leaves, strict=True)}
+    rules = _compile_rules(overrides, "lj.adapter_shardings", "overrides")
     paths = []
 
     def one(path, leaf):
@@ -376,7 +389,7 @@ def adapter_shardings(params, config: LoraConfig, *, shardings=None, overrides=N
         return LoraWeights(**fields)
 
     out = map_params(one, params)
-    err = _unused_rules_error(rules, paths, "adapter_shardings overrides")
+    err = _unused_rules_error(rules, paths, "lj.adapter_shardings", "overrides")
     if err:
         raise err
     return out
@@ -427,12 +440,15 @@ def opt_state_shardings(opt_state, adapters, shardings):
     try:
         sh_leaves = ad_def.flatten_up_to(shardings)
     except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"shardings do not mirror adapters ({e}). Fix: pass "
-            f"lj.adapter_shardings(params, config) for the same params and config.") from None
-    by_keys = {_keys(p): (tuple(x.shape), s) for (p, x), s in zip(flat_ad, sh_leaves)}
+        raise error(
+            "lj.opt_state_shardings", f"shardings do not mirror adapters ({e})",
+            "pass lj.adapter_shardings(params, config) for the same params and config"
+        ) from None
+    by_keys = {_keys(p): (tuple(x.shape), s)
+               for (p, x), s in zip(flat_ad, sh_leaves, strict=True)}
     if not by_keys:
-        raise ValueError("adapters hold no arrays. Fix: pass the tree lj.init returned.")
+        raise error("lj.opt_state_shardings", "adapters hold no arrays",
+                    "pass the tree lj.init returned")
     first = next(iter(by_keys.values()))[1]
     default = replicated(first)
     longest = max(len(k) for k in by_keys)

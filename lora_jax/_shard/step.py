@@ -24,10 +24,11 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from lora_jax._core.config import LoraConfig
-from lora_jax._init import init
-from lora_jax._optim import make_train_step
+from lora_jax._core.errors import error
 from lora_jax._core.leaf import is_container
 from lora_jax._core.paths import map_params
+from lora_jax._init import init
+from lora_jax._optim import make_train_step
 from lora_jax._shard.rules import adapter_shardings, opt_state_shardings, replicated
 
 __all__ = ["TrainShardings", "train_shardings", "shard_train_state",
@@ -62,10 +63,10 @@ def _param_shardings(params, shardings):
             return jax.tree.map(lambda c: getattr(c, "sharding", None), leaf)
         sh = getattr(leaf, "sharding", None)
         if not isinstance(sh, Sharding):
-            raise TypeError(
-                f"{path}: this params leaf ({type(leaf).__name__}) carries no sharding. Fix: "
-                f"place params with jax.device_put(params, lj.param_shardings(params, mesh, rules="
-                f"rules)), or pass shardings=.")
+            raise error(
+                path, f"this params leaf ({type(leaf).__name__}) carries no sharding",
+                "place params with jax.device_put(params, lj.param_shardings(params, mesh, "
+                "rules=rules)), or pass shardings=", kind=TypeError)
         return sh
 
     return map_params(one, params)
@@ -84,16 +85,23 @@ def _batch_shardings(batch, mesh) -> tuple:
     for i, b in enumerate(items):
         if isinstance(b, PartitionSpec):
             if mesh is None:
-                raise TypeError(
-                    f"batch[{i}] is a PartitionSpec but no params leaf has a NamedSharding "
-                    f"to take the mesh from. Fix: pass batch=NamedSharding(mesh, {b}).")
+                raise error(
+                    "lj.train_shardings", f"batch[{i}] is a PartitionSpec but no params leaf "
+                    f"has a NamedSharding to take the mesh from",
+                    f"pass batch=NamedSharding(mesh, {b})", kind=TypeError)
             b = NamedSharding(mesh, b)
         elif not (isinstance(b, Sharding) or isinstance(b, (dict, list)) or b is None):
-            raise TypeError(
-                f"batch[{i}] is a {type(b).__name__}; use a PartitionSpec, a Sharding, or a "
-                f"tree of them (one entry per batch argument). Fix: e.g. batch=P('data').")
+            raise error(
+                "lj.train_shardings", f"batch[{i}] is a {type(b).__name__}; use a "
+                f"PartitionSpec, a Sharding, or a tree of them (one entry per batch argument)",
+                "e.g. batch=P('data')", kind=TypeError)
         out.append(b)
     return tuple(out)
+
+
+def _not_train_shardings(shardings) -> str:
+    return (f"shardings must be a lj.TrainShardings (from lj.train_shardings); "
+            f"got {type(shardings).__name__}")
 
 
 def _abstract(tree):
@@ -127,15 +135,17 @@ def train_shardings(params, config: LoraConfig, tx: optax.GradientTransformation
       >>> from jax.sharding import PartitionSpec as P
       >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
       >>> params = {"w": jnp.ones((8, 8))}
-      >>> params = jax.device_put(params, lj.param_shardings(params, mesh, rules={"w": P("data", "model")}))
+      >>> params = jax.device_put(params, lj.param_shardings(params, mesh,
+      ...                                                    rules={"w": P("data", "model")}))
       >>> cfg = lj.LoraConfig(rank=2, targets="w")
       >>> sh = lj.train_shardings(params, cfg, lj.optimizer(optax.adam(1e-3)), batch=P("data"))
       >>> sh.adapters["w"].a.spec, sh.batch[0].spec, sh.scalar.spec
       (P('data', None), P('data',), P())
     """
     if not isinstance(tx, optax.GradientTransformation):
-        raise TypeError(f"tx must be an optax.GradientTransformation (e.g. "
-                        f"lj.optimizer(optax.adam(1e-3))); got {type(tx).__name__}.")
+        raise error("lj.train_shardings",
+                    f"tx must be an optax.GradientTransformation; got {type(tx).__name__}",
+                    "e.g. tx=lj.optimizer(optax.adam(1e-3))", kind=TypeError)
     param_sh = _param_shardings(params, shardings)
     ad_sh = adapter_shardings(params, config, shardings=param_sh, overrides=overrides)
     abstract_ad = jax.eval_shape(lambda p: init(p, config, key=jax.random.key(0)),
@@ -177,8 +187,9 @@ def shard_train_state(adapters, opt_state, shardings: TrainShardings):
       True
     """
     if not isinstance(shardings, TrainShardings):
-        raise TypeError(f"shardings must be a lj.TrainShardings (from lj.train_shardings); "
-                        f"got {type(shardings).__name__}.")
+        raise error("lj.shard_train_state", _not_train_shardings(shardings),
+                    "shardings = lj.train_shardings(params, config, tx, batch=...)",
+                    kind=TypeError)
     return (jax.device_put(adapters, shardings.adapters),
             jax.device_put(opt_state, shardings.opt_state))
 
@@ -220,7 +231,8 @@ def make_sharded_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
       >>> from jax.sharding import AxisType, PartitionSpec as P
       >>> mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
       >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
-      >>> params = jax.device_put(params, lj.param_shardings(params, mesh, rules={"w": P(None, "model")}))
+      >>> params = jax.device_put(params, lj.param_shardings(params, mesh,
+      ...                                                    rules={"w": P(None, "model")}))
       >>> cfg = lj.LoraConfig(rank=2, targets="w")
       >>> tx = lj.optimizer(optax.adam(1e-2))
       >>> sh = lj.train_shardings(params, cfg, tx, batch=P("data"))
@@ -238,8 +250,9 @@ def make_sharded_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
       (True, True)
     """
     if not isinstance(shardings, TrainShardings):
-        raise TypeError(f"shardings must be a lj.TrainShardings (from lj.train_shardings); "
-                        f"got {type(shardings).__name__}.")
+        raise error("lj.make_sharded_train_step", _not_train_shardings(shardings),
+                    "shardings = lj.train_shardings(params, config, tx, batch=...)",
+                    kind=TypeError)
     body = make_train_step(loss_fn, tx, has_aux=has_aux, jit=False)
     sh = shardings
     in_sh = (sh.params, sh.adapters, sh.opt_state, *sh.batch)

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from lora_jax._core.config import LoraConfig
-from lora_jax._core.leaf import as_matrix, dense_float32
+from lora_jax._core.errors import error
+from lora_jax._core.leaf import as_matrix, dense_float32, from_matrix
 from lora_jax._core.paths import LeafSpec, unflatten_params
 from lora_jax._core.weights import LoraWeights, check_adapters, delta
 
@@ -74,7 +75,7 @@ def merged(w32, node: LoraWeights, spec: LeafSpec, d):
     v = as_matrix(w32 + d, spec)
     n = lax.stop_gradient(dense_column_norm(v))
     m = jnp.asarray(node.m, jnp.float32)
-    return (v * (m / n)[..., None, :]).reshape(spec.shape)
+    return from_matrix(v * (m / n)[..., None, :], spec)
 
 
 def unmerged(merged32, node: LoraWeights, spec: LeafSpec, d, norm):
@@ -82,7 +83,7 @@ def unmerged(merged32, node: LoraWeights, spec: LeafSpec, d, norm):
     m = jnp.asarray(node.m, jnp.float32)
     n = jnp.asarray(norm, jnp.float32)
     v = as_matrix(merged32, spec) * (n / m)[..., None, :]
-    return v.reshape(spec.shape) - d
+    return from_matrix(v, spec) - d
 
 
 def dora_norms(params, adapters, config: LoraConfig):
@@ -113,11 +114,12 @@ def dora_norms(params, adapters, config: LoraConfig):
       True
     """
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"dora_norms: config must be a lj.LoraConfig, got "
-                        f"{type(config).__name__}.")
+        raise error("lj.dora_norms",
+                    f"config must be a lj.LoraConfig, got {type(config).__name__}",
+                    "pass the LoraConfig the adapters were made with", kind=TypeError)
     if not config.use_dora:
-        raise ValueError("dora_norms: config.use_dora is False; only DoRA adapters need "
-                         "norms to be unmerged. Fix: call lj.unmerge without norms=.")
+        raise error("lj.dora_norms", "config.use_dora is False; only DoRA adapters need "
+                    "norms to be unmerged", "call lj.unmerge without norms=")
     entries = check_adapters(params, adapters, config)
     out = []
     for _, leaf, node, spec in entries:

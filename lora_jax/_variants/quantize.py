@@ -36,8 +36,10 @@ from statistics import NormalDist
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import core as jax_core
 
 from lora_jax._core.config import Layout, LoraConfig, LoraWarning, normalize_patterns
+from lora_jax._core.errors import error, message
 from lora_jax._core.fmt import sample_paths
 from lora_jax._core.leaf import LeafContainer, is_container, register_container
 from lora_jax._core.paths import flatten_params, map_params, matcher, path_str
@@ -179,8 +181,9 @@ class Int8Weight(LeafContainer):
 
     Attributes:
       q: int8, the weight's shape ``(*stacked, *in, *out)``.
-      scale: float32 ``(*stacked, 1, ..., 1, *out)`` (size-1 input axes).
-      n_in, n_out: how many axes are input and output (static).
+      scale: float32, the weight's shape with its input axes of size 1.
+      in_axes: the weight's input axes (static): the scale is the maximum over
+        them, one per output unit (and stacked copy).
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -194,14 +197,14 @@ class Int8Weight(LeafContainer):
     method = "int8"
 
     def _aux(self):
-        return (self.n_in, self.n_out, self._dtype)
+        return (self.in_axes, self._dtype)
 
     def _set_aux(self, aux):
-        self.n_in, self.n_out, self._dtype = aux
+        self.in_axes, self._dtype = aux
 
-    def __init__(self, q, scale, *, n_in: int, n_out: int, dtype):
+    def __init__(self, q, scale, *, in_axes, dtype):
         self.q, self.scale = q, scale
-        self._set_aux((int(n_in), int(n_out), jnp.dtype(dtype).name))
+        self._set_aux((tuple(int(a) for a in in_axes), jnp.dtype(dtype).name))
 
     @property
     def dtype(self):
@@ -219,12 +222,11 @@ class Int8Weight(LeafContainer):
 
     def requantize(self, dense) -> Int8Weight:
         """``dense`` (this container's shape) quantized with the same settings."""
-        n_stacked = len(self.shape) - self.n_in - self.n_out
-        return _quantize_int8(dense, Layout(n_stacked, self.n_in, self.n_out), self.dtype)
+        return _quantize_int8(dense, self.in_axes, self.dtype)
 
     def settings(self) -> dict:
         """The JSON-able settings `quantize_as` rebuilds this storage from."""
-        return {"method": "int8", "n_in": self.n_in, "n_out": self.n_out}
+        return {"method": "int8", "in_axes": list(self.in_axes)}
 
     def rounding_bound(self) -> float:
         """A bound on ``|dequantize() - original|``: half the largest step."""
@@ -280,7 +282,8 @@ def _quantize_nf4_arrays(x, n_stacked, inner_shape, block_size, scale_block):
     # Double quantization of the block maxima: mean offset, int8 per 256 blocks.
     offset = jnp.mean(absmax, axis=-1)
     n2 = -(-n_blocks // scale_block)
-    dev = jnp.pad(absmax - offset[..., None], [(0, 0)] * n_stacked + [(0, n2 * scale_block - n_blocks)])
+    dev = jnp.pad(absmax - offset[..., None],
+                  [(0, 0)] * n_stacked + [(0, n2 * scale_block - n_blocks)])
     dev = dev.reshape(*lead, n2, scale_block)
     scale = jnp.max(jnp.abs(dev), axis=-1) / 127.0
     scale = jnp.where(scale > 0, scale, 1.0)
@@ -310,10 +313,23 @@ def _quantize_int8_arrays(x, in_axes):
     return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
 
 
-def _quantize_int8(x, layout: Layout, dtype):
-    in_axes = tuple(range(layout.n_stacked, layout.n_stacked + layout.n_in))
-    q, scale = _quantize_int8_arrays(x, in_axes)
-    return Int8Weight(q, scale, n_in=layout.n_in, n_out=layout.n_out, dtype=dtype)
+def _quantize_int8(x, in_axes: tuple, dtype):
+    q, scale = _quantize_int8_arrays(x, tuple(in_axes))
+    return Int8Weight(q, scale, in_axes=in_axes, dtype=dtype)
+
+
+def _in_axes(layout: Layout) -> tuple:
+    order = layout.order or tuple(range(layout.ndim))
+    return tuple(order[layout.n_stacked: layout.n_stacked + layout.n_in])
+
+
+def _leading_stacked(layout: Layout) -> int:
+    """How many stacked axes lead the weight (NF4 quantizes each leading slice apart)."""
+    order = layout.order or tuple(range(layout.ndim))
+    n = 0
+    while n < layout.n_stacked and order[n] == n:
+        n += 1
+    return n
 
 
 # ----------------------------------------------------------------------------- public
@@ -364,20 +380,19 @@ def quantize(params, *, targets=r".*kernel", method: str = "nf4", exclude=(),
       (128, 4)
     """
     if method not in METHODS:
-        raise ValueError(f"quantize: method={method!r} is not one of {METHODS}. Fix: use "
-                         f"method='nf4' (QLoRA) or method='int8'.")
+        raise error("lj.quantize", f"method={method!r} is not one of {METHODS}",
+                    "use method='nf4' (QLoRA) or method='int8'")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2 \
             or block_size % 2:
-        raise ValueError(f"quantize: block_size={block_size!r} must be an even int >= 2 "
-                         f"(QLoRA uses 64).")
+        raise error("lj.quantize", f"block_size={block_size!r} must be an even int >= 2",
+                    "use block_size=64 (what QLoRA uses)")
     if config is not None and not isinstance(config, LoraConfig):
-        raise TypeError(f"quantize: config must be a lj.LoraConfig or None, got "
-                        f"{type(config).__name__}.")
-    try:
-        tspec = normalize_patterns("targets", targets, allow_none=False)
-        espec = normalize_patterns("exclude", exclude, allow_none=True)
-    except (ValueError, TypeError) as e:
-        raise type(e)(f"quantize: {e}".replace("LoraConfig.", "")) from None
+        raise error("lj.quantize", f"config must be a lj.LoraConfig or None, got "
+                    f"{type(config).__name__}",
+                    "pass the LoraConfig you will train with, or leave config out",
+                    kind=TypeError)
+    tspec = normalize_patterns("targets", targets, allow_none=False, where="lj.quantize")
+    espec = normalize_patterns("exclude", exclude, allow_none=True, where="lj.quantize")
     is_target, is_excluded = matcher(tspec), matcher(espec)
     is_train = matcher(config.train) if config is not None and config.train else \
         (lambda p, x: False)
@@ -393,39 +408,40 @@ def quantize(params, *, targets=r".*kernel", method: str = "nf4", exclude=(),
         leaves.append(_quantize_leaf(path, leaf, method, config, block_size))
     if not hits:
         arrays = [path_str(p) for p, x in flat if hasattr(x, "shape")]
-        raise ValueError(
-            f"quantize: targets={targets!r} matched no leaf (after exclude= and the "
-            f"config's train leaves). Patterns are regexes fullmatched against "
-            f"'/'-joined paths; some real paths are:\n  {sample_paths(arrays)}\n"
-            f"Fix: write the pattern against these, e.g. targets=r'.*/kernel'.")
+        raise error(
+            "lj.quantize",
+            f"targets={targets!r} matched no leaf (after exclude= and the config's train "
+            f"leaves); some real paths are:\n  {sample_paths(arrays)}\n"
+            f"(patterns are regexes fullmatched against '/'-joined paths)",
+            "write the pattern against these, e.g. targets=r'.*/kernel'")
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def _quantize_leaf(path, leaf, method, config, block_size):
     if is_container(leaf):
-        raise ValueError(f"{path}: already quantized ({leaf!r}). Fix: quantize the float "
-                         f"params once, or lj.dequantize them first.")
+        raise error(path, f"already quantized ({leaf!r})",
+                    "quantize the float params once, or lj.dequantize them first")
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-        raise ValueError(f"{path}: quantize matched a {type(leaf).__name__}, not an array. "
-                         f"Fix: narrow targets= or add it to exclude=.")
+        raise error(path, f"lj.quantize matched a {type(leaf).__name__}, not an array",
+                    f"narrow targets= or add it to exclude=, e.g. exclude=r'{re.escape(path)}'")
     dtype = jnp.dtype(leaf.dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"{path}: can't quantize a {dtype.name} leaf. Fix: narrow targets= "
-                         f"or exclude=r'{re.escape(path)}'.")
+        raise error(path, f"can't quantize a {dtype.name} leaf",
+                    f"narrow targets= or exclude=r'{re.escape(path)}'")
     layout = config.layout_for(path) if config is not None else None
     shape = tuple(leaf.shape)
     if layout is None:
         layout = Layout(0, max(len(shape) - 1, 0), 1)
     if layout.ndim != len(shape) or len(shape) - layout.n_stacked < 2:
-        raise ValueError(
-            f"{path}: can't quantize shape {shape} with layout {tuple(layout)} (n_stacked, "
+        raise error(
+            path, f"can't quantize shape {shape} with layout {layout} (n_stacked, "
             f"n_in, n_out): a quantized weight needs >= 2 axes besides its stacked ones "
-            f"(biases and norm scales stay as they are). Fix: exclude=r'{re.escape(path)}', "
-            f"or fix LoraConfig.layouts for it.")
+            f"(biases and norm scales stay as they are)",
+            f"exclude=r'{re.escape(path)}', or fix LoraConfig.layouts for it")
     x = jnp.asarray(leaf)
     if method == "nf4":
-        return _quantize_nf4(x, layout.n_stacked, dtype, block_size)
-    return _quantize_int8(x, layout, dtype)
+        return _quantize_nf4(x, _leading_stacked(layout), dtype, block_size)
+    return _quantize_int8(x, _in_axes(layout), dtype)
 
 
 def quantize_as(settings: dict, dense):
@@ -445,10 +461,9 @@ def quantize_as(settings: dict, dense):
         return _quantize_nf4(dense, int(settings["n_stacked"]), dense.dtype,
                              int(settings["block_size"]), int(settings["scale_block"]))
     if method == "int8":
-        n_in, n_out = int(settings["n_in"]), int(settings["n_out"])
-        return _quantize_int8(dense, Layout(dense.ndim - n_in - n_out, n_in, n_out), dense.dtype)
-    raise ValueError(f"quantize_as: unknown quantization settings {settings!r}; this lora_jax "
-                     f"knows the methods {METHODS}. Fix: upgrade lora_jax.")
+        return _quantize_int8(dense, tuple(int(a) for a in settings["in_axes"]), dense.dtype)
+    raise error("quantize_as", f"unknown quantization settings {settings!r}; this lora_jax "
+                f"knows the methods {METHODS}", "upgrade lora_jax")
 
 
 def dequantize(params):
@@ -467,15 +482,16 @@ def requantize_merged(path: str, leaf, dense, *, what: str):
     """``dense`` stored like ``leaf`` again, warning that it rounds (merge/unmerge)."""
     out = leaf.requantize(dense)
     why = ""
-    if not isinstance(dense, jax.core.Tracer):
+    if not isinstance(dense, jax_core.Tracer):
         back = out.dequantize(dtype=jnp.float32)
         d = jnp.asarray(dense, jnp.float32)
         err = float(jnp.linalg.norm(back - d) / jnp.maximum(jnp.linalg.norm(d), 1e-30))
         why = f" (relative error {err:.2g})"
-    warnings.warn(
-        f"{path}: {what} into a {leaf.method} weight: dequantized, summed in float32 and "
+    warnings.warn(message(
+        path, f"{what} into a {leaf.method} weight: dequantized, summed in float32 and "
         f"requantized, so the result carries {leaf.method}'s rounding{why}, and an update "
-        f"smaller than that is largely lost. Fix: keep a float copy of the base to merge "
-        f"into, or serve unmerged with lj.apply.", LoraWarning, stacklevel=4)
+        f"smaller than that is largely lost",
+        "keep a float copy of the base to merge into, or serve unmerged with lj.apply"),
+        LoraWarning, stacklevel=4)
     return out
 

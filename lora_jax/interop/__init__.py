@@ -5,15 +5,17 @@ and write PEFT's safetensors format; a `KeyMap` translates lora_jax's
 '/'-paths to Hugging Face parameter names, with presets for the reference
 models in ``KEY_MAPS`` (``"llama"``, ``"gpt2"``, ``"bert"``);
 `save_params` / `load_params` read and write the flat '/'-path params files
-the command line takes. The
-``safetensors`` package is imported only when a file is read or written
-(``pip install 'lora-jax[interop]'``).
+the command line takes; `lora_jax.interop.keras` runs Keras 3 models (JAX
+backend) as a params tree and a function of it. The ``safetensors`` package
+is imported only when a file is read or written (``pip install
+'lora-jax[interop]'``), Keras only when its helpers are called.
 
 >>> import lora_jax as lj
 >>> lj.interop.KEY_MAPS["llama"].lookup("params/model/layers_0/self_attn/k_proj/kernel")
 HFName(name='model.layers.0.self_attn.k_proj.weight', kind='linear')
 """
 
+from lora_jax.interop import keras as keras
 from lora_jax.interop._files import load_params as load_params
 from lora_jax.interop._files import save_params as save_params
 from lora_jax.interop._keymap import KEY_MAPS as KEY_MAPS
@@ -33,6 +35,7 @@ __all__ = [
     "export_peft",
     "from_hf_state_dict",
     "import_peft",
+    "keras",
     "load_params",
     "save_params",
     "to_hf_state_dict",

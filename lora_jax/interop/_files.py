@@ -14,10 +14,26 @@ import os
 
 import numpy as np
 
+from lora_jax._checkpoint.manager import orbax_checkpoint
+from lora_jax._core.errors import error
 from lora_jax._core.leaf import is_container
 from lora_jax._core.paths import leaves_with_paths
 
-__all__ = ["save_params", "load_params"]
+__all__ = ["save_params", "load_params", "safetensors_modules"]
+
+
+def safetensors_modules(where: str):
+    """``(safetensors.numpy, safetensors.safe_open)``, imported on first use: safetensors
+    is an optional dependency (the ``interop`` extra), so ``import lora_jax`` works
+    without it and only reading or writing such a file needs it."""
+    try:
+        import safetensors.numpy
+        from safetensors import safe_open
+    except ImportError:
+        raise error(where, "PEFT-format and .safetensors files need the safetensors package",
+                    "pip install 'lora-jax[interop]' (or pip install safetensors)",
+                    kind=ImportError) from None
+    return safetensors.numpy, safe_open
 
 
 def _host(x) -> np.ndarray:
@@ -39,26 +55,33 @@ def save_params(path, params) -> None:
     path = os.fspath(path)
     quantized = [p for p, x in leaves_with_paths(params) if is_container(x)]
     if quantized:
-        raise ValueError(
-            f"{path}: {quantized[0]} is a quantized weight ({len(quantized)} in all); a params "
-            f"file holds plain arrays. Fix: save the float base you quantized from, or "
-            f"lj.dequantize(params) first (the file then holds the dequantized values).")
+        raise error(path, f"{quantized[0]} is a quantized weight ({len(quantized)} in all); a "
+                          f"params file holds plain arrays",
+                    "save the float base you quantized from, or lj.dequantize(params) first "
+                    "(the file then holds the dequantized values)")
     flat = {p: _host(x) for p, x in leaves_with_paths(params)}
     if path.endswith(".safetensors"):
-        from safetensors.numpy import save_file
-        save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, path,
-                  metadata={"format": "lora_jax.params"})
+        st_numpy, _ = safetensors_modules("lj.interop.save_params")
+        st_numpy.save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, path,
+                           metadata={"format": "lora_jax.params"})
     elif path.endswith(".npz"):
         odd = sorted(k for k, v in flat.items() if v.dtype.kind == "V" or
                      v.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"))
         if odd:
             # npz stores ml_dtypes arrays as raw bytes ('|V2') and reads them back so.
-            raise ValueError(f"{path}: .npz can't hold {flat[odd[0]].dtype.name} arrays "
-                             f"(e.g. {odd[0]}). Fix: write a .safetensors file instead.")
-        np.savez(path, **flat)
+            raise error(path, f".npz can't hold {flat[odd[0]].dtype.name} arrays "
+                              f"(e.g. {odd[0]})",
+                        "write a .safetensors file instead")
+        taken = sorted({"file", "allow_pickle"} & set(flat))
+        if taken:
+            # np.savez's own parameter names: such a key would be taken for the argument
+            raise error(path, f".npz can't hold a leaf at path {taken[0]!r} (np.savez takes it "
+                              f"for its own argument)",
+                        "write a .safetensors file instead")
+        np.savez(path, allow_pickle=True, **flat)
     else:
-        raise ValueError(f"{path}: params files end in .safetensors or .npz. Fix: rename the "
-                         f"output.")
+        raise error(path, "params files end in .safetensors or .npz",
+                    "rename the output to end in one of those")
 
 
 def load_params(path):
@@ -68,23 +91,24 @@ def load_params(path):
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        import orbax.checkpoint as ocp
         try:
-            return ocp.StandardCheckpointer().restore(os.path.abspath(path))
+            return orbax_checkpoint().StandardCheckpointer().restore(os.path.abspath(path))
         except Exception as e:
-            raise ValueError(f"{path}: not an Orbax checkpoint of a params tree "
-                             f"({type(e).__name__}: {e}). Fix: pass the directory given to "
-                             f"StandardCheckpointer.save, or a .safetensors/.npz file.") from e
+            raise error(path, f"not an Orbax checkpoint of a params tree "
+                              f"({type(e).__name__}: {e})",
+                        "pass the directory given to StandardCheckpointer.save, or a "
+                        ".safetensors/.npz file") from e
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such params file. Fix: check the path.")
+        raise error(path, "no such params file", "check the path")
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
+        st_numpy, _ = safetensors_modules("lj.interop.load_params")
         try:
-            return dict(load_file(path))
+            return dict(st_numpy.load_file(path))
         except Exception as e:
-            raise ValueError(f"{path}: can't read the safetensors file ({e}). Fix: re-create "
-                             f"it with lj.interop.save_params.") from e
+            raise error(path, f"can't read the safetensors file ({e})",
+                        "re-create it with lj.interop.save_params") from e
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    raise ValueError(f"{path}: params files are .safetensors, .npz or an Orbax directory.")
+    raise error(path, "params files are .safetensors, .npz or an Orbax directory",
+                "write the params with lj.interop.save_params")

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._core.errors import error
 from lora_jax._core.leaf import is_container
 from lora_jax._core.paths import leaves_with_paths, unflatten_params
 
@@ -64,7 +65,8 @@ class KeyMap:
       name: shown in messages.
 
     Example:
-      >>> km = KeyMap(((r"params/layers_(\\d+)/(\\w+)/kernel", r"model.layers.\\1.\\2.weight", None),))
+      >>> km = KeyMap(((r"params/layers_(\\d+)/(\\w+)/kernel", r"model.layers.\\1.\\2.weight",
+      ...               None),))
       >>> km.lookup("params/layers_3/q_proj/kernel")
       HFName(name='model.layers.3.q_proj.weight', kind='linear')
       >>> km.lookup("params/norm/scale") is None
@@ -79,15 +81,18 @@ class KeyMap:
         rules = []
         for rule in self.rules:
             if not (isinstance(rule, (tuple, list)) and len(rule) in (2, 3)):
-                raise ValueError(f"KeyMap rule {rule!r} must be (regex, template[, kind]).")
+                raise error("KeyMap", f"rule {rule!r} is not (regex, template[, kind])",
+                            "write each rule as (regex, template) or (regex, template, kind)")
             pattern, template = rule[0], rule[1]
             kind = rule[2] if len(rule) == 3 else None
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise ValueError(f"KeyMap rule regex {pattern!r} is invalid: {e}.") from None
+                raise error("KeyMap", f"rule regex {pattern!r} is invalid: {e}",
+                            "correct the regex (re.escape literal text)") from None
             if kind is not None and kind not in KINDS:
-                raise ValueError(f"KeyMap rule {rule!r}: kind {kind!r} is not one of {KINDS}.")
+                raise error("KeyMap", f"rule {rule!r}: kind {kind!r} is not one of {KINDS}",
+                            "use one of those, or None to infer it from the path")
             rules.append((pattern, template, kind))
         object.__setattr__(self, "rules", tuple(rules))
 
@@ -103,7 +108,7 @@ class KeyMap:
         return None
 
     def with_prefix(self, prefix: str) -> KeyMap:
-        """A copy with another ``prefix`` (e.g. ``"bert."`` for ``BertForSequenceClassification``)."""
+        """A copy with another ``prefix`` (``"bert."`` for ``BertForSequenceClassification``)."""
         return dataclasses.replace(self, prefix=prefix)
 
 
@@ -156,15 +161,18 @@ KEY_MAPS: dict[str, KeyMap] = {
 ``"gpt2"`` (examples/gpt2.py) and ``"bert"`` (examples/bert.py, MiniLM)."""
 
 
-def resolve_key_map(key_map) -> KeyMap | Callable[[str], HFName | None]:
-    """A preset name, a `KeyMap`, ``{regex: template}``, or ``path -> HFName | str | None``."""
+def resolve_key_map(key_map, where: str = "key_map") -> KeyMap | Callable[[str], HFName | None]:
+    """A preset name, a `KeyMap`, ``{regex: template}``, or ``path -> HFName | str | None``.
+
+    Errors name ``where`` (the function taking ``key_map``).
+    """
     if isinstance(key_map, KeyMap):
         return key_map
     if isinstance(key_map, str):
         if key_map not in KEY_MAPS:
-            raise ValueError(f"key_map={key_map!r} is not a preset; presets are "
-                             f"{sorted(KEY_MAPS)}. Fix: pass one of those, or a "
-                             f"lj.interop.KeyMap for your model's paths.")
+            raise error(where, f"key_map={key_map!r} is not a preset; presets are "
+                               f"{sorted(KEY_MAPS)}",
+                        "pass one of those, or a lj.interop.KeyMap for your model's paths")
         return KEY_MAPS[key_map]
     if isinstance(key_map, Mapping):
         return KeyMap(tuple((p, t, None) for p, t in key_map.items()))
@@ -175,11 +183,13 @@ def resolve_key_map(key_map) -> KeyMap | Callable[[str], HFName | None]:
                 return out
             if isinstance(out, str):
                 return HFName(out, _LEAF_KIND.get(path.rsplit("/", 1)[-1], "vector"))
-            raise TypeError(f"key_map({path!r}) returned {type(out).__name__}; return an HF "
-                            f"parameter name (str), an HFName, or None.")
+            raise error(f"key_map({path!r})", f"returned {type(out).__name__}",
+                        "return an HF parameter name (str), an HFName, or None",
+                        kind=TypeError)
         return lookup
-    raise TypeError(f"key_map must be a preset name {sorted(KEY_MAPS)}, a KeyMap, a "
-                    f"{{regex: template}} dict or a callable; got {type(key_map).__name__}.")
+    raise error(where, f"key_map must be a preset name {sorted(KEY_MAPS)}, a KeyMap, a "
+                       f"{{regex: template}} dict or a callable; got {type(key_map).__name__}",
+                "e.g. key_map='llama', or lj.interop.KeyMap(rules)", kind=TypeError)
 
 
 def lookup(key_map, path: str) -> HFName | None:
@@ -189,8 +199,8 @@ def lookup(key_map, path: str) -> HFName | None:
 def to_torch_layout(value: np.ndarray, kind: str, name: str) -> np.ndarray:
     if kind == "linear":
         if value.ndim != 2:
-            raise ValueError(f"{name}: a 'linear' weight must be 2-D, got shape {value.shape}. "
-                             f"Fix: give this leaf another kind in the key map.")
+            raise error(name, f"a 'linear' weight must be 2-D, got shape {value.shape}",
+                        "give this leaf another kind in the key map")
         return np.ascontiguousarray(value.T)
     return np.ascontiguousarray(value)
 
@@ -213,7 +223,7 @@ def to_hf_state_dict(params, key_map, *, strict: bool = True) -> dict[str, np.nd
       >>> to_hf_state_dict(params, "llama")["lm_head.weight"].shape
       (10, 4)
     """
-    km = resolve_key_map(key_map)
+    km = resolve_key_map(key_map, "lj.interop.to_hf_state_dict")
     out, unmapped = {}, []
     for path, leaf in leaves_with_paths(params):
         hf = lookup(km, path)
@@ -224,9 +234,10 @@ def to_hf_state_dict(params, key_map, *, strict: bool = True) -> dict[str, np.nd
         value = leaf.dequantize() if is_container(leaf) else leaf
         out[hf.name] = to_torch_layout(np.asarray(value), hf.kind, path)
     if unmapped and strict:
-        raise ValueError(f"to_hf_state_dict: the key map has no rule for {unmapped[:6]}"
-                         f"{' ...' if len(unmapped) > 6 else ''}. Fix: add rules for them, "
-                         f"or pass strict=False to leave them out.")
+        more = f" and {len(unmapped) - 6} more" if len(unmapped) > 6 else ""
+        raise error("lj.interop.to_hf_state_dict",
+                    f"the key map has no rule for {unmapped[:6]}{more}",
+                    "add rules for them, or pass strict=False to leave them out")
     return out
 
 
@@ -250,13 +261,14 @@ def from_hf_state_dict(state: Mapping[str, Any], like, key_map, *, strict: bool 
       >>> p["params"]["lm_head"]["kernel"].shape
       (4, 10)
     """
-    km = resolve_key_map(key_map)
+    where = "lj.interop.from_hf_state_dict"
+    km = resolve_key_map(key_map, where)
     leaves, missing, used = [], [], set()
     for path, want in leaves_with_paths(like):
         hf = lookup(km, path)
         if hf is None:
-            raise ValueError(f"from_hf_state_dict: the key map has no rule for {path}. Fix: "
-                             f"add one (lj.interop.KeyMap).")
+            raise error(where, f"the key map has no rule for {path}",
+                        "add one (lj.interop.KeyMap)")
         if hf.name not in state:
             missing.append(hf.name)
             leaves.append(None)
@@ -264,20 +276,20 @@ def from_hf_state_dict(state: Mapping[str, Any], like, key_map, *, strict: bool 
         used.add(hf.name)
         value = from_torch_layout(np.asarray(state[hf.name]), hf.kind)
         if tuple(value.shape) != tuple(want.shape):
-            raise ValueError(
-                f"from_hf_state_dict: {hf.name} -> {path}: shape {tuple(value.shape)} (Flax "
-                f"layout) != expected {tuple(want.shape)}. Fix: build the model with the "
-                f"checkpoint's dimensions.")
+            raise error(where, f"{hf.name} -> {path}: shape {tuple(value.shape)} (Flax "
+                               f"layout) != expected {tuple(want.shape)}",
+                        "build the model with the checkpoint's dimensions")
         if is_container(want):   # a quantized skeleton: quantize like it
             leaves.append(want.requantize(jnp.asarray(value, want.dtype)))
         else:
             leaves.append(jnp.asarray(value, want.dtype))
     if missing:
-        raise ValueError(f"from_hf_state_dict: {len(missing)} weights missing, e.g. "
-                         f"{missing[:4]}; the state dict has e.g. {sorted(state)[:4]}. Fix: "
-                         f"check the model dimensions and the key map's prefix.")
+        raise error(where, f"{len(missing)} weights missing, e.g. {missing[:4]}; the state "
+                           f"dict has e.g. {sorted(state)[:4]}",
+                    "check the model dimensions and the key map's prefix")
     unused = sorted(set(state) - used)
     if unused and strict:
-        raise ValueError(f"from_hf_state_dict: {len(unused)} entries are not used by the "
-                         f"model, e.g. {unused[:4]}. Fix: pass strict=False to ignore them.")
+        raise error(where, f"{len(unused)} entries are not used by the model, e.g. "
+                           f"{unused[:4]}",
+                    "pass strict=False to ignore them")
     return unflatten_params(like, leaves)

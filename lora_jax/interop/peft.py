@@ -38,16 +38,18 @@ import re
 import tempfile
 import warnings
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._checkpoint.fingerprint import BaseMismatchError, base_fingerprint, check_base
 from lora_jax._core.config import Layout, LoraConfig, LoraWarning
+from lora_jax._core.errors import error, message
 from lora_jax._core.leaf import dense_float32, is_container
 from lora_jax._core.paths import leaves_with_paths, resolve, unflatten_params
 from lora_jax._core.weights import LoraWeights, check_adapters, flatten_adapters, is_lora
+from lora_jax.interop._files import safetensors_modules
 from lora_jax.interop._keymap import HFName, lookup, resolve_key_map, to_torch_layout
 
 __all__ = ["export_peft", "import_peft", "UnsupportedPeftFeature", "CONFIG_NAME",
@@ -104,21 +106,11 @@ class UnsupportedPeftFeature(ValueError):
     """A PEFT adapter uses a feature lora_jax does not implement."""
 
 
-def _safetensors():
-    try:
-        import safetensors.numpy  # noqa: F401  (imports ml_dtypes-aware numpy support)
-        from safetensors import safe_open
-    except ImportError:
-        raise ImportError(
-            "PEFT-format files need the safetensors package. Fix: pip install "
-            "'lora-jax[interop]' (or pip install safetensors).") from None
-    return safetensors.numpy, safe_open
-
-
-def _folder(directory, adapter_name: str) -> str:
+def _folder(directory, adapter_name: str, where: str) -> str:
     if not isinstance(adapter_name, str) or not adapter_name or "/" in adapter_name \
             or adapter_name in (".", ".."):
-        raise ValueError(f"adapter_name={adapter_name!r}; use a plain name like 'default'.")
+        raise error(where, f"adapter_name={adapter_name!r} is not a plain folder name",
+                    "use a plain name like 'default'")
     directory = os.fspath(directory)
     return directory if adapter_name == "default" else os.path.join(directory, adapter_name)
 
@@ -151,15 +143,16 @@ def _atomic_write(path: str, data: bytes) -> None:
 def _stack_names(hf: HFName, path: str, n_stacked: int, shape) -> list[str]:
     if n_stacked == 0:
         if "{i}" in hf.name:
-            raise ValueError(f"{path}: the key map gives {hf.name!r} with '{{i}}' but the leaf "
-                             f"has no stacked axis. Fix: drop '{{i}}' from that rule.")
+            raise error(path, f"the key map gives {hf.name!r} with '{{i}}' but the leaf has no "
+                              f"stacked axis",
+                        "drop '{i}' from that rule")
         return [hf.name]
     if n_stacked > 1 or "{i}" not in hf.name:
-        raise ValueError(
-            f"{path}: a leaf with {n_stacked} stacked axes (shape {tuple(shape)}) needs a key map "
-            f"template with '{{i}}' for the layer index (one stacked axis at most), got "
-            f"{hf.name!r}. Fix: e.g. (r'params/layers/(.*)/kernel', "
-            f"r'model.layers.{{i}}.\\1.weight', 'linear').")
+        raise error(path, f"a leaf with {n_stacked} stacked axes (shape {tuple(shape)}) needs a "
+                          f"key map template with '{{i}}' for the layer index (one stacked axis "
+                          f"at most), got {hf.name!r}",
+                    "e.g. (r'params/layers/(.*)/kernel', r'model.layers.{i}.\\1.weight', "
+                    "'linear')")
     return [hf.name.replace("{i}", str(i)) for i in range(shape[0])]
 
 
@@ -248,23 +241,26 @@ def export_peft(directory, adapters, config: LoraConfig, *, key_map, params=None
       >>> c["r"], c["lora_alpha"], c["target_modules"]
       (2, 4, ['lm_head'])
     """
-    st_numpy, _ = _safetensors()
-    km = resolve_key_map(key_map)
+    st_numpy, _ = safetensors_modules("lj.export_peft")
+    km = resolve_key_map(key_map, "lj.export_peft")
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a lj.LoraConfig, got {type(config).__name__}.")
+        raise error("lj.export_peft", f"config must be a lj.LoraConfig, got "
+                                      f"{type(config).__name__}",
+                    "pass the LoraConfig the adapters were created with", kind=TypeError)
     if params is not None:
         check_adapters(params, adapters, config)
     nodes = _export_nodes(adapters, km)
-    out = _export_tensors(nodes, km, config)
+    out = _export_tensors(nodes, config)
     if out.saved_modules:
         _complete_saved_modules(out.tensors, out.saved_modules, params, km, nodes)
     if not out.modules:
-        raise ValueError("export_peft: the adapters hold no LoraWeights (only fully-trained "
-                         "leaves); PEFT needs at least one LoRA module. Fix: check the config.")
+        raise error("lj.export_peft", "the adapters hold no LoraWeights (only fully-trained "
+                                      "leaves); PEFT needs at least one LoRA module",
+                    "check the config: its targets must adapt at least one weight")
     peft_cfg = _peft_config(config, out.modules, out.saved_modules, out.fan_in_fan_out,
                             base_model_name_or_path, task_type)
     meta = _export_metadata(out.tensors, config, params)
-    folder = _folder(directory, adapter_name)
+    folder = _folder(directory, adapter_name, "lj.export_peft")
     _write_adapter(folder, st_numpy, out.tensors, meta, peft_cfg, overwrite)
     return folder
 
@@ -278,34 +274,36 @@ class _Exported(NamedTuple):
     fan_in_fan_out: bool   # some module is a GPT-2 style Conv1D
 
 
-def _export_nodes(adapters, km) -> list:
-    """The adapter tree's ``[(path, node)]`` to export, every path mapped by ``km``."""
+def _export_nodes(adapters, km) -> list[tuple[str, Any, HFName]]:
+    """The adapter tree's ``[(path, node, HFName)]`` to export, every path mapped by ``km``."""
     nodes = [(p, n) for p, n in flatten_adapters(adapters)[0] if n is not None]
     if not nodes:
-        raise ValueError("adapters hold no LoraWeights and no trained arrays; nothing to "
-                         "export. Fix: pass the tree from lj.init / lj.restore.")
-    unmapped = [p for p, _ in nodes if lookup(km, p) is None]
+        raise error("lj.export_peft", "adapters hold no LoraWeights and no trained arrays; "
+                                      "nothing to export",
+                    "pass the tree from lj.init / lj.restore")
+    mapped = [(p, n, lookup(km, p)) for p, n in nodes]
+    unmapped = [p for p, _, hf in mapped if hf is None]
     if unmapped:
-        raise ValueError(
-            f"export_peft: the key map leaves {len(unmapped)} adapted/trained paths unmapped, "
-            f"e.g. {unmapped[:6]}. Fix: add rules for them (lj.interop.KeyMap), or use the "
-            f"preset matching your model (presets: llama, gpt2, bert).")
-    return nodes
+        raise error("lj.export_peft", f"the key map leaves {len(unmapped)} adapted/trained "
+                                      f"paths unmapped, e.g. {unmapped[:6]}",
+                    "add rules for them (lj.interop.KeyMap), or use the preset matching your "
+                    "model (presets: llama, gpt2, bert)")
+    return [(p, n, hf) for p, n, hf in mapped if hf is not None]
 
 
-def _export_tensors(nodes, km, config: LoraConfig) -> _Exported:
+def _export_tensors(nodes, config: LoraConfig) -> _Exported:
     """PEFT's tensors for every node: LoRA factors, and the weights of modules_to_save."""
     out = _Exported({}, {}, [], False)
     fan_in_fan_out = False
-    for path, node in nodes:
-        hf = lookup(km, path)
+    for path, node, hf in nodes:
         if is_lora(node):
             _add_lora_tensors(out, path, node, hf, config)
             fan_in_fan_out |= hf.kind == "conv1d"
         else:
             if "{i}" in hf.name:
-                raise ValueError(f"{path}: stacked fully-trained leaves can't be exported as "
-                                 f"modules_to_save. Fix: unstack them first.")
+                raise error(path, "stacked fully-trained leaves can't be exported as "
+                                  "modules_to_save",
+                            "unstack them first")
             out.tensors[f"{_PREFIX}{hf.name}"] = to_torch_layout(np.asarray(node), hf.kind, path)
             out.saved_modules.append(hf.module)
     return out._replace(fan_in_fan_out=fan_in_fan_out)
@@ -316,14 +314,13 @@ def _add_lora_tensors(out: _Exported, path, node, hf: HFName, config: LoraConfig
     a, b = np.asarray(node.a), np.asarray(node.b)
     scale = np.asarray(node.scale, np.float32)
     if scale.ndim:
-        raise ValueError(
-            f"{path}: scale has shape {scale.shape}: this is an adapter set (a leading "
-            f"adapter axis). Fix: export each adapter separately (adapter_name=...).")
+        raise error(path, f"scale has shape {scale.shape}: this is an adapter set (a leading "
+                          f"adapter axis)",
+                    "export each adapter separately (adapter_name=...)")
     if hf.kind not in _FACTOR_KEYS:
-        raise ValueError(
-            f"{path}: the key map says {hf.name!r} is a {hf.kind!r} parameter; LoRA "
-            f"in PEFT applies to linear, conv1d and embedding layers. Fix: narrow "
-            f"LoraConfig.targets or correct the key map's kind.")
+        raise error(path, f"the key map says {hf.name!r} is a {hf.kind!r} parameter; LoRA in "
+                          f"PEFT applies to linear, conv1d and embedding layers",
+                    "narrow LoraConfig.targets or correct the key map's kind")
     n_stacked = a.ndim - 2
     names = _stack_names(hf, path, n_stacked, a.shape)
     key_a, key_b = _FACTOR_KEYS[hf.kind]
@@ -357,8 +354,8 @@ def _write_adapter(folder: str, st_numpy, tensors: dict, meta: dict, peft_cfg: d
     os.makedirs(folder, exist_ok=True)
     targets = [os.path.join(folder, n) for n in (WEIGHTS_NAME, CONFIG_NAME)]
     if not overwrite and any(os.path.exists(t) for t in targets):
-        raise ValueError(f"{folder} already holds a PEFT adapter. Fix: pass overwrite=True, "
-                         f"or another directory / adapter_name.")
+        raise error(folder, "already holds a PEFT adapter",
+                    "pass overwrite=True, or another directory / adapter_name")
     _atomic_write(targets[0], st_numpy.save(tensors, metadata=meta))
     _atomic_write(targets[1], (json.dumps(peft_cfg, indent=2, sort_keys=True) + "\n").encode())
 
@@ -373,11 +370,11 @@ def _config_dict(config: LoraConfig):
 def _complete_saved_modules(tensors, saved_modules, params, km, nodes):
     """PEFT loads a modules_to_save module whole: add its untrained parameters."""
     if params is None:
-        raise ValueError(
-            f"export_peft: LoraConfig.train makes {sorted(set(saved_modules))} PEFT "
-            f"modules_to_save, which PEFT stores whole (weight and bias). Fix: pass params= "
-            f"so their untrained parameters can be written too.")
-    trained = {p for p, n in nodes if not is_lora(n)}
+        raise error("lj.export_peft", f"LoraConfig.train makes {sorted(set(saved_modules))} "
+                                      f"PEFT modules_to_save, which PEFT stores whole (weight "
+                                      f"and bias)",
+                    "pass params= so their untrained parameters can be written too")
+    trained = {p for p, n, _ in nodes if not is_lora(n)}
     wanted = set(saved_modules)
     for path, leaf in leaves_with_paths(params):
         if path in trained:
@@ -394,32 +391,33 @@ def _complete_saved_modules(tensors, saved_modules, params, km, nodes):
 
 def _check_peft_config(cfg: Mapping, where: str) -> None:
     if cfg.get("peft_type") != "LORA":
-        raise UnsupportedPeftFeature(
-            f"{where}: peft_type={cfg.get('peft_type')!r}; lora_jax imports LoRA adapters "
-            f"only. Fix: use a LoRA adapter (peft_type LORA).")
+        raise error(where, f"peft_type={cfg.get('peft_type')!r}; lora_jax imports LoRA adapters "
+                           f"only",
+                    "use a LoRA adapter (peft_type LORA)", kind=UnsupportedPeftFeature)
     for field, what in _UNSUPPORTED.items():
         value = cfg.get(field)
         if value not in (None, False, [], {}, ""):
-            raise UnsupportedPeftFeature(
-                f"{where}: the adapter uses {what}: {field}={value!r}, which lora_jax does not "
-                f"implement; importing only the LoRA factors would give a different model. "
-                f"Fix: use an adapter without it (or merge it in PEFT with "
-                f"merge_and_unload and extract a LoRA with lj.extract).")
+            raise error(where, f"the adapter uses {what}: {field}={value!r}, which lora_jax does "
+                               f"not implement; importing only the LoRA factors would give a "
+                               f"different model",
+                        "use an adapter without it (or merge it in PEFT with merge_and_unload "
+                        "and extract a LoRA with lj.extract)", kind=UnsupportedPeftFeature)
     init = cfg.get("init_lora_weights", True)
     if init not in _SAFE_INITS:
-        raise UnsupportedPeftFeature(
-            f"{where}: init_lora_weights={init!r}: that initialization changes the base "
-            f"weights (or the forward pass), so the factors don't apply to the original base. "
-            f"Fix: convert it to a plain LoRA in PEFT first (save_pretrained(..., "
-            f"path_initial_model_for_weight_conversion=...)).")
+        raise error(where, f"init_lora_weights={init!r}: that initialization changes the base "
+                           f"weights (or the forward pass), so the factors don't apply to the "
+                           f"original base",
+                    "convert it to a plain LoRA in PEFT first (save_pretrained(..., "
+                    "path_initial_model_for_weight_conversion=...))",
+                    kind=UnsupportedPeftFeature)
     if cfg.get("bias", "none") != "none":
-        raise UnsupportedPeftFeature(
-            f"{where}: bias={cfg.get('bias')!r} (trained base biases) is not supported. Fix: "
-            f"use an adapter trained with bias='none'.")
+        raise error(where, f"bias={cfg.get('bias')!r} (trained base biases) is not supported",
+                    "use an adapter trained with bias='none'", kind=UnsupportedPeftFeature)
     unknown = sorted(set(cfg) - _IGNORED)
     if unknown:
-        warnings.warn(f"{where}: unknown adapter_config.json fields {unknown} ignored (written "
-                      f"by a newer PEFT?); check they don't change the adapter's meaning.",
+        warnings.warn(message(where, f"unknown adapter_config.json fields {unknown} ignored "
+                                     f"(written by a newer PEFT?)",
+                              "check they don't change the adapter's meaning"),
                       LoraWarning, stacklevel=4)   # import_peft's caller (via _read_adapter)
 
 
@@ -429,7 +427,7 @@ def _is_saved_module(module: str, saved) -> bool:
     return any(module.endswith(t) for t in saved)
 
 
-def _pattern_value(patterns: Mapping, module: str, default):
+def _pattern_value(patterns: Mapping | None, module: str, default):
     # PEFT 0.21: the first key k with re.match(rf"(.*\.)?({k})$", module) wins.
     for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", module):
@@ -438,14 +436,15 @@ def _pattern_value(patterns: Mapping, module: str, default):
 
 
 def _read_safetensors(path: str):
-    st_numpy, safe_open = _safetensors()
+    _, safe_open = safetensors_modules("lj.import_peft")
     try:
         with safe_open(path, framework="numpy") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # SafetensorError and OSError: name the file either way
-        raise ValueError(f"{path}: can't read the safetensors file ({type(e).__name__}: {e}). "
-                         f"It is truncated or corrupted. Fix: re-export or re-download it.") from e
+        raise error(path, f"can't read the safetensors file ({type(e).__name__}: {e}). It is "
+                          f"truncated or corrupted",
+                    "re-export or re-download it") from e
     return tensors, meta
 
 
@@ -493,21 +492,21 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
       >>> cfg2.targets, cfg2.rank, cfg2.alpha
       (('params/lm_head/kernel',), 2, 4.0)
     """
-    km = resolve_key_map(key_map)
-    src = _read_adapter(_folder(directory, adapter_name))
+    km = resolve_key_map(key_map, "lj.import_peft")
+    src = _read_adapter(_folder(directory, adapter_name, "lj.import_peft"))
     tables = _skeleton_tables(params, km)
     pieces = _classify_tensors(src, tables)
     _check_all_placed(pieces, tables, km, src.st_path)
     per_path = _gather_per_path(pieces.factors, tables.by_module, src)
     config = _build_config(src.pcfg, per_path, pieces.trained, src.tensors, dtype, src.st_path,
                            params)
-    adapters = _assemble_adapters(params, tables.flat, per_path, pieces.trained, config, km)
+    adapters = _assemble_adapters(params, tables, per_path, pieces.trained, config)
     _check_imported(params, adapters, config, src.st_path, check_finite)
     # Both base checks warn at stacklevel=3, i.e. at import_peft's caller: call them here.
     if _META_FP in src.meta:
         check_base(params, json.loads(src.meta[_META_FP]), on_mismatch=on_base_mismatch,
-                   what=f"the adapter in {src.folder}")
-    _check_base_copies(pieces.base_copies, tables.flat, km, on_base_mismatch, src.folder)
+                   what=src.folder)
+    _check_base_copies(pieces.base_copies, tables, on_base_mismatch, src.folder)
     return adapters, config
 
 
@@ -527,6 +526,7 @@ class _Tables(NamedTuple):
     flat: list         # [(path, leaf)] of params
     by_module: dict    # torch module -> (our path, HFName, stacked layer index or None)
     by_param: dict     # torch parameter name -> (our path, HFName), unstacked leaves only
+    by_path: dict      # our path -> HFName, every leaf the key map maps
 
 
 class _Pieces(NamedTuple):
@@ -550,21 +550,22 @@ def _read_adapter(folder: str) -> _Source:
     """Reads ``adapter_config.json`` and the safetensors file, checking both."""
     cfg_path, st_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
     if not os.path.isfile(cfg_path):
-        raise ValueError(f"{folder}: no {CONFIG_NAME}. Fix: point at the folder "
-                         f"save_pretrained / lj.export_peft wrote (extra adapters are in "
-                         f"sub-folders: pass adapter_name=).")
+        raise error(folder, f"no {CONFIG_NAME}",
+                    "point at the folder save_pretrained / lj.export_peft wrote (extra "
+                    "adapters are in sub-folders: pass adapter_name=)")
     if not os.path.isfile(st_path):
         pickled = [n for n in ("adapter_model.bin", "adapter_model.pt")
                    if os.path.exists(os.path.join(folder, n))]
         why = (f" ({pickled[0]} is a pickle, which lora_jax never loads: unpickling runs "
                f"code)") if pickled else ""
-        raise ValueError(f"{folder}: no {WEIGHTS_NAME}{why}. Fix: save the adapter with "
-                         f"safetensors (save_pretrained(..., safe_serialization=True)).")
+        raise error(folder, f"no {WEIGHTS_NAME}{why}",
+                    "save the adapter with safetensors (save_pretrained(..., "
+                    "safe_serialization=True))")
     try:
         with open(cfg_path) as fh:
             pcfg = json.load(fh)
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e}). Fix: re-export the adapter.") from e
+        raise error(cfg_path, f"not valid JSON ({e})", "re-export the adapter") from e
     _check_peft_config(pcfg, folder)
     tensors, meta = _read_safetensors(st_path)
     _check_sums(st_path, tensors, meta)
@@ -578,9 +579,9 @@ def _check_sums(st_path: str, tensors: dict, meta: dict) -> None:
     sums = json.loads(meta[_META_SHA])
     for k, v in tensors.items():
         if sums.get(k) != _sha(v):
-            raise ValueError(f"{st_path}: tensor {k} does not match the sha256 recorded "
-                             f"when it was exported: the file is corrupted. Fix: re-export "
-                             f"it.")
+            raise error(st_path, f"tensor {k} does not match the sha256 recorded when it was "
+                                 f"exported: the file is corrupted",
+                        "re-export it")
 
 
 def _skeleton_tables(params, km) -> _Tables:
@@ -588,10 +589,12 @@ def _skeleton_tables(params, km) -> _Tables:
     flat = leaves_with_paths(params)
     by_module: dict[str, tuple[str, HFName, int | None]] = {}
     by_param: dict[str, tuple[str, HFName]] = {}
+    by_path: dict[str, HFName] = {}
     for path, leaf in flat:
         hf = lookup(km, path)
         if hf is None:
             continue
+        by_path[path] = hf
         if "{i}" in hf.name:
             for i in range(leaf.shape[0]):
                 name = hf.name.replace("{i}", str(i))
@@ -599,7 +602,7 @@ def _skeleton_tables(params, km) -> _Tables:
         else:
             by_module[hf.module] = (path, hf, None)
             by_param[hf.name] = (path, hf)
-    return _Tables(flat, by_module, by_param)
+    return _Tables(flat, by_module, by_param, by_path)
 
 
 _MAGNITUDE = ".lora_magnitude_vector"   # DoRA
@@ -622,7 +625,7 @@ def _classify_tensors(src: _Source, tables: _Tables) -> _Pieces:
             else:
                 pieces.factors.setdefault(module, {})["M"] = np.reshape(value, -1)
         elif m := _FACTOR.fullmatch(rest):
-            _add_factor(pieces, src, tables, key, *m.groups(), value)
+            _add_factor(pieces, src, tables, key, m.group(1), m.group(2), value)
         else:
             _add_whole_weight(pieces, tables, saved, key, rest, value)
     return pieces
@@ -632,20 +635,22 @@ def _add_factor(pieces: _Pieces, src: _Source, tables: _Tables, key: str, module
                 which: str, value) -> None:
     """Files a ``lora_A`` / ``lora_B`` (or embedding) factor under its module."""
     if which == "lora_B.bias":
-        raise UnsupportedPeftFeature(f"{src.st_path}: {key}: lora_bias is not supported.")
+        raise error(src.st_path, f"{key}: lora_bias (a trainable bias on lora_B) is not "
+                                 f"supported",
+                    "use an adapter trained with lora_bias=False", kind=UnsupportedPeftFeature)
     if module not in tables.by_module:
         pieces.unplaced.append(key)
         return
     kind = tables.by_module[module][1].kind
     if (which.startswith("lora_embedding")) != (kind == "embedding"):
-        raise ValueError(f"{src.st_path}: {key} is a {which} factor but the key map says "
-                         f"{module} is a {kind} layer. Fix: correct the key map's kind.")
+        raise error(src.st_path, f"{key} is a {which} factor but the key map says {module} is "
+                                 f"a {kind} layer",
+                    "correct the key map's kind")
     if kind == "linear" and src.pcfg.get("fan_in_fan_out"):
-        raise UnsupportedPeftFeature(
-            f"{src.folder}: fan_in_fan_out=true, but {module} maps to a Linear-layout "
-            f"kernel (only GPT-2 style Conv1D layers store (in, out)). Fix: check the "
-            f"key map (gpt2 for GPT-2), or re-save the adapter with "
-            f"fan_in_fan_out=false.")
+        raise error(src.folder, f"fan_in_fan_out=true, but {module} maps to a Linear-layout "
+                                f"kernel (only GPT-2 style Conv1D layers store (in, out))",
+                    "check the key map (gpt2 for GPT-2), or re-save the adapter with "
+                    "fan_in_fan_out=false", kind=UnsupportedPeftFeature)
     pieces.factors.setdefault(module, {})["A" if which.endswith(("A.weight", "_A")) else "B"] \
         = value
 
@@ -667,15 +672,17 @@ def _add_whole_weight(pieces: _Pieces, tables: _Tables, saved: set, key: str, re
 def _check_all_placed(pieces: _Pieces, tables: _Tables, km, st_path: str) -> None:
     """Every key must have found its leaf, and some must be LoRA factors."""
     if pieces.unplaced:
-        raise ValueError(
-            f"{st_path}: {len(pieces.unplaced)} keys don't map to any leaf of params through "
-            f"key map {getattr(km, 'name', 'custom')!r}, e.g. {pieces.unplaced[:5]}. Keys must "
-            f"be '{_PREFIX}<module>.lora_A.weight' etc. for modules the key map produces from "
-            f"params' paths (e.g. {sorted(tables.by_module)[:3]}). Fix: pass the key map (and "
-            f"prefix, e.g. KEY_MAPS['bert'].with_prefix('bert.')) of the model the adapter "
-            f"was trained on.")
+        raise error(st_path, f"{len(pieces.unplaced)} keys don't map to any leaf of params "
+                             f"through key map {getattr(km, 'name', 'custom')!r}, e.g. "
+                             f"{pieces.unplaced[:5]}. Keys must be "
+                             f"'{_PREFIX}<module>.lora_A.weight' etc. for modules the key map "
+                             f"produces from params' paths (e.g. {sorted(tables.by_module)[:3]})",
+                    "pass the key map (and prefix, e.g. KEY_MAPS['bert'].with_prefix('bert.')) "
+                    "of the model the adapter was trained on")
     if not pieces.factors:
-        raise ValueError(f"{st_path}: no LoRA factors found. Fix: check the file.")
+        raise error(st_path, "no LoRA factors found (no lora_A / lora_B tensors)",
+                    "check the file: it should be a PEFT LoRA adapter's "
+                    "adapter_model.safetensors")
 
 
 def _gather_per_path(factors: dict, by_module: dict, src: _Source) -> dict[str, _PathFactors]:
@@ -688,8 +695,10 @@ def _gather_per_path(factors: dict, by_module: dict, src: _Source) -> dict[str, 
         r, alpha = _module_rank_alpha(module, ab, src.pcfg, src.st_path)
         entry = per_path.setdefault(path, _PathFactors(r, alpha, {}))
         if (entry.r, entry.alpha) != (r, alpha):
-            raise ValueError(f"{path}: stacked layers have different ranks/alphas in the file; "
-                             f"a stacked leaf needs one. Fix: unstack the model.")
+            raise error(path, f"stacked layers have different ranks/alphas in the file "
+                              f"({(entry.r, entry.alpha)} and {(r, alpha)} for {module}); a "
+                              f"stacked leaf needs one",
+                        "unstack the model")
         entry.layers[layer] = (ab["A"].T, ab["B"].T, ab.get("M"))
     return per_path
 
@@ -697,14 +706,15 @@ def _gather_per_path(factors: dict, by_module: dict, src: _Source) -> dict[str, 
 def _check_module_factors(module: str, ab: dict, use_dora: bool, st_path: str) -> None:
     """A module needs both factors, and a DoRA magnitude exactly when ``use_dora``."""
     if use_dora != ("M" in ab):
-        raise ValueError(
-            f"{st_path}: {module}: adapter_config.json has use_dora={use_dora} but the "
-            f"module {'lacks' if use_dora else 'has'} a DoRA lora_magnitude_vector. Fix: "
-            f"the config and weights don't belong together; re-export the adapter.")
+        raise error(st_path, f"{module}: adapter_config.json has use_dora={use_dora} but the "
+                             f"module {'lacks' if use_dora else 'has'} a DoRA "
+                             f"lora_magnitude_vector; the config and weights don't belong "
+                             f"together",
+                    "re-export the adapter")
     if not {"A", "B"} <= set(ab):
         missing = "lora_B" if "A" in ab else "lora_A"
-        raise ValueError(f"{st_path}: {module} has no {missing} tensor. Fix: re-export "
-                         f"the adapter; the file is incomplete.")
+        raise error(st_path, f"{module} has no {missing} tensor; the file is incomplete",
+                    "re-export the adapter")
 
 
 def _module_rank_alpha(module: str, ab: dict, pcfg: Mapping, st_path: str):
@@ -712,24 +722,26 @@ def _module_rank_alpha(module: str, ab: dict, pcfg: Mapping, st_path: str):
     r = int(_pattern_value(pcfg.get("rank_pattern"), module, pcfg["r"]))
     alpha = float(_pattern_value(pcfg.get("alpha_pattern"), module, pcfg["lora_alpha"]))
     if ab["A"].shape[0] != r or ab["B"].shape[-1] != r:
-        raise ValueError(
-            f"{st_path}: {module}: lora_A {tuple(ab['A'].shape)} / lora_B "
-            f"{tuple(ab['B'].shape)} don't have the rank {r} that adapter_config.json "
-            f"gives this module (r / rank_pattern). Fix: the config and weights don't "
-            f"belong together; re-export the adapter.")
+        raise error(st_path, f"{module}: lora_A {tuple(ab['A'].shape)} / lora_B "
+                             f"{tuple(ab['B'].shape)} don't have the rank {r} that "
+                             f"adapter_config.json gives this module (r / rank_pattern); the "
+                             f"config and weights don't belong together",
+                    "re-export the adapter")
     return r, alpha
 
 
-def _assemble_adapters(params, flat, per_path: dict, trained: dict, config: LoraConfig, km):
+def _assemble_adapters(params, tables: _Tables, per_path: dict, trained: dict,
+                       config: LoraConfig):
     """The adapter tree mirroring ``params``: LoraWeights, trained arrays, or None."""
     specs = resolve(params, config).targets
     leaves = []
-    for path, _ in flat:
+    for path, _ in tables.flat:
         if path in per_path:
             leaves.append(_lora_leaf(path, per_path[path].layers, specs[path], config))
-        elif path in trained:
+        elif path in trained:   # trained paths come from by_param: mapped
             value = np.asarray(trained[path])
-            leaves.append(jnp.asarray(value.T if lookup(km, path).kind == "linear" else value))
+            linear = tables.by_path[path].kind == "linear"
+            leaves.append(jnp.asarray(value.T if linear else value))
         else:
             leaves.append(None)
     return unflatten_params(params, leaves)
@@ -743,8 +755,8 @@ def _lora_leaf(path: str, layers: dict, spec, config: LoraConfig) -> LoraWeights
         n = spec.shape[0]
         if sorted(layers) != list(range(n)):
             missing = sorted(set(range(n)) - set(layers))
-            raise ValueError(f"{path}: the file has no factors for stacked layers "
-                             f"{missing}. Fix: export every layer.")
+            raise error(path, f"the file has no factors for stacked layers {missing}",
+                        "export every layer")
         a = np.stack([layers[i][0] for i in range(n)])
         b = np.stack([layers[i][1] for i in range(n)])
         m = np.stack([layers[i][2] for i in range(n)]) if config.use_dora else None
@@ -758,8 +770,8 @@ def _check_imported(params, adapters, config: LoraConfig, st_path: str,
     """The imported adapters must fit ``params`` and (unless told not to) be finite."""
     try:
         check_adapters(params, adapters, config)
-    except ValueError as e:
-        raise ValueError(f"{st_path}: {e}") from None
+    except ValueError as e:   # e says what and how to fix; name the file too
+        raise error(st_path, str(e)) from None
     if not check_finite:
         return
     for path, node in flatten_adapters(adapters)[0]:
@@ -769,9 +781,9 @@ def _check_imported(params, adapters, config: LoraConfig, st_path: str,
             bad = 0 if x is None else int(np.sum(~np.isfinite(np.asarray(x, np.float32))))
             if bad:
                 name = path + (f"/{field}" if field else "")
-                raise ValueError(f"{st_path}: {name} has {bad} NaN/Inf value(s). Fix: the "
-                                 f"adapter is broken (training diverged?); use another "
-                                 f"one, or pass check_finite=False to load it anyway.")
+                raise error(st_path, f"{name} has {bad} NaN/Inf value(s): the adapter is "
+                                     f"broken (training diverged?)",
+                            "use another one, or pass check_finite=False to load it anyway")
 
 
 def _infer_layout(path, shape, stacked: bool, in_size: int, out_size: int):
@@ -784,26 +796,26 @@ def _infer_layout(path, shape, stacked: bool, in_size: int, out_size: int):
     return None  # nothing fits: check_adapters reports both shapes
 
 
-def _check_base_copies(base_copies, flat, km, on_mismatch, folder) -> None:
+def _check_base_copies(base_copies, tables: _Tables, on_mismatch, folder) -> None:
     """A base weight stored in the file must be the given one (else: resized
     vocabulary or another base), under the same policy as the fingerprint."""
     if not base_copies or on_mismatch == "ignore":
         return
-    leaves = dict(flat)
+    leaves = dict(tables.flat)
     differ = []
-    for path, stored in base_copies.items():
-        ours = to_torch_layout(np.asarray(dense_float32(leaves[path])), lookup(km, path).kind,
-                               path)
+    for path, stored in base_copies.items():   # base copies come from by_param: mapped
+        ours = to_torch_layout(np.asarray(dense_float32(leaves[path])),
+                               tables.by_path[path].kind, path)
         if ours.shape != stored.shape or not np.array_equal(ours, np.asarray(stored, ours.dtype)):
             differ.append(f"{path}: file {tuple(stored.shape)}, params {tuple(ours.shape)}")
     if differ:
-        msg = (f"the adapter in {folder} stores base weights that differ from the params "
-               f"given (a resized vocabulary, or another base): {differ[:4]}. Fix: pass the "
-               f"base the adapter was trained on; on_base_mismatch='warn' or 'ignore' to "
-               f"proceed anyway.")
+        why = (f"the adapter stores base weights that differ from the params given (a "
+               f"resized vocabulary, or another base): {differ[:4]}")
+        fix = ("pass the base the adapter was trained on; on_base_mismatch='warn' or 'ignore' "
+               "to proceed anyway")
         if on_mismatch == "error":
-            raise BaseMismatchError(msg)
-        warnings.warn(msg, LoraWarning, stacklevel=3)
+            raise error(folder, why, fix, kind=BaseMismatchError)
+        warnings.warn(message(folder, why, fix), LoraWarning, stacklevel=3)
 
 
 def _build_config(pcfg, per_path, trained, tensors, dtype, st_path, params) -> LoraConfig:
@@ -844,6 +856,6 @@ def _factor_dtype(tensors: dict, dtype, st_path: str):
         return dtype
     dtypes = {str(v.dtype) for k, v in tensors.items() if ".lora_" in k}
     if len(dtypes) != 1:
-        raise ValueError(f"{st_path}: the LoRA factors mix dtypes {sorted(dtypes)}. Fix: "
-                         f"pass dtype= (e.g. jnp.float32) to convert them.")
+        raise error(st_path, f"the LoRA factors mix dtypes {sorted(dtypes)}",
+                    "pass dtype= (e.g. jnp.float32) to convert them")
     return jnp.dtype(dtypes.pop())

@@ -1,0 +1,504 @@
+"""Reading each adapted weight's layout from the program that uses it.
+
+A weight's `Layout` says which of its axes are stacked copies (``S``: one
+adapter per layer of an ``nn.scan`` stack), which are contracted with the
+layer's input (``A``) and which the layer produces (``B``). The program
+knows all of it: a ``scan`` slices the stacked axes, a ``dot_general``
+contracts the input axes and keeps the output axes (or the other way round,
+for a tied embedding used as the output projection), a convolution's kernel
+spec names its spatial, input and output features, an embedding lookup
+indexes rows. `infer_jaxpr` walks a jaxpr following every targeted weight
+through the shape-only ops `lj.apply` follows (transpose, reshape, casts,
+slices, ``jit``, ``remat``, ``scan``, ``cond``) and collects one fact per
+use; `solve` turns the facts of one weight into a `Layout` (any axis order)
+or says which two uses contradict each other.
+
+Nothing is computed: the program is traced abstractly (`jax.make_jaxpr` on
+``ShapeDtypeStruct`` values), so reading a 7B model's layouts costs a trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import numpy as np
+
+from jax import lax
+from jax.extend import core as jcore
+from jax.extend.core import primitives as P
+
+from lora_jax._apply.lazy import A, B, S
+from lora_jax._core.config import Layout
+from lora_jax._core.errors import error
+
+__all__ = ["Facts", "Inferred", "infer_jaxpr", "solve", "roles", "layout_text", "check_layouts",
+           "probe_for"]
+
+
+class _Probe(NamedTuple):
+    """A targeted weight in the current view: per view axis, the weight's axes it holds."""
+
+    path: str
+    axes: tuple     # one frozenset of original axes per view axis (empty: a new axis)
+    shape: tuple    # the view's shape
+
+
+@dataclasses.dataclass
+class Facts:
+    """What the program does with one weight (see the module doc)."""
+
+    shape: tuple
+    pins: dict = dataclasses.field(default_factory=dict)      # axis -> {role: use}
+    dots: list = dataclasses.field(default_factory=list)      # (contracted, free, use)
+    opaque: list = dataclasses.field(default_factory=list)    # uses with no low-rank form
+    bad: list = dataclasses.field(default_factory=list)       # uses no layout can express
+    uses: list = dataclasses.field(default_factory=list)      # every use, described
+
+    def pin(self, axes, role: str, use: str) -> None:
+        for ax in axes:
+            self.pins.setdefault(ax, {}).setdefault(role, use)
+
+
+class Inferred(NamedTuple):
+    """The outcome of `solve` for one weight."""
+
+    layout: Layout | None   # None: the program gives no layout (see ``why``)
+    why: str                # how it was read, or why it could not be
+    conflict: bool          # True: two uses contradict each other (``why`` names both)
+
+
+# ----------------------------------------------------------------------------- the walk
+
+
+def _origs(probe: _Probe, view_axes) -> frozenset:
+    out: frozenset = frozenset()
+    for i in view_axes:
+        out |= probe.axes[i]
+    return out
+
+
+def _axes_str(axes) -> str:
+    return "axis " + str(sorted(axes)[0]) if len(axes) == 1 else \
+        "axes (" + ", ".join(map(str, sorted(axes))) + ")"
+
+
+def _reshape_blocks(old, new):
+    """Pairs (old axes, new axes) with equal products, in order; None if odd."""
+    blocks, i, j = [], 0, 0
+    while i < len(old) or j < len(new):
+        if i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1):
+            blocks.append(([i], []))
+            i += 1
+            continue
+        if j < len(new) and new[j] == 1 and (i >= len(old) or old[i] != 1):
+            blocks.append(([], [j]))
+            j += 1
+            continue
+        if i >= len(old) or j >= len(new):
+            return None
+        olds, news, po, pn = [i], [j], old[i], new[j]
+        i, j = i + 1, j + 1
+        while po != pn:
+            if po < pn:
+                if i >= len(old):
+                    return None
+                po *= old[i]
+                olds.append(i)
+                i += 1
+            else:
+                if j >= len(new):
+                    return None
+                pn *= new[j]
+                news.append(j)
+                j += 1
+        blocks.append((olds, news))
+    return blocks
+
+
+def _reshape(probe: _Probe, new_shape, facts: Facts, use: str):
+    blocks = _reshape_blocks(probe.shape, tuple(new_shape))
+    if blocks is None:
+        facts.opaque.append(use)
+        return None
+    axes: list = [frozenset()] * len(new_shape)
+    for olds, news in blocks:
+        merged = _origs(probe, olds)
+        for j in news:
+            axes[j] = merged if new_shape[j] != 1 else frozenset()
+    return probe._replace(axes=tuple(axes), shape=tuple(new_shape))
+
+
+def _squeeze(probe: _Probe, dims, facts: Facts, use: str):
+    dims = {int(d) % len(probe.shape) for d in dims}
+    for d in dims:
+        origs = probe.axes[d]
+        if origs and any(facts.shape[o] > 1 for o in origs):
+            # a size-1 slice of a real axis, dropped: one index of it (W[i])
+            facts.pin(origs, S, f"{use} (indexes {_axes_str(origs)})")
+    keep = [i for i in range(len(probe.shape)) if i not in dims]
+    return probe._replace(axes=tuple(probe.axes[i] for i in keep),
+                          shape=tuple(probe.shape[i] for i in keep))
+
+
+def _dot(eqn, probes, facts_of, use):
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    if probes[0] is not None and probes[1] is not None:
+        for p in probes:
+            facts_of[p.path].opaque.append(f"{use} (both operands are adapted weights)")
+        return
+    side = 0 if probes[0] is not None else 1
+    probe = probes[side]
+    contract, batch = (lc, lb) if side == 0 else (rc, rb)
+    free = [i for i in range(len(probe.shape)) if i not in contract and i not in batch]
+    c, b, f = _origs(probe, contract), _origs(probe, batch), _origs(probe, free)
+    facts = facts_of[probe.path]
+    if (c & f) or (c & b) or (b & f):
+        facts.bad.append(f"{use} uses one axis of the weight both as a contracted and a "
+                         f"kept axis (a reshape splits it)")
+        return
+    desc = f"{use} contracting {_axes_str(c)}" + (f", batch over {_axes_str(b)}" if b else "")
+    facts.uses.append(desc)
+    facts.pin(b, S, desc)
+    if c or f:
+        facts.dots.append((c, f, desc))
+
+
+def _conv(eqn, probes, facts_of, use):
+    if probes[0] is not None:
+        facts_of[probes[0].path].opaque.append(f"{use} (the weight is the convolution input)")
+    probe = probes[1]
+    if probe is None:
+        return
+    facts = facts_of[probe.path]
+    p = eqn.params
+    if p["batch_group_count"] != 1:
+        facts.opaque.append(f"{use} (batch-grouped convolution)")
+        return
+    rhs = p["dimension_numbers"].rhs_spec      # (out feature, in feature, *spatial)
+    out, ins = probe.axes[rhs[0]], _origs(probe, rhs[1:])
+    desc = f"{use} (kernel: output features {_axes_str(out)})"
+    facts.uses.append(desc)
+    facts.pin(ins, A, desc)
+    facts.pin(out, B, desc)
+
+
+def _gather(eqn, probes, facts_of, use):
+    if probes[1] is not None:
+        facts_of[probes[1].path].opaque.append(f"{use} (the weight is used as indices)")
+    probe = probes[0]
+    if probe is None:
+        return
+    facts = facts_of[probe.path]
+    dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
+    batching = set(dn.operand_batching_dims)
+    rows, whole = [], []
+    for i, n in enumerate(probe.shape):
+        if i in batching:
+            continue
+        if i in dn.start_index_map and sizes[i] == 1:
+            rows.append(i)
+        elif sizes[i] == n:      # taken whole (an index into it can only be 0)
+            whole.append(i)
+        else:
+            facts.opaque.append(f"{use} (a window of the weight, not whole rows)")
+            return
+    desc = f"{use} (row lookup over {_axes_str(_origs(probe, rows))})"
+    facts.uses.append(desc)
+    facts.pin(_origs(probe, batching), S, desc)
+    facts.pin(_origs(probe, rows), A, desc)
+    facts.pin(_origs(probe, whole), B, desc)
+
+
+def _shape_op(eqn, probe: _Probe, facts: Facts, use: str):
+    """The output probe of a one-operand shape-only op, or None (then opaque)."""
+    prim, p = eqn.primitive, eqn.params
+    if prim in (P.convert_element_type_p, P.copy_p, P.sharding_constraint_p,
+                P.reduce_precision_p, P.slice_p, P.dynamic_slice_p, P.rev_p):
+        if prim is P.convert_element_type_p and not _is_float(p["new_dtype"]):
+            facts.opaque.append(f"{use} (a cast to {p['new_dtype']})")
+            return None
+        return probe._replace(shape=tuple(eqn.outvars[0].aval.shape))
+    if prim is P.transpose_p:
+        perm = p["permutation"]
+        return probe._replace(axes=tuple(probe.axes[i] for i in perm),
+                              shape=tuple(probe.shape[i] for i in perm))
+    if prim is P.reshape_p:
+        if p.get("dimensions") is not None:
+            facts.opaque.append(use)
+            return None
+        return _reshape(probe, p["new_sizes"], facts, use)
+    if prim is P.squeeze_p:
+        return _squeeze(probe, p["dimensions"], facts, use)
+    if prim is P.broadcast_in_dim_p:
+        axes: list = [frozenset()] * len(p["shape"])
+        for i, j in enumerate(p["broadcast_dimensions"]):
+            axes[j] = probe.axes[i]
+        return probe._replace(axes=tuple(axes), shape=tuple(p["shape"]))
+    facts.opaque.append(f"{use} (no low-rank rule)")
+    return None
+
+
+def _is_float(dtype) -> bool:
+    return np.issubdtype(np.dtype(dtype), np.floating) or np.dtype(dtype).name == "bfloat16"
+
+
+_OPAQUE_CALLS = {
+    P.custom_jvp_call_p: "a jax.custom_jvp function",
+    P.custom_vjp_call_p: "a jax.custom_vjp function",
+    P.while_p: "a while_loop/fori_loop",
+}
+
+
+def _closed(j):
+    return (j.jaxpr, j.consts) if isinstance(j, jcore.ClosedJaxpr) else (j, ())
+
+
+def infer_jaxpr(jaxpr, inputs: dict, facts_of: dict, *, where: str = "") -> list:
+    """Walks ``jaxpr``; ``inputs`` maps invar positions to `_Probe`s. Facts are
+    added to ``facts_of[path]``; returns the probes of the outputs (None where none)."""
+    env: dict = {}
+    for i, v in enumerate(jaxpr.invars):
+        if i in inputs:
+            env[v] = inputs[i]
+    for k, eqn in enumerate(jaxpr.eqns):
+        probes = [env.get(v) if isinstance(v, jcore.Var) else None for v in eqn.invars]
+        if all(p is None for p in probes):
+            continue
+        use = f"`{eqn.primitive.name}`" + (f" in {where}" if where else "")
+        outs = _eqn(eqn, probes, facts_of, use, where)
+        for v, o in zip(eqn.outvars, outs, strict=False):
+            if o is not None:
+                env[v] = o
+    return [env.get(v) if isinstance(v, jcore.Var) else None for v in jaxpr.outvars]
+
+
+def _eqn(eqn, probes, facts_of, use, where) -> list:
+    prim = eqn.primitive
+    none = [None] * len(eqn.outvars)
+    if prim is P.dot_general_p:
+        _dot(eqn, probes, facts_of, use)
+        return none
+    if prim is P.conv_general_dilated_p:
+        _conv(eqn, probes, facts_of, use)
+        return none
+    if prim is P.gather_p:
+        _gather(eqn, probes, facts_of, use)
+        return none
+    if prim in (P.jit_p, P.closed_call_p, P.call_p, P.remat_p):
+        body = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+        inner, _ = _closed(body)
+        return _sub(inner, dict(enumerate(probes)), facts_of, use, where)
+    if prim is P.scan_p:
+        return _scan(eqn, probes, facts_of, use, where)
+    if prim is P.cond_p:
+        ops = {i - 1: p for i, p in enumerate(probes) if i > 0 and p is not None}
+        for br in eqn.params["branches"]:
+            _sub(_closed(br)[0], ops, facts_of, use, where)
+        return none
+    if getattr(lax, "split_p", None) is prim and probes[0] is not None:
+        return [probes[0]._replace(shape=tuple(v.aval.shape)) for v in eqn.outvars]
+    if prim in _OPAQUE_CALLS:
+        for p in probes:
+            if p is not None:
+                facts_of[p.path].opaque.append(f"{use} (passed into {_OPAQUE_CALLS[prim]})")
+        return none
+    live = [p for p in probes if p is not None]
+    if len(eqn.invars) >= 1 and probes[0] is not None and len(live) == 1 and \
+            all(not isinstance(v, jcore.Var) or p is None for v, p in
+                zip(eqn.invars[1:], probes[1:], strict=True)):
+        return [_shape_op(eqn, probes[0], facts_of[probes[0].path], use)] + none[1:]
+    for p in live:
+        facts_of[p.path].opaque.append(f"{use} (no low-rank rule)")
+    return none
+
+
+def _sub(jaxpr, inputs, facts_of, use, where) -> list:
+    outs = infer_jaxpr(jaxpr, inputs, facts_of, where=where or use)
+    return outs
+
+
+def _scan(eqn, probes, facts_of, use, where) -> list:
+    p = eqn.params
+    nc, ncar = p["num_consts"], p["num_carry"]
+    inner = {}
+    for i, probe in enumerate(probes):
+        if probe is None:
+            continue
+        facts = facts_of[probe.path]
+        if nc <= i < nc + ncar:
+            facts.opaque.append(f"{use} (the weight is carried through the scan)")
+            continue
+        if i >= nc + ncar:     # xs: sliced along view axis 0, one slice per iteration
+            origs = probe.axes[0]
+            desc = f"{use} over {_axes_str(origs)}"
+            facts.uses.append(desc)
+            facts.pin(origs, S, desc)
+            probe = probe._replace(axes=probe.axes[1:], shape=probe.shape[1:])
+        inner[i] = probe
+    body, _ = _closed(p["jaxpr"])
+    outs = infer_jaxpr(body, inner, facts_of, where=f"{use} body")
+    for o in outs:
+        if o is not None:
+            facts_of[o.path].opaque.append(f"{use} (the weight is an output of the body)")
+    return [None] * len(eqn.outvars)
+
+
+def probe_for(path: str, shape) -> _Probe:
+    """The probe of a weight as the program receives it."""
+    return _Probe(path, tuple(frozenset([i]) for i in range(len(shape))), tuple(shape))
+
+
+# ----------------------------------------------------------------------------- solving
+
+
+class _Parity:
+    """Union-find with parity: which axes are on the same side (input or output)."""
+
+    def __init__(self):
+        self.parent: dict = {}
+
+    def find(self, x):
+        self.parent.setdefault(x, (x, 0))
+        root, par = self.parent[x]
+        if root == x:
+            return x, 0
+        r, p = self.find(root)
+        self.parent[x] = (r, par ^ p)
+        return r, par ^ p
+
+    def union(self, x, y, odd: int) -> bool:
+        (rx, px), (ry, py) = self.find(x), self.find(y)
+        if rx == ry:
+            return (px ^ py) == odd
+        self.parent[rx] = (ry, px ^ py ^ odd)
+        return True
+
+
+def solve(path: str, facts: Facts) -> Inferred:
+    """The layout the uses in ``facts`` imply for one weight, or why there is none."""
+    nd = len(facts.shape)
+    if facts.bad:
+        return Inferred(None, facts.bad[0], True)
+    for ax, roles in facts.pins.items():
+        if len(roles) > 1:
+            (r1, u1), (r2, u2) = list(roles.items())[:2]
+            return Inferred(None, f"axis {ax} is {_ROLE[r1]} for {u1} but {_ROLE[r2]} for "
+                                  f"{u2}", True)
+    stacked = {ax for ax, roles in facts.pins.items() if S in roles}
+    uf, seed = _Parity(), {}
+    for c, f, use in facts.dots:
+        for ax in c | f:
+            if ax in stacked:
+                return Inferred(None, f"axis {ax} is a stacked axis for "
+                                      f"{facts.pins[ax][S]} but {use} contracts or keeps it "
+                                      f"as a matrix axis", True)
+        members = [(ax, 0) for ax in c] + [(ax, 1) for ax in f]
+        first, par0 = members[0]
+        for ax, par in members[1:]:
+            if not uf.union(ax, first, par ^ par0):
+                return Inferred(None, f"{use} contradicts an earlier use of axes "
+                                      f"{sorted(c | f)}: " + "; ".join(u for *_, u in
+                                                                       facts.dots[:2]), True)
+        seed.setdefault(uf.find(first)[0], (first, par0))
+    roles = {ax: S for ax in stacked}
+    for ax, pins in facts.pins.items():
+        if ax not in stacked:
+            roles[ax] = next(iter(pins))
+    # orient each group of related axes: a pinned member decides, else the first
+    # product's contracted side is the input side (x @ W)
+    sides: dict = {}
+    for ax in list(uf.parent):
+        root, par = uf.find(ax)
+        if ax in roles and roles[ax] in (A, B):
+            want = 0 if roles[ax] == A else 1
+            got = sides.setdefault(root, want ^ par)
+            if got != want ^ par:
+                return Inferred(None, f"axis {ax} is {_ROLE[roles[ax]]} for "
+                                      f"{facts.pins[ax][roles[ax]]} but the products make it "
+                                      f"the other side", True)
+    for ax in list(uf.parent):
+        root, par = uf.find(ax)
+        if root not in sides:
+            first, par0 = seed[root]
+            sides[root] = par0 ^ uf.find(first)[1]
+        roles[ax] = A if (sides[root] ^ par) == 0 else B
+    missing = [ax for ax in range(nd) if ax not in roles]
+    if not facts.uses or missing:
+        why = facts.opaque[0] if facts.opaque else "the program never uses it"
+        if missing and facts.uses:
+            why = f"no use reads axis {missing[0]} (uses: {facts.uses[0]})"
+        return Inferred(None, why, False)
+    order = tuple(ax for role in (S, A, B) for ax in range(nd) if roles[ax] == role)
+    counts = [sum(1 for ax in range(nd) if roles[ax] == r) for r in (S, A, B)]
+    if counts[1] == 0 or counts[2] == 0:
+        return Inferred(None, f"the uses leave no {'input' if not counts[1] else 'output'} "
+                              f"axis ({facts.uses[0]})", False)
+    layout = Layout(*counts, order=None if order == tuple(range(nd)) else order)
+    return Inferred(layout, "; ".join(dict.fromkeys(facts.uses)), False)
+
+
+_ROLE = {S: "a stacked axis", A: "an input axis", B: "an output axis"}
+
+
+def roles(layout: Layout, ndim: int) -> tuple:
+    """The role (S, A or B) of each axis of a weight with ``layout``."""
+    order = layout.order or tuple(range(ndim))
+    kinds = [S] * layout.n_stacked + [A] * layout.n_in + [B] * layout.n_out
+    out = [None] * ndim
+    for kind, ax in zip(kinds, order, strict=True):
+        out[ax] = kind
+    return tuple(out)
+
+
+def layout_text(layout: Layout, shape) -> str:
+    """``lj.Layout(1, 1, 1)`` and what it makes of each axis, for messages."""
+    names = {S: "stacked", A: "in", B: "out"}
+    axes = ", ".join(f"{names[r]} {n}" for r, n in zip(roles(layout, len(shape)), shape,
+                                                        strict=True))
+    return f"{_code(layout)} (axes: {axes})"
+
+
+def _code(layout: Layout) -> str:
+    args = f"{layout.n_stacked}, {layout.n_in}, {layout.n_out}"
+    return f"lj.Layout({args}" + (f", order={layout.order})" if layout.order else ")")
+
+
+def _facts_for(jaxpr, targets: dict) -> dict:
+    facts = {spec.path: Facts(tuple(spec.shape)) for spec in targets.values()}
+    infer_jaxpr(jaxpr, {i: probe_for(spec.path, spec.shape) for i, spec in targets.items()},
+                facts)
+    return facts
+
+
+_FIX = ("config = lj.configure(config, fn, params, *example_args) reads every layout from the "
+        "program (then lj.init the adapters again), or set LoraConfig.layouts for this path")
+
+
+def check_layouts(jaxpr, targets: dict, config) -> None:
+    """Refuses adapters whose layout contradicts how the program uses their weight.
+
+    ``targets`` maps positions of ``jaxpr``'s inputs to `LeafSpec`s. Layouts
+    the user declared (``LoraConfig.layouts``) are trusted; default and
+    inferred ones must agree with the program, so an adapter is never
+    silently a different LoRA than the one asked for.
+    """
+    facts = _facts_for(jaxpr, targets)
+    for spec in targets.values():
+        source, _ = config.layout_source(spec.path)
+        if source == "explicit":
+            continue
+        got = solve(spec.path, facts[spec.path])
+        shape = tuple(spec.shape)
+        if got.conflict:
+            raise error(spec.path, f"the program uses this {shape} weight in ways no single "
+                                   f"layout expresses: {got.why}",
+                        "declare the layout you want in LoraConfig.layouts (lj.apply then "
+                        "computes the other use densely), or exclude the path")
+        if got.layout is not None and roles(got.layout, len(shape)) != \
+                roles(spec.layout, len(shape)):
+            raise error(spec.path, f"the program uses this {shape} weight as "
+                                   f"{layout_text(got.layout, shape)} ({got.why}), but its "
+                                   f"adapter is factored as {layout_text(spec.layout, shape)} "
+                                   f"(the {source} layout): a different LoRA than the "
+                                   f"program's", _FIX)
