@@ -10,6 +10,7 @@
 
 from importlib import metadata as _metadata
 
+from lora_jax import interop as interop
 from lora_jax._analysis.analyze import Truncation as Truncation
 from lora_jax._analysis.analyze import analyze as analyze
 from lora_jax._analysis.analyze import truncate as truncate
@@ -60,8 +61,8 @@ from lora_jax._multi.combine import merge_weighted as merge_weighted
 from lora_jax._multi.io import restore_set as restore_set
 from lora_jax._multi.io import save_set as save_set
 from lora_jax._multi.mixed import apply_mixed as apply_mixed
-from lora_jax._multi.set import AdapterSet as AdapterSet
 from lora_jax._multi.set import BASE as BASE
+from lora_jax._multi.set import AdapterSet as AdapterSet
 from lora_jax._multi.set import Member as Member
 from lora_jax._multi.set import adapter_ids as adapter_ids
 from lora_jax._multi.set import adapter_set as adapter_set
@@ -91,7 +92,6 @@ from lora_jax._variants.quantize import nf4_levels as nf4_levels
 from lora_jax._variants.quantize import quantize as quantize
 from lora_jax.interop.peft import export_peft as export_peft
 from lora_jax.interop.peft import import_peft as import_peft
-from lora_jax import interop as interop
 
 try:
     __version__ = _metadata.version("lora-jax")

@@ -153,3 +153,32 @@ def test_one_flattener_for_params():
             hits.append(f"{mod}: tree_flatten_with_path(params")
         hits += [f"{mod}:{line}: {call}" for line, call in _walks_over_params(path)]
     assert not hits, "walk params with lora_jax._core.paths helpers:\n" + "\n".join(hits)
+
+
+# Exceptions that are control flow inside lora_jax, not messages to users.
+_INTERNAL = {"NotLowRank", "_Contradiction", "RuntimeError"}
+
+
+def _template_violations(path: str):
+    tree = ast.parse(_read(path), path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+            name = ast.unparse(node.exc.func)
+            short = name.split(".")[-1]
+            # error() and the module-local builders around it (_field_error, ...)
+            if short == "error" or short.endswith("_error") or short in _INTERNAL:
+                continue
+            if any(isinstance(a, (ast.JoinedStr, ast.Constant, ast.BinOp)) for a in node.exc.args):
+                yield node.lineno, f"raise {name}(<text>)"
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "warnings.warn" and \
+                node.args and isinstance(node.args[0], (ast.JoinedStr, ast.Constant)):
+            if not (isinstance(node.args[0], ast.Constant) and
+                    "deprecated" in str(node.args[0].value)):
+                yield node.lineno, "warnings.warn(<text>)"
+
+
+def test_errors_and_warnings_come_from_one_template():
+    """Messages are built by lora_jax._core.errors (what, where, how to fix)."""
+    bad = [f"{mod}:{line}: {what}" for mod, path in MODS.items()
+           for line, what in _template_violations(path)]
+    assert not bad, "use lora_jax._core.errors.error/message:\n" + "\n".join(bad)

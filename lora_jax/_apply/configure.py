@@ -61,14 +61,19 @@ def _abstract(leaf):
 def _selected(params, config, *, with_declared: bool = False):
     """``[(position among traced leaves, path, leaf)]`` of the weights to read
     (targets with a declared layout only ``with_declared``)."""
-    is_target = matcher(config.targets) if config is not None else None
-    is_excluded = matcher(config.exclude) if config is not None else None
+    if config is None:
+        def wanted_leaf(path, leaf):
+            return len(leaf.shape) >= 2 and np.issubdtype(np.dtype(leaf.dtype), np.floating)
+    else:
+        is_target, is_excluded = matcher(config.targets), matcher(config.exclude)
+
+        def wanted_leaf(path, leaf):
+            return is_target(path, leaf) and not is_excluded(path, leaf)
     out, pos = [], 0
     for path, leaf in leaves_with_paths(params):
         if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
             continue
-        wanted = (is_target(path, leaf) and not is_excluded(path, leaf)) if config \
-            else len(leaf.shape) >= 2 and np.issubdtype(np.dtype(leaf.dtype), np.floating)
+        wanted = wanted_leaf(path, leaf)
         if wanted and (config is None or with_declared or
                        config.layout_source(path)[0] != "explicit"):
             out.append((pos, path, leaf))
@@ -116,8 +121,8 @@ def infer_layouts(fn, params, *args, config: LoraConfig | None = None,
       ...     q = jnp.einsum("bd,dhk->bhk", h, p["q"])      # heads kept apart
       ...     return q.sum() + (h @ p["emb"].T).sum()        # emb tied as the output head
       >>> rep = lj.infer_layouts(fn, params, jnp.zeros((2,), jnp.int32))
-      >>> rep.layouts["q"], rep.layouts["emb"]
-      (Layout(n_stacked=0, n_in=1, n_out=2, order=None), Layout(n_stacked=0, n_in=1, n_out=1, order=None))
+      >>> print(rep.layouts["q"], rep.layouts["emb"])     # (n_stacked, n_in, n_out)
+      (0, 1, 2) (0, 1, 1)
     """
     p_leaves = leaves_with_paths(params)
     dynamic = [(path, leaf) for path, leaf in p_leaves

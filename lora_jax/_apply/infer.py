@@ -23,7 +23,6 @@ import dataclasses
 from typing import NamedTuple
 
 import numpy as np
-
 from jax import lax
 from jax.extend import core as jcore
 from jax.extend.core import primitives as P
@@ -261,7 +260,7 @@ def infer_jaxpr(jaxpr, inputs: dict, facts_of: dict, *, where: str = "") -> list
     for i, v in enumerate(jaxpr.invars):
         if i in inputs:
             env[v] = inputs[i]
-    for k, eqn in enumerate(jaxpr.eqns):
+    for eqn in jaxpr.eqns:
         probes = [env.get(v) if isinstance(v, jcore.Var) else None for v in eqn.invars]
         if all(p is None for p in probes):
             continue
@@ -273,49 +272,56 @@ def infer_jaxpr(jaxpr, inputs: dict, facts_of: dict, *, where: str = "") -> list
     return [env.get(v) if isinstance(v, jcore.Var) else None for v in jaxpr.outvars]
 
 
+def _products(fn):
+    """A rule for a product: it records facts and has no lazy outputs."""
+    def rule(eqn, probes, facts_of, use, where):
+        fn(eqn, probes, facts_of, use)
+        return [None] * len(eqn.outvars)
+    return rule
+
+
+def _call(eqn, probes, facts_of, use, where):
+    body = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    return infer_jaxpr(_closed(body)[0], dict(enumerate(probes)), facts_of, where=where or use)
+
+
+def _cond(eqn, probes, facts_of, use, where):
+    ops = {i - 1: p for i, p in enumerate(probes) if i > 0 and p is not None}
+    for br in eqn.params["branches"]:
+        infer_jaxpr(_closed(br)[0], ops, facts_of, where=where or use)
+    return [None] * len(eqn.outvars)
+
+
+def _split(eqn, probes, facts_of, use, where):
+    if probes[0] is None:
+        return _opaque(eqn, probes, facts_of, use, where)
+    return [probes[0]._replace(shape=tuple(v.aval.shape)) for v in eqn.outvars]
+
+
+def _opaque_call(eqn, probes, facts_of, use, where):
+    for p in probes:
+        if p is not None:
+            facts_of[p.path].opaque.append(f"{use} (passed into {_OPAQUE_CALLS[eqn.primitive]})")
+    return [None] * len(eqn.outvars)
+
+
+def _opaque(eqn, probes, facts_of, use, where):
+    for p in probes:
+        if p is not None:
+            facts_of[p.path].opaque.append(f"{use} (no low-rank rule)")
+    return [None] * len(eqn.outvars)
+
+
 def _eqn(eqn, probes, facts_of, use, where) -> list:
-    prim = eqn.primitive
-    none = [None] * len(eqn.outvars)
-    if prim is P.dot_general_p:
-        _dot(eqn, probes, facts_of, use)
-        return none
-    if prim is P.conv_general_dilated_p:
-        _conv(eqn, probes, facts_of, use)
-        return none
-    if prim is P.gather_p:
-        _gather(eqn, probes, facts_of, use)
-        return none
-    if prim in (P.jit_p, P.closed_call_p, P.call_p, P.remat_p):
-        body = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-        inner, _ = _closed(body)
-        return _sub(inner, dict(enumerate(probes)), facts_of, use, where)
-    if prim is P.scan_p:
-        return _scan(eqn, probes, facts_of, use, where)
-    if prim is P.cond_p:
-        ops = {i - 1: p for i, p in enumerate(probes) if i > 0 and p is not None}
-        for br in eqn.params["branches"]:
-            _sub(_closed(br)[0], ops, facts_of, use, where)
-        return none
-    if getattr(lax, "split_p", None) is prim and probes[0] is not None:
-        return [probes[0]._replace(shape=tuple(v.aval.shape)) for v in eqn.outvars]
-    if prim in _OPAQUE_CALLS:
-        for p in probes:
-            if p is not None:
-                facts_of[p.path].opaque.append(f"{use} (passed into {_OPAQUE_CALLS[prim]})")
-        return none
+    rule = _RULES.get(eqn.primitive)
+    if rule is not None:
+        return rule(eqn, probes, facts_of, use, where)
+    # a one-operand op on the weight (the other inputs are literals or other values)
     live = [p for p in probes if p is not None]
-    if len(eqn.invars) >= 1 and probes[0] is not None and len(live) == 1 and \
-            all(not isinstance(v, jcore.Var) or p is None for v, p in
-                zip(eqn.invars[1:], probes[1:], strict=True)):
-        return [_shape_op(eqn, probes[0], facts_of[probes[0].path], use)] + none[1:]
-    for p in live:
-        facts_of[p.path].opaque.append(f"{use} (no low-rank rule)")
-    return none
-
-
-def _sub(jaxpr, inputs, facts_of, use, where) -> list:
-    outs = infer_jaxpr(jaxpr, inputs, facts_of, where=where or use)
-    return outs
+    if probes[0] is not None and len(live) == 1:
+        out = _shape_op(eqn, probes[0], facts_of[probes[0].path], use)
+        return [out] + [None] * (len(eqn.outvars) - 1)
+    return _opaque(eqn, probes, facts_of, use, where)
 
 
 def _scan(eqn, probes, facts_of, use, where) -> list:
@@ -342,6 +348,19 @@ def _scan(eqn, probes, facts_of, use, where) -> list:
         if o is not None:
             facts_of[o.path].opaque.append(f"{use} (the weight is an output of the body)")
     return [None] * len(eqn.outvars)
+
+
+_RULES = {
+    P.dot_general_p: _products(_dot),
+    P.conv_general_dilated_p: _products(_conv),
+    P.gather_p: _products(_gather),
+    P.jit_p: _call, P.closed_call_p: _call, P.call_p: _call, P.remat_p: _call,
+    P.scan_p: _scan,
+    P.cond_p: _cond,
+    **{prim: _opaque_call for prim in _OPAQUE_CALLS},
+}
+if getattr(lax, "split_p", None) is not None:
+    _RULES[lax.split_p] = _split
 
 
 def probe_for(path: str, shape) -> _Probe:
@@ -375,54 +394,71 @@ class _Parity:
         return True
 
 
-def solve(path: str, facts: Facts) -> Inferred:
-    """The layout the uses in ``facts`` imply for one weight, or why there is none."""
-    nd = len(facts.shape)
-    if facts.bad:
-        return Inferred(None, facts.bad[0], True)
-    for ax, roles in facts.pins.items():
-        if len(roles) > 1:
-            (r1, u1), (r2, u2) = list(roles.items())[:2]
-            return Inferred(None, f"axis {ax} is {_ROLE[r1]} for {u1} but {_ROLE[r2]} for "
-                                  f"{u2}", True)
-    stacked = {ax for ax, roles in facts.pins.items() if S in roles}
+class _Contradiction(Exception):
+    """Two uses of one weight that no layout satisfies (the message names both)."""
+
+
+def _pinned_roles(facts: Facts) -> dict:
+    """``{axis: role}`` from scans, batch axes, kernels and row lookups."""
+    out = {}
+    for ax, pins in facts.pins.items():
+        if len(pins) > 1:
+            (r1, u1), (r2, u2) = list(pins.items())[:2]
+            raise _Contradiction(f"axis {ax} is {_ROLE[r1]} for {u1} but {_ROLE[r2]} for {u2}")
+        out[ax] = next(iter(pins))
+    return out
+
+
+def _relate_products(facts: Facts, pinned: dict):
+    """Union-find of the products' relations: contracted axes on one side, kept on the other."""
     uf, seed = _Parity(), {}
     for c, f, use in facts.dots:
         for ax in c | f:
-            if ax in stacked:
-                return Inferred(None, f"axis {ax} is a stacked axis for "
-                                      f"{facts.pins[ax][S]} but {use} contracts or keeps it "
-                                      f"as a matrix axis", True)
+            if pinned.get(ax) == S:
+                raise _Contradiction(f"axis {ax} is a stacked axis for {facts.pins[ax][S]} but "
+                                     f"{use} contracts or keeps it as a matrix axis")
         members = [(ax, 0) for ax in c] + [(ax, 1) for ax in f]
         first, par0 = members[0]
         for ax, par in members[1:]:
             if not uf.union(ax, first, par ^ par0):
-                return Inferred(None, f"{use} contradicts an earlier use of axes "
-                                      f"{sorted(c | f)}: " + "; ".join(u for *_, u in
-                                                                       facts.dots[:2]), True)
+                raise _Contradiction(f"{use} contradicts an earlier use of axes "
+                                     f"{sorted(c | f)}: " +
+                                     "; ".join(u for *_, u in facts.dots[:2]))
         seed.setdefault(uf.find(first)[0], (first, par0))
-    roles = {ax: S for ax in stacked}
-    for ax, pins in facts.pins.items():
-        if ax not in stacked:
-            roles[ax] = next(iter(pins))
-    # orient each group of related axes: a pinned member decides, else the first
-    # product's contracted side is the input side (x @ W)
-    sides: dict = {}
+    return uf, seed
+
+
+def _orient(facts: Facts, pinned: dict, uf: _Parity, seed: dict) -> dict:
+    """Input or output side for every related axis: a pinned member decides, else
+    the first product's contracted side is the input side (``x @ W``)."""
+    roles, sides = dict(pinned), {}
     for ax in list(uf.parent):
         root, par = uf.find(ax)
-        if ax in roles and roles[ax] in (A, B):
-            want = 0 if roles[ax] == A else 1
-            got = sides.setdefault(root, want ^ par)
-            if got != want ^ par:
-                return Inferred(None, f"axis {ax} is {_ROLE[roles[ax]]} for "
-                                      f"{facts.pins[ax][roles[ax]]} but the products make it "
-                                      f"the other side", True)
+        if pinned.get(ax) in (A, B):
+            want = 0 if pinned[ax] == A else 1
+            if sides.setdefault(root, want ^ par) != want ^ par:
+                raise _Contradiction(f"axis {ax} is {_ROLE[pinned[ax]]} for "
+                                     f"{facts.pins[ax][pinned[ax]]} but the products make it "
+                                     f"the other side")
     for ax in list(uf.parent):
         root, par = uf.find(ax)
         if root not in sides:
             first, par0 = seed[root]
             sides[root] = par0 ^ uf.find(first)[1]
         roles[ax] = A if (sides[root] ^ par) == 0 else B
+    return roles
+
+
+def solve(path: str, facts: Facts) -> Inferred:
+    """The layout the uses in ``facts`` imply for one weight, or why there is none."""
+    nd = len(facts.shape)
+    if facts.bad:
+        return Inferred(None, facts.bad[0], True)
+    try:
+        pinned = _pinned_roles(facts)
+        roles = _orient(facts, pinned, *_relate_products(facts, pinned))
+    except _Contradiction as e:
+        return Inferred(None, str(e), True)
     missing = [ax for ax in range(nd) if ax not in roles]
     if not facts.uses or missing:
         why = facts.opaque[0] if facts.opaque else "the program never uses it"
@@ -445,7 +481,7 @@ def roles(layout: Layout, ndim: int) -> tuple:
     """The role (S, A or B) of each axis of a weight with ``layout``."""
     order = layout.order or tuple(range(ndim))
     kinds = [S] * layout.n_stacked + [A] * layout.n_in + [B] * layout.n_out
-    out = [None] * ndim
+    out: list = [None] * ndim
     for kind, ax in zip(kinds, order, strict=True):
         out[ax] = kind
     return tuple(out)

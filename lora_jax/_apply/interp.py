@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.extend import core as jcore
 
 from lora_jax._apply.lazy import LazyWeight, NotLowRank
+from lora_jax._core.errors import error
 
 __all__ = ["Trace", "Record", "StrictError", "evaluate", "bind", "densify_output", "is_lazy"]
 
@@ -102,6 +103,8 @@ class Trace:
 
     def next_key(self):
         """A fresh key for one dropout site or one rebuilt body."""
+        if self.key is None:
+            raise RuntimeError("lora_jax bug: a dropout key was drawn without lora_rng")
         self._counters[0] += 1
         return jax.random.fold_in(self.key, self._counters[0])
 
@@ -119,12 +122,13 @@ class Trace:
     def fallback(self, lw: LazyWeight, prim: str, why: str, *, output: bool = False):
         """Materializes ``lw`` for one use, recording it (or raising if strict)."""
         if self.strict:
-            raise StrictError(
-                f"{lw.path}: lj.apply(strict=True) refuses to materialize W + scale * a @ b "
-                f"at `{prim}`: {why}. Fix: use the weight through a matmul, convolution or "
-                f"row lookup the model can express directly; or exclude the path with "
-                f"LoraConfig.exclude; or pass strict=False to accept a dense update at this "
-                f"use (correct, but not low-rank). lj.explain(...) lists every use.")
+            raise error(
+                lw.path, f"lj.apply(strict=True) refuses to materialize W + scale * a @ b at "
+                         f"`{prim}`: {why} (lj.explain(...) lists every use)",
+                "use the weight through a matmul, convolution or row lookup the model can "
+                "express directly; or exclude the path with LoraConfig.exclude; or pass "
+                "strict=False to accept a dense update at this use (correct, but not "
+                "low-rank)", kind=StrictError)
         site = self.site + (lw.path,)
         if output:
             self._counters[1] += 1
@@ -144,7 +148,7 @@ def is_lazy(x) -> bool:
 def bind(eqn, invals) -> list:
     """Evaluates one equation on plain values, as JAX's own evaluator does."""
     args, seen = [], {}
-    for v, x in zip(eqn.invars, invals):
+    for v, x in zip(eqn.invars, invals, strict=True):
         if isinstance(v, jcore.Var) and v not in seen:
             seen[v] = len(args)
             args.append(x)
@@ -162,9 +166,9 @@ def evaluate(trace: Trace, jaxpr, consts, args) -> list:
     def read(v):
         return v.val if isinstance(v, jcore.Literal) else env[v]
 
-    for v, x in zip(jaxpr.constvars, consts):
+    for v, x in zip(jaxpr.constvars, consts, strict=True):
         env[v] = x
-    for v, x in zip(jaxpr.invars, args):
+    for v, x in zip(jaxpr.invars, args, strict=True):
         env[v] = x
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
@@ -172,7 +176,7 @@ def evaluate(trace: Trace, jaxpr, consts, args) -> list:
             outs = _apply_rule(trace.at(eqn), eqn, invals)
         else:
             outs = bind(eqn, invals)
-        for v, x in zip(eqn.outvars, outs):
+        for v, x in zip(eqn.outvars, outs, strict=True):
             env[v] = x
     return [read(v) for v in jaxpr.outvars]
 

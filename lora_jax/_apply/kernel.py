@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lora_jax._core.dtypes import promote
 from lora_jax._apply.lazy import is_array
+from lora_jax._core.dtypes import promote
 
 __all__ = ["matmul_kernel", "fuse_concat"]
 
@@ -119,7 +119,8 @@ def _explicit_spec(x, flip: bool = False):
     axes; None elsewhere (Auto axes, no mesh), where XLA chooses."""
     sharding = getattr(jax.typeof(x), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
-    if not any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+    if sharding is None or \
+            not any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
         return None
     spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
     return jax.sharding.PartitionSpec(*(spec[::-1] if flip else spec))

@@ -37,8 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lora_jax._variants import dora as _dora
+from lora_jax._core.errors import error
 from lora_jax._core.leaf import as_matrix, dense_float32, is_container
+from lora_jax._variants import dora as _dora
 
 __all__ = ["LazyWeight", "NotLowRank", "S", "A", "B", "is_array", "transpose_to", "factor_labels"]
 
@@ -153,10 +154,10 @@ class LazyWeight:
         if is_container(w):
             w = w.dequantize()
         elif not is_array(w):
-            raise TypeError(
-                f"lj.apply: a frozen weight of type {type(w).__name__} is neither an array "
-                f"nor a lora_jax LeafContainer. Fix: store it as an array, or as a subclass "
-                f"of lora_jax.LeafContainer with a dequantize() method.")
+            raise error("lj.apply", f"a frozen weight of type {type(w).__name__} is neither an "
+                                    f"array nor a lora_jax LeafContainer",
+                        "store it as an array, or as a subclass of lj.LeafContainer with a "
+                        "dequantize() method", kind=TypeError)
         for op in pending:
             w = op(w)
         return w.astype(dtype)
@@ -200,9 +201,9 @@ class LazyWeight:
             raise NotLowRank("DoRA: the product keeps only part of the weight's output axes")
         where = [labels.index(lab) for lab in own]
         shape = [1] * len(labels)
-        for pos, n in zip(where, g.shape):
+        for pos, n in zip(where, g.shape, strict=True):
             shape[pos] = n
-        return jnp.reshape(jnp.transpose(g, np.argsort(where)), shape)
+        return jnp.reshape(jnp.transpose(g, tuple(int(i) for i in np.argsort(where))), shape)
 
     # -- shape-only ops (each returns a LazyWeight or raises NotLowRank) -------
     def _with(self, op, **changes) -> LazyWeight:
@@ -324,7 +325,7 @@ class LazyWeight:
         if any(sum(1 for kd, _ in new_dims if kd == kind) == 0 for kind in (A, B)):
             raise NotLowRank(f"reshape to {new_shape} leaves no input or no output axis")
         r = self.a.shape[-1]
-        sizes = {kind: [n for (kd, _), n in zip(new_dims, new_shape) if kd == kind]
+        sizes = {kind: [n for (kd, _), n in zip(new_dims, new_shape, strict=True) if kd == kind]
                  for kind in (S, A, B)}
         if math.prod(sizes[S]) != math.prod(self.a.shape[: self.count(S)]):
             raise NotLowRank(f"reshape to {new_shape} moves elements across stacked axes")
@@ -345,14 +346,13 @@ class LazyWeight:
     def unstack_leading(self) -> LazyWeight:
         """Moves the stacked axis that is view axis 0 to the front of a and b.
 
-        Used by scan, which slices axis 0 of every ``xs``; returns None when
-        view axis 0 is not stacked.
+        Used by scan, which slices axis 0 of every ``xs``; raises `NotLowRank`
+        when view axis 0 is not stacked.
         """
         if not self.dims or self.dims[0][0] != S:
             raise NotLowRank("scanned over an axis that is not a stacked (layer) axis; "
                              "set LoraConfig.layouts with n_stacked >= 1 for it")
-        lw = self.canonical()
-        return lw if lw.dims[0] == (S, 0) else None
+        return self.canonical()    # view axis 0 is then the first stacked axis, (S, 0)
 
     def sliced_leading(self) -> LazyWeight:
         """The per-iteration form: view axis 0 (stacked axis 0) removed."""

@@ -14,9 +14,9 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from lora_jax._core.dtypes import promote
 from lora_jax._apply.kernel import fuse_concat, matmul_kernel
-from lora_jax._apply.lazy import A, B, S, LazyWeight, NotLowRank, factor_labels, transpose_to
+from lora_jax._apply.lazy import A, B, LazyWeight, NotLowRank, S, factor_labels, transpose_to
+from lora_jax._core.dtypes import promote
 
 __all__ = ["lowrank_dot", "lowrank_conv", "lowrank_gather", "dora_scaled"]
 
@@ -100,7 +100,7 @@ def lowrank_dot(x, lw: LazyWeight, *, x_is_lhs: bool, dimension_numbers, precisi
     x_free = [i for i in range(x.ndim) if i not in xc and i not in xb]
     if not first_is_a:       # output axes contracted: scale x instead
         labels = [None] * x.ndim
-        for i, j in (*zip(xc, wc), *zip(xb, wb)):
+        for i, j in (*zip(xc, wc, strict=True), *zip(xb, wb, strict=True)):
             labels[i] = dims[j]
         x = (x * lw.g_along(labels)).astype(x.dtype)
         return _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
@@ -149,7 +149,7 @@ def _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
     x_free = [i for i in range(x.ndim) if i not in xc and i not in xb]
     f1_used = {pos1(dims[i]) for i in (*wc, *wb)}
     f1_labels = factor_labels(lw, first_is_a)
-    t_labels = [("batch", i) for i in range(nbat)] + [("x", i) for i in x_free] + \
+    t_labels: list = [("batch", i) for i in range(nbat)] + [("x", i) for i in x_free] + \
         [lab for p, lab in enumerate(f1_labels) if p not in f1_used]
     r_t = t_labels.index("r")
     f2 = f2 * lw.scale.astype(f2.dtype)
@@ -210,7 +210,7 @@ def lowrank_conv(x, lw: LazyWeight, *, params, lora_input=None):
 
 def _feature_labels(y_ndim: int, feat: int) -> list:
     """Labels of a conv/gather result: the weight's one output axis at ``feat``."""
-    labels = [None] * y_ndim
+    labels: list = [None] * y_ndim
     labels[feat] = (B, 0)
     return labels
 

@@ -69,10 +69,10 @@ import numpy as np
 
 from lora_jax._apply.infer import check_layouts
 from lora_jax._apply.interp import Record, Trace, densify_output, evaluate
-from lora_jax._apply.rules import FALLBACK_WHY, RULES
 from lora_jax._apply.lazy import LazyWeight
+from lora_jax._apply.rules import FALLBACK_WHY, RULES
 from lora_jax._core.config import LoraConfig, LoraWarning
-from lora_jax._core.errors import error
+from lora_jax._core.errors import error, message
 from lora_jax._core.leaf import is_container
 from lora_jax._core.paths import flatten_params, unflatten_params
 from lora_jax._core.weights import LoraWeights, check_adapters, flatten_adapters
@@ -132,10 +132,11 @@ def _explanation(record: Record, paths) -> Explanation:
 def _warn(record: Record):
     for path, uses in record.fallback_list().items():
         where = ", ".join(sorted({f"`{prim}`" for prim, _ in uses}))
-        warnings.warn(
-            f"{path}: lj.apply materialized W + scale * a @ b at {where} ({uses[0][1]}). "
-            f"The result is correct, but that use costs a dense update. lj.explain(...) "
-            f"shows every rule taken; strict=True makes this an error.",
+        warnings.warn(message(
+            path, f"lj.apply materialized W + scale * a @ b at {where} ({uses[0][1]}); the "
+                  f"result is correct, but that use costs a dense update (lj.explain(...) shows "
+                  f"every rule taken)", "pass strict=True to make this an error, or use the "
+                  "weight through a matmul, convolution or row lookup"),
             LoraWarning, stacklevel=4)
 
 
@@ -154,10 +155,11 @@ def _aval(x):
 
 def _check_single(path, node, spec):
     if np.ndim(node.a) != len(spec.a_shape):
-        raise ValueError(
-            f"{path}: adapters hold a set of {np.shape(node.a)[0]} adapters (a has shape "
-            f"{tuple(np.shape(node.a))}, one adapter's is {spec.a_shape}); lj.apply runs one "
-            f"adapter. Fix: select one, e.g. jax.tree.map(lambda x: x[i], adapters).")
+        raise error(path, f"adapters hold a set of {np.shape(node.a)[0]} adapters (a has shape "
+                          f"{tuple(np.shape(node.a))}, one adapter's is {spec.a_shape}); "
+                          f"lj.apply runs one adapter",
+                    "select one, lj.select_adapter(aset, name), or serve the set with "
+                    "lj.apply_mixed")
 
 
 def _trace_value(leaf, node, spec):
@@ -257,11 +259,11 @@ def _check_used(record: Record, paths: list, strict: bool) -> None:
 
 def _check_fn(fn, config, where):
     if not callable(fn):
-        raise TypeError(f"{where}: fn must be callable (e.g. model.apply); got "
-                        f"{type(fn).__name__}.")
+        raise error(where, f"fn must be callable; got {type(fn).__name__}",
+                    "pass the model's function, e.g. model.apply", kind=TypeError)
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"{where}: config must be a lj.LoraConfig; got "
-                        f"{type(config).__name__}. Fix: lj.apply(fn, lj.LoraConfig(...)).")
+        raise error(where, f"config must be a lj.LoraConfig; got {type(config).__name__}",
+                    "lj.apply(fn, lj.LoraConfig(...))", kind=TypeError)
 
 
 def apply(fn: Callable, config: LoraConfig, *, strict: bool = False,
@@ -320,7 +322,8 @@ def apply(fn: Callable, config: LoraConfig, *, strict: bool = False,
     _check_fn(fn, config, "lj.apply")
     for name, value in (("strict", strict), ("custom_grad", custom_grad)):
         if not isinstance(value, bool):
-            raise TypeError(f"lj.apply: {name} must be a bool; got {value!r}.")
+            raise error("lj.apply", f"{name} must be a bool; got {value!r}",
+                        f"pass {name}=True or {name}=False", kind=TypeError)
 
     @functools.wraps(fn)
     def adapted(params, adapters, *args, lora_rng=None, **kwargs):

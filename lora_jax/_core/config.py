@@ -448,7 +448,7 @@ class LoraConfig:
         """
         out = {}
         for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
+            v: Any = getattr(self, f.name)
             if callable(v) and not isinstance(v, (str, tuple)):
                 raise error(
                     f"LoraConfig.{f.name}",
@@ -457,9 +457,10 @@ class LoraConfig:
             if f.name in ("rank_pattern", "alpha_pattern"):
                 v = {p: x for p, x in v}
             elif f.name == "layouts":
-                v = {p: x.to_list() for p, x in v}
+                v = {p: lay.to_list() for p, lay in self.layouts}
             elif f.name == "inferred_layouts":
-                v = {p: {"layout": x.to_list(), "from": note} for p, (x, note) in v}
+                v = {p: {"layout": lay.to_list(), "from": note}
+                     for p, (lay, note) in self.inferred_layouts}
             elif f.name == "dtype":
                 v = self.dtype.name
             elif isinstance(v, tuple):
