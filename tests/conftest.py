@@ -5,9 +5,10 @@ The whole session runs with JAX's strictest numerics checks, as equinox's
 tests do: no implicit dtype promotion (mixing float32 and bfloat16 must be
 written out) and no implicit rank promotion (broadcasting must be explicit).
 Warnings are errors (pyproject.toml lists the third-party ones allowed).
-A test that runs third-party code relying on implicit promotion (Flax's
-bfloat16 normalization layers promote to float32 implicitly) says so with
-``@pytest.mark.standard_promotion``; lora_jax itself must pass strict."""
+A test that runs third-party code relying on implicit promotion (optax's adam,
+Flax's bfloat16 normalization layers, Keras' layers) says so with
+``@pytest.mark.standard_promotion`` (JAX's standard dtype and rank
+promotion); lora_jax itself must pass strict."""
 
 import os
 import sys
@@ -28,11 +29,11 @@ SMALL = gpt.GPTConfig(vocab=97, d_model=64, n_heads=4, n_layers=2, d_mlp=128, ma
 
 @pytest.fixture(autouse=True)
 def _standard_promotion_where_marked(request):
-    """JAX's standard dtype promotion for tests marked ``standard_promotion``."""
+    """JAX's standard dtype and rank promotion for tests marked ``standard_promotion``."""
     if request.node.get_closest_marker("standard_promotion") is None:
         yield
         return
-    with jax.numpy_dtype_promotion("standard"):
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
         yield
 
 

@@ -277,6 +277,16 @@ class LazyWeight:
             lw._with(lambda w: lax.broadcast_in_dim(w, shape, bdims)),
             a=a, b=b, dims=new_dims, g=g)
 
+    def rev(self, dimensions) -> LazyWeight:
+        """The view reversed along ``dimensions`` (``lax.rev``): each factor is
+        reversed along the axes it shares with them."""
+        dims = tuple(int(d) for d in dimensions)
+        a_axes = tuple(self.a_axis(self.dims[d]) for d in dims if self.dims[d][0] in (S, A))
+        b_axes = tuple(self.b_axis(self.dims[d]) for d in dims if self.dims[d][0] in (S, B))
+        g = None if self.g is None else lax.rev(self.g, b_axes)
+        return dataclasses.replace(self._with(lambda w: lax.rev(w, dims)),
+                                   a=lax.rev(self.a, a_axes), b=lax.rev(self.b, b_axes), g=g)
+
     def window(self, starts, limits, strides=None) -> LazyWeight:
         """Static slice of the view (``lax.slice``)."""
         strides = tuple(strides) if strides is not None else (1,) * self.ndim

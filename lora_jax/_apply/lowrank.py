@@ -177,19 +177,22 @@ def lowrank_conv(x, lw: LazyWeight, *, params, lora_input=None):
     ``a`` becomes an r-output-channel kernel with W's spatial and input axes;
     ``b`` is then a 1x1 up-projection on the output's feature axis. Needs
     W's output-feature axis to be its only ``B`` axis (the default conv
-    layout) and no feature/batch groups.
+    layout) and no batch groups. A grouped (or depthwise) convolution with
+    ``G`` groups runs ``a`` once per group (a grouped conv with ``G * r``
+    outputs: ``G`` copies of ``a``) and ``b`` per group (group ``g``'s output
+    channels take group ``g``'s ``r`` channels): the same FLOPs as ungrouped.
     """
     dn = params["dimension_numbers"]
-    if params["feature_group_count"] != 1 or params["batch_group_count"] != 1 \
-            or lw.count(S) or lw.count(B) != 1:
-        raise NotLowRank("grouped convolution, or a kernel whose layout is not "
+    if params["batch_group_count"] != 1 or lw.count(S) or lw.count(B) != 1:
+        raise NotLowRank("a batch-grouped convolution, or a kernel whose layout is not "
                          "(*spatial, in, out)")
     out_feat = dn.rhs_spec[0]
     if lw.dims[out_feat] != (B, 0):
         raise NotLowRank("the convolution's output-feature axis is not the weight's output axis")
     conv = dict(window_strides=params["window_strides"], padding=params["padding"],
                 lhs_dilation=params["lhs_dilation"], rhs_dilation=params["rhs_dilation"],
-                dimension_numbers=dn, precision=params["precision"])
+                dimension_numbers=dn, precision=params["precision"],
+                feature_group_count=params["feature_group_count"])
     out_dtype = _out_dtype(params["preferred_element_type"], x.dtype, lw.dtype)
     acc = _acc_dtype(out_dtype, lw.a.dtype)
     base = lax.conv_general_dilated(
@@ -197,12 +200,23 @@ def lowrank_conv(x, lw: LazyWeight, *, params, lora_input=None):
         preferred_element_type=acc if acc != out_dtype else params["preferred_element_type"])
     kernel_labels = [lab if lab[0] == A else "r" for lab in lw.dims]
     kernel = transpose_to(lw.a, factor_labels(lw, True), kernel_labels)
+    groups = params["feature_group_count"]
+    if groups > 1:     # one copy of a per group: G * r output channels, group-major
+        kernel = jnp.concatenate([kernel] * groups, axis=out_feat)
     xl = (x if lora_input is None else lora_input(x)).astype(lw.a.dtype)
     t = lax.conv_general_dilated(xl, kernel, **conv, preferred_element_type=lw.a.dtype)
     feat = dn.out_spec[1]
     b = lw.b * lw.scale.astype(lw.b.dtype)
-    d = lax.dot_general(t, b, (((feat,), (0,)), ((), ())), precision=params["precision"],
-                        preferred_element_type=lw.a.dtype)
+    if groups == 1:
+        d = lax.dot_general(t, b, (((feat,), (0,)), ((), ())), precision=params["precision"],
+                            preferred_element_type=lw.a.dtype)
+    else:              # group g's outputs from group g's r channels
+        r, n_out = b.shape
+        tg = jnp.moveaxis(t, feat, -1).reshape(*base.shape[:feat], *base.shape[feat + 1:],
+                                                groups, r)
+        bg = b.reshape(r, groups, n_out // groups)
+        d = jnp.einsum("...gk,kgo->...go", tg, bg, precision=params["precision"],
+                       preferred_element_type=lw.a.dtype).reshape(*tg.shape[:-2], n_out)
     d = jnp.moveaxis(d, -1, feat)
     return dora_scaled(lw, (base.astype(acc) + d.astype(acc)).astype(out_dtype),
                         _feature_labels(y_ndim=base.ndim, feat=feat))

@@ -85,6 +85,7 @@ RULES: dict = {
         lambda lw, p, _: lw.window(p["start_indices"], p["limit_indices"], p["strides"])),
     P.dynamic_slice_p: _one(lambda lw, p, starts: lw.dynamic_window(starts, p["slice_sizes"])),
     P.sharding_constraint_p: _sharding_constraint,
+    P.rev_p: _one(lambda lw, p, _: lw.rev(p["dimensions"])),
 }
 # `split` is exported by jax.lax, not by jax.extend.core.primitives.
 if getattr(lax, "split_p", None) is not None:
