@@ -95,14 +95,16 @@ def floors(c: gpt.GPTConfig) -> dict:
 def build(c: gpt.GPTConfig):
     """``(train, infer, explanation)``: name -> (jitted fn, make_state, advance)."""
     model, variables = gpt.init_linen(c, seed=0)
-    layouts = {r"params/blocks/.*": lj.Layout(1, 1, 1)} if c.scan else {}
-    config = lj.LoraConfig(rank=RANK, alpha=ALPHA, targets=gpt.TARGETS, layouts=layouts)
+    tokens = gpt.random_tokens(c, BATCH, seed=0, length=SEQ)
+    # No layouts=: lj.configure reads them from the program (per-layer adapters
+    # for the nn.scan stack).
+    config = lj.configure(lj.LoraConfig(rank=RANK, alpha=ALPHA, targets=gpt.TARGETS),
+                          model.apply, variables, tokens)
     adapters = lj.init(variables, config, key=jax.random.key(1))
     # A non-zero B, so the adapter changes the model (as after some training).
     adapters = jax.tree.map(
         lambda n: n._replace(b=0.01 * jax.random.normal(jax.random.key(2), n.b.shape))
         if lj.is_lora(n) else n, adapters, is_leaf=lj.is_lora)
-    tokens = gpt.random_tokens(c, BATCH, seed=0, length=SEQ)
     tx = optax.adam(1e-4)
 
     def full_step(params, opt_state, tokens):

@@ -34,7 +34,7 @@ def _flops(compiled) -> float:
     return float(compiled.cost_analysis()["flops"])
 
 
-def check_zero_config(fn, params, args, targets, *, rank=1, key, expect_layouts=None,
+def check_zero_config(fn, params, args, targets, *, key, rank=1, expect_layouts=None,
                       loss=None):
     """Runs every check of the module doc on ``fn(params, *args)``; returns the config
     and the FLOP ratios of a LoRA step to full fine-tuning and to merging in the step."""
@@ -85,23 +85,24 @@ L = lj.Layout
 # ----------------------------------------------------------------------------- Flax Linen
 
 
-def test_linen_layers(rng):
+def build_linen_layers(rng, w: int = 1) -> dict:
     import flax.linen as nn
+    d, c_out = 48 * w, 16 * w
 
     class Net(nn.Module):
         @nn.compact
         def __call__(self, ids, img):
-            emb = nn.Embed(80, 48, name="embed")
-            h = emb(ids)                                                     # (b, t, 48)
-            h = h + nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=48,
+            emb = nn.Embed(80, d, name="embed")
+            h = emb(ids)                                                     # (b, t, d)
+            h = h + nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=d,
                                                     name="mha")(h, h)
-            h = nn.DenseGeneral((4, 12), axis=-1, name="dg_out")(h)         # (b, t, 4, 12)
-            h = nn.DenseGeneral(48, axis=(-2, -1), name="dg_in")(h)         # (b, t, 48)
-            h = nn.Einsum((48, 4, 12), "btd,dhk->bthk", use_bias=False, name="ein")(h)
-            h = h.reshape(*h.shape[:2], 48)
-            c = nn.Conv(16, (3, 3), name="conv")(img)
-            c = nn.Conv(16, (3, 3), feature_group_count=2, name="grouped")(c)
-            c = nn.Conv(16, (3, 3), feature_group_count=16, name="depthwise")(c)
+            h = nn.DenseGeneral((4, d // 4), axis=-1, name="dg_out")(h)     # (b, t, 4, d/4)
+            h = nn.DenseGeneral(d, axis=(-2, -1), name="dg_in")(h)          # (b, t, d)
+            h = nn.Einsum((d, 4, d // 4), "btd,dhk->bthk", use_bias=False, name="ein")(h)
+            h = h.reshape(*h.shape[:2], d)
+            c = nn.Conv(c_out, (3, 3), name="conv")(img)
+            c = nn.Conv(c_out, (3, 3), feature_group_count=2, name="grouped")(c)
+            c = nn.Conv(c_out, (3, 3), feature_group_count=c_out, name="depthwise")(c)
             c = nn.ConvTranspose(8, (3, 3), transpose_kernel=True, name="deconv")(c)
             return emb.attend(h).sum(-1) + c.mean((1, 2, 3))[:, None]
 
@@ -109,8 +110,8 @@ def test_linen_layers(rng):
     ids = jax.random.randint(rng, (2, 6), 0, 80)
     img = jax.random.normal(jax.random.fold_in(rng, 3), (2, 8, 8, 8))
     variables = m.init(jax.random.fold_in(rng, 4), ids, img)
-    check_zero_config(m.apply, variables, (ids, img), r".*(kernel|embedding)", key=rng,
-                      expect_layouts={
+    return dict(fn=m.apply, params=variables, args=(ids, img), targets=r".*(kernel|embedding)",
+                expect_layouts={
                           "params/mha/query/kernel": L(0, 1, 2),
                           "params/mha/out/kernel": L(0, 2, 1),
                           "params/dg_out/kernel": L(0, 1, 2),
@@ -120,14 +121,15 @@ def test_linen_layers(rng):
                           "params/embed/embedding": L(0, 1, 1)})
 
 
-def test_linen_vmap_ensemble_scan_remat_and_rnn(rng):
+def build_linen_stacks(rng, w: int = 1) -> dict:
     import flax.linen as nn
+    d = 8 * w
 
     class Ensemble(nn.Module):
         @nn.compact
         def __call__(self, x):                       # x: (members, batch, 8), own inputs
             return nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True},
-                           in_axes=0, out_axes=0, axis_size=3)(8, name="members")(x)
+                           in_axes=0, out_axes=0, axis_size=3)(d, name="members")(x)
 
     class Stack(nn.Module):
         @nn.compact
@@ -135,36 +137,37 @@ def test_linen_vmap_ensemble_scan_remat_and_rnn(rng):
             block = nn.remat(nn.Dense)
             x, _ = nn.scan(lambda mdl, c, _: (jnp.tanh(mdl(c)), None),
                            variable_axes={"params": 0}, split_rngs={"params": True},
-                           length=4)(block(8, name="layer"), x, None)
+                           length=4)(block(d, name="layer"), x, None)
             return x
 
     class Net(nn.Module):
         @nn.compact
         def __call__(self, xs, seq):
             h = Stack(name="stack")(Ensemble(name="ens")(xs).mean(0))
-            r = nn.RNN(nn.GRUCell(8), name="rnn")(seq)                 # scan over time
+            r = nn.RNN(nn.GRUCell(d), name="rnn")(seq)                 # scan over time
             return h.sum(-1) + r[:, -1].sum(-1)
 
-    xs = jax.random.normal(rng, (3, 2, 8))
-    seq = jax.random.normal(jax.random.fold_in(rng, 1), (2, 6, 8))
+    xs = jax.random.normal(rng, (3, 2, d))
+    seq = jax.random.normal(jax.random.fold_in(rng, 1), (2, 6, d))
     m = Net()
     variables = m.init(jax.random.fold_in(rng, 2), xs, seq)
-    check_zero_config(m.apply, variables, (xs, seq), r".*kernel", key=rng,
-                      expect_layouts={"params/ens/members/kernel": L(1, 1, 1),
-                                      "params/stack/layer/kernel": L(1, 1, 1)})
+    return dict(fn=m.apply, params=variables, args=(xs, seq), targets=r".*kernel",
+                expect_layouts={"params/ens/members/kernel": L(1, 1, 1),
+                                "params/stack/layer/kernel": L(1, 1, 1)})
 
 
 # ----------------------------------------------------------------------------- Flax NNX
 
 
-def test_nnx_scan_vmap_stack_and_attention(rng):
+def build_nnx_stack(rng, w: int = 1) -> dict:
     from flax import nnx
+    d = 8 * w
 
     class Block(nnx.Module):
         def __init__(self, rngs):
-            self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=8, qkv_features=8,
+            self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=d, qkv_features=d,
                                                decode=False, rngs=rngs)
-            self.mlp = nnx.Linear(8, 8, rngs=rngs)
+            self.mlp = nnx.Linear(d, d, rngs=rngs)
 
         def __call__(self, x):
             return x + self.mlp(jnp.tanh(self.attn(x)))
@@ -185,17 +188,16 @@ def test_nnx_scan_vmap_stack_and_attention(rng):
             return block(h)
         return run(model, x)
 
-    x = jax.random.normal(jax.random.fold_in(rng, 1), (2, 4, 8))
-    check_zero_config(fn, params, (x,), r".*kernel", key=rng,
-                      expect_layouts={"attn/query/kernel": L(1, 1, 2),
-                                      "mlp/kernel": L(1, 1, 1)})
+    x = jax.random.normal(jax.random.fold_in(rng, 1), (2, 4, d))
+    return dict(fn=fn, params=params, args=(x,), targets=r".*kernel",
+                expect_layouts={"attn/query/kernel": L(1, 1, 2), "mlp/kernel": L(1, 1, 1)})
 
 
 # ----------------------------------------------------------------------------- Equinox
 
 
-def test_equinox_module_pytree(rng):
-    eqx = pytest.importorskip("equinox")
+def build_equinox(rng, w: int = 1) -> dict:
+    import equinox as eqx
     k = jax.random.split(rng, 4)
 
     class Net(eqx.Module):
@@ -210,9 +212,9 @@ def test_equinox_module_pytree(rng):
             c = self.conv(img)                                           # (4, 6, 6)
             return self.act(h).sum() + c.mean()
 
-    model = Net(eqx.nn.Embedding(30, 16, key=k[0]),
-                eqx.nn.MLP(16, 8, width_size=32, depth=2, key=k[1]),
-                eqx.nn.Conv2d(3, 4, 3, padding=1, key=k[2]))
+    model = Net(eqx.nn.Embedding(30, 16 * w, key=k[0]),
+                eqx.nn.MLP(16 * w, 8 * w, width_size=32 * w, depth=2, key=k[1]),
+                eqx.nn.Conv2d(3, 4 * w, 3, padding=1, key=k[2]))
     params, static = eqx.partition(model, eqx.is_array)
 
     def fn(p, ids, img):
@@ -220,32 +222,32 @@ def test_equinox_module_pytree(rng):
 
     ids = jax.random.randint(k[3], (5,), 0, 30)
     img = jax.random.normal(k[3], (3, 6, 6))
-    check_zero_config(fn, params, (ids, img), r".*weight", key=rng,
-                      expect_layouts={"mlp/layers/0/weight": L(0, 1, 1, order=(1, 0)),
-                                      "emb/weight": L(0, 1, 1),
-                                      "conv/weight": L(0, 3, 1, order=(1, 2, 3, 0))})
+    return dict(fn=fn, params=params, args=(ids, img), targets=r".*weight",
+                expect_layouts={"mlp/layers/0/weight": L(0, 1, 1, order=(1, 0)),
+                                "emb/weight": L(0, 1, 1),
+                                "conv/weight": L(0, 3, 1, order=(1, 2, 3, 0))})
 
 
 # ----------------------------------------------------------------------------- Haiku
 
 
-def test_haiku_transform_and_layer_stack(rng):
-    hk = pytest.importorskip("haiku")
+def build_haiku(rng, w: int = 1) -> dict:
+    import haiku as hk
 
     def forward(x):
-        x = hk.Linear(16, name="inp")(x)
+        x = hk.Linear(16 * w, name="inp")(x)
 
         def layer(h):
-            return jnp.tanh(hk.Linear(16, name="lin")(h))
+            return jnp.tanh(hk.Linear(16 * w, name="lin")(h))
         x = hk.layer_stack(3)(layer)(x)
-        return hk.nets.MLP([8, 2], name="head")(x)
+        return hk.nets.MLP([8 * w, 2], name="head")(x)
 
     t = hk.without_apply_rng(hk.transform(forward))
-    x = jax.random.normal(rng, (4, 8))
+    x = jax.random.normal(rng, (4, 8 * w))
     params = t.init(jax.random.fold_in(rng, 1), x)
-    check_zero_config(t.apply, params, (x,), r".*/w", key=rng,
-                      expect_layouts={"inp/w": L(0, 1, 1),
-                                      "__layer_stack_no_per_layer/lin/w": L(1, 1, 1)})
+    return dict(fn=t.apply, params=params, args=(x,), targets=r".*/w",
+                expect_layouts={"inp/w": L(0, 1, 1),
+                                "__layer_stack_no_per_layer/lin/w": L(1, 1, 1)})
 
 
 # ----------------------------------------------------------------------------- Gemma-shaped
@@ -282,11 +284,11 @@ def _gemma_like(rng, n_layers=2, d=16, heads=2, kv_heads=1, hd=8, ff=32, vocab=5
     return params, fn
 
 
-def test_gemma_library_shaped_einsum_transformer(rng):
-    params, fn = _gemma_like(rng)
+def build_gemma_like(rng, w: int = 1) -> dict:
+    params, fn = _gemma_like(rng, d=16 * w, hd=8 * w, ff=32 * w)
     ids = jax.random.randint(rng, (2, 6), 0, 50)
-    check_zero_config(fn, params, (ids,), r".*/w|.*input_embedding", key=rng,
-                      expect_layouts={
+    return dict(fn=fn, params=params, args=(ids,), targets=r".*/w|.*input_embedding",
+                expect_layouts={
                           "layers/attn/q_einsum/w": L(1, 1, 2, order=(0, 2, 1, 3)),
                           "layers/attn/kv_einsum/w": L(1, 1, 3, order=(0, 3, 1, 2, 4)),
                           "layers/attn/attn_vec_einsum/w": L(1, 2, 1),
@@ -297,22 +299,38 @@ def test_gemma_library_shaped_einsum_transformer(rng):
 # ----------------------------------------------------------------------------- Keras 3
 
 
-@pytest.mark.standard_promotion    # Keras' EinsumDense broadcasts its bias implicitly
-def test_keras3_on_jax(rng):
-    if os.environ.get("KERAS_BACKEND", "jax") != "jax":
-        pytest.skip("Keras is configured for another backend in this process")
-    os.environ["KERAS_BACKEND"] = "jax"
-    keras = pytest.importorskip("keras")
+def build_keras(rng, w: int = 1) -> dict:
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import keras
     keras.utils.set_random_seed(int(jax.random.randint(rng, (), 0, 2 ** 30)))
     inp = keras.Input((6,), dtype="int32")
-    h = keras.layers.Embedding(30, 16, name="emb")(inp)
-    h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8, name="mha")(h, h)
-    h = keras.layers.Dense(8, activation="relu", name="d1")(h)
+    h = keras.layers.Embedding(30, 16 * w, name="emb")(inp)
+    h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8 * w, name="mha")(h, h)
+    h = keras.layers.Dense(8 * w, activation="relu", name="d1")(h)
     out = keras.layers.Dense(3, name="d2")(h)
     model = keras.Model(inp, out)
     params = lj.interop.keras.params(model)
     fn = lj.interop.keras.apply_fn(model)
     ids = jax.random.randint(rng, (2, 6), 0, 30)
-    check_zero_config(fn, params, (ids,), r"trainable/.*(kernel|embeddings)", key=rng,
-                      expect_layouts={"trainable/d1/kernel": L(0, 1, 1),
-                                      "trainable/emb/embeddings": L(0, 1, 1)})
+    return dict(fn=fn, params=params, args=(ids,), targets=r"trainable/.*(kernel|embeddings)",
+                expect_layouts={"trainable/d1/kernel": L(0, 1, 1),
+                                "trainable/emb/embeddings": L(0, 1, 1)})
+
+
+# ----------------------------------------------------------------------------- the tests
+
+BUILDERS = {"linen_layers": build_linen_layers, "linen_stacks": build_linen_stacks,
+            "nnx_stack": build_nnx_stack, "equinox": build_equinox, "haiku": build_haiku,
+            "gemma_like": build_gemma_like, "keras": build_keras}
+_NEEDS = {"equinox": "equinox", "haiku": "haiku", "keras": "keras"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.standard_promotion)
+                                  if n == "keras" else n for n in BUILDERS])
+def test_zero_config(rng, name):
+    """Keras' EinsumDense broadcasts its bias implicitly (standard promotion for it)."""
+    if name in _NEEDS:
+        pytest.importorskip(_NEEDS[name])
+    if name == "keras" and os.environ.get("KERAS_BACKEND", "jax") != "jax":
+        pytest.skip("Keras is configured for another backend in this process")
+    check_zero_config(**BUILDERS[name](rng), key=rng)
