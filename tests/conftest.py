@@ -16,6 +16,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("KERAS_BACKEND", "jax")   # Keras 3 models run on JAX in the tests
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
