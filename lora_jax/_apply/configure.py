@@ -37,12 +37,15 @@ class LayoutReport:
       unknown: ``{path: str}``: weights with no layout from the program, and why
         (only opaque uses, or none).
       shapes: ``{path: shape}`` of every weight looked at.
+      tied: paths the program uses both as a row lookup and in a matmul (an
+        embedding tied to the output projection).
     """
 
     layouts: dict
     sources: dict
     unknown: dict
     shapes: dict
+    tied: tuple = ()
 
     def __str__(self) -> str:
         rows = [[p, "x".join(map(str, self.shapes[p])), layout_text(lay, self.shapes[p]),
@@ -158,7 +161,8 @@ def infer_layouts(fn, params, *args, config: LoraConfig | None = None,
         else:
             layouts[path], sources[path] = got.layout, got.why
     shapes = {path: tuple(leaf.shape) for _, path, leaf in chosen}
-    return LayoutReport(layouts, sources, unknown, shapes)
+    tied = tuple(p for p, f in facts.items() if f.lookups and f.products)
+    return LayoutReport(layouts, sources, unknown, shapes, tied)
 
 
 def configure(config: LoraConfig, fn, params, *args, **kwargs) -> LoraConfig:
@@ -166,7 +170,9 @@ def configure(config: LoraConfig, fn, params, *args, **kwargs) -> LoraConfig:
 
     The layouts are recorded in ``config.inferred_layouts`` (with what they
     were read from, which `lj.describe` shows); those in ``config.layouts``
-    (declared) win and are not read. Call it once, before `lj.init`, with
+    (declared) win and are not read. Weights the program uses both as a row
+    lookup and in a matmul (an embedding tied to the output projection) are
+    added to ``config.tied``, which `lj.export_peft` reads. Call it once, before `lj.init`, with
     example arguments of the function `lj.apply` will run.
 
     Args:
@@ -202,5 +208,6 @@ def configure(config: LoraConfig, fn, params, *args, **kwargs) -> LoraConfig:
                                     "lj.describe lists")
     report = infer_layouts(fn, params, *args, config=config, **kwargs)
     inferred = {re.escape(p): (lay, report.sources[p]) for p, lay in report.layouts.items()}
-    return config.replace(inferred_layouts=inferred)
+    tied = tuple(dict.fromkeys((*config.tied, *report.tied)))
+    return config.replace(inferred_layouts=inferred, tied=tied)
 

@@ -53,6 +53,8 @@ class Facts:
     opaque: list = dataclasses.field(default_factory=list)    # uses with no low-rank form
     bad: list = dataclasses.field(default_factory=list)       # uses no layout can express
     uses: list = dataclasses.field(default_factory=list)      # every use, described
+    lookups: int = 0      # row lookups (an embedding)
+    products: int = 0     # matmuls (an embedding used as the output projection too: tied)
 
     def pin(self, axes, role: str, use: str) -> None:
         for ax in axes:
@@ -159,6 +161,7 @@ def _dot(eqn, probes, facts_of, use):
     desc = f"{use} contracting {_axes_str(c)}" + (f", batch over {_axes_str(b)}" if b else "")
     facts.uses.append(desc)
     facts.pin(b, S, desc)
+    facts.products += 1
     if c or f:
         facts.dots.append((c, f, desc))
 
@@ -204,6 +207,7 @@ def _gather(eqn, probes, facts_of, use):
             return
     desc = f"{use} (row lookup over {_axes_str(_origs(probe, rows))})"
     facts.uses.append(desc)
+    facts.lookups += 1
     facts.pin(_origs(probe, batching), S, desc)
     facts.pin(_origs(probe, rows), A, desc)
     facts.pin(_origs(probe, whole), B, desc)

@@ -227,6 +227,16 @@ def _check_inferred(pattern, value):
     return (_check_layout(pattern, lay, "inferred_layouts"), note)
 
 
+def _check_tied(value) -> tuple:
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (tuple, list)) or not all(isinstance(p, str) for p in value):
+        raise _field_error("tied", value, "it must be a tuple of '/'-joined paths",
+                           "pass e.g. tied=('params/embed/embedding',), or let lj.configure "
+                           "find the weights the program ties")
+    return tuple(value)
+
+
 def _first_match(pairs: tuple, path: str):
     for pattern, value in pairs:
         if re.fullmatch(pattern, path):
@@ -275,6 +285,9 @@ class LoraConfig:
       inferred_layouts: layouts read from the program by `lj.configure`, as
         ``{path: (Layout, what it was read from)}``; used where ``layouts``
         says nothing. Set by `lj.configure`, rarely by hand.
+      tied: paths of weights the model also uses transposed as its output
+        projection (an embedding tied to the LM head); `lj.configure` finds
+        them, and `lj.export_peft` then writes PEFT's ``ensure_weight_tying``.
 
     Example:
       >>> import lora_jax as lj
@@ -299,6 +312,7 @@ class LoraConfig:
     train: PathSpec = ()
     layouts: Any = ()
     inferred_layouts: Any = ()
+    tied: Any = ()
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -315,6 +329,7 @@ class LoraConfig:
         set_("layouts", _normalize_pattern_map("layouts", self.layouts, _check_layout))
         set_("inferred_layouts", _normalize_pattern_map("inferred_layouts",
                                                         self.inferred_layouts, _check_inferred))
+        set_("tied", _check_tied(self.tied))
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not 0.0 <= float(self.dropout) < 1.0:
             raise _field_error("dropout", self.dropout, "dropout must be in [0, 1)",
