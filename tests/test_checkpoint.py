@@ -335,15 +335,61 @@ def test_base_fingerprint_checks(tmp_path, trained, rng):
 
 
 def test_fingerprint_is_sampled_and_cheap():
-    # A 4096 x 4096 weight: only the samples are read.
+    # A 4096 x 4096 weight: one element of every row and every column is read.
     w = jnp.zeros((4096, 4096), jnp.bfloat16)
     fp = lj.base_fingerprint({"w": w}, lj.LoraConfig(rank=8, targets="w"))
-    assert len(fp["targets"]["w"]["values"]) == 8
+    rec = fp["leaves"]["w"]
+    assert fp["version"] == 2 and fp["mode"] == "sampled" and fp["targets"] == ["w"]
+    assert len(rec["values"]) == 8 and len(rec["sha256"]) == 64
     assert lj.check_base({"w": w}, fp) == []
     w2 = w.at[4095, 4095].set(1.0)  # the last element is always sampled
     assert lj.check_base({"w": w2}, fp, on_mismatch="ignore") == []
     with pytest.raises(lj.BaseMismatchError):
         lj.check_base({"w": w2}, fp)
+
+
+def test_fingerprint_covers_the_whole_base(rng):
+    """Every leaf counts -- untargeted kernels, biases, norms -- and a changed row of
+    one kernel or one changed norm scale is caught; full mode catches one element."""
+    k = jax.random.split(rng, 4)
+    base = {"q": {"kernel": jax.random.normal(k[0], (512, 512))},
+            "mlp": {"kernel": jax.random.normal(k[1], (512, 256)),
+                    "bias": jax.random.normal(k[2], (256,))},
+            "norm": {"scale": jnp.ones(512)}}
+    cfg = lj.LoraConfig(rank=4, targets=r"q/kernel")
+    fp = lj.base_fingerprint(base, cfg)
+    assert sorted(fp["leaves"]) == ["mlp/bias", "mlp/kernel", "norm/scale", "q/kernel"]
+    assert lj.check_base(base, fp) == []
+    row = int(jax.random.randint(k[3], (), 0, 512))
+    one_row = {**base, "mlp": {**base["mlp"],
+                               "kernel": base["mlp"]["kernel"].at[row].multiply(1.001)}}
+    one_norm = {**base, "norm": {"scale": base["norm"]["scale"].at[row].set(1.01)}}
+    bias = {**base, "mlp": {**base["mlp"], "bias": base["mlp"]["bias"] + 1e-3}}
+    for changed, path in ((one_row, "mlp/kernel"), (one_norm, "norm/scale"), (bias, "mlp/bias")):
+        with pytest.raises(lj.BaseMismatchError, match=rf"(?s)different base.*{path}: sampled"):
+            lj.check_base(changed, fp)
+    extra = {**base, "head": {"kernel": jnp.ones((512, 4))}}
+    with pytest.raises(lj.BaseMismatchError, match=r"head/kernel: in the given params, not in"):
+        lj.check_base(extra, fp)
+    full = lj.base_fingerprint(base, None, mode="full")
+    col = int(jax.random.randint(k[3], (), 0, 256))
+    one_element = {**base, "mlp": {**base["mlp"], "kernel": base["mlp"]["kernel"].at[
+        row, col].add(1e-6)}}
+    assert lj.check_base(base, full) == []
+    with pytest.raises(lj.BaseMismatchError, match=r"mlp/kernel: content differ"):
+        lj.check_base(one_element, full)
+
+
+def test_version_1_fingerprints_are_still_checked(rng):
+    """lora_jax 0.1 recorded targeted weights only, at 256 random positions."""
+    from lora_jax._checkpoint.fingerprint import _content
+    w = jax.random.normal(rng, (64, 64))
+    digest, values = _content(w, "sampled", version=1)
+    v1 = {"version": 1, "targets": {"w": {"shape": [64, 64], "dtype": "float32",
+                                          "sha256": digest, "values": values}}}
+    assert lj.check_base({"w": w, "b": jnp.ones(3)}, v1) == []      # other leaves: not in v1
+    with pytest.raises(lj.BaseMismatchError):
+        lj.check_base({"w": -w}, v1)
 
 
 # ----------------------------------------------------------------------------- bad inputs

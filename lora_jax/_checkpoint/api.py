@@ -25,6 +25,7 @@ a skeleton built from ``params`` and the saved config, or from ``like=``.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping
 
@@ -39,7 +40,7 @@ __all__ = ["save", "restore", "restore_state", "inspect"]
 def save(directory, adapters, config: LoraConfig, *, step: int | None = None, params=None,
          opt_state=None, rng=None, metrics: Mapping | None = None,
          metadata: Mapping | None = None, max_to_keep: int | None = None,
-         check_finite: bool = True) -> int:
+         check_finite: bool = True, fingerprint: str = "sampled", force: bool = False) -> int:
     """Saves adapters (and optionally training state) as one checkpoint step.
 
     Synchronous: when it returns, the step is complete on disk. For saving
@@ -50,15 +51,21 @@ def save(directory, adapters, config: LoraConfig, *, step: int | None = None, pa
       directory: the checkpoint root; each step is a sub-directory.
       adapters: the adapter tree.
       config: the adapters' `LoraConfig`.
-      step: the step number (default: one after the latest, or 0).
+      step: the step number (default: one after the latest, or 0, skipping
+        numbers whose folder exists but is not a lora_jax step).
       params: the base params: checks the adapters against them and stores a
         base fingerprint, which `restore` and ``merge`` verify.
       opt_state: optimizer state, for `restore_state`.
       rng: a PRNG key, for `restore_state`.
       metrics: JSON-able metrics recorded with the step.
       metadata: JSON-able user data recorded with the step.
-      max_to_keep: delete older steps beyond this many (never the latest).
+      max_to_keep: delete older steps of this run beyond this many (never the
+        latest; never a folder lora_jax did not write, nor another run's step).
       check_finite: refuse adapters holding NaN/Inf.
+      fingerprint: with ``params``, ``"sampled"`` (every row and column of every
+        base leaf) or ``"full"`` (every byte); see `lj.base_fingerprint`.
+      force: take the writer lease over from a writer on another host (see
+        `Checkpointer`); a live writer on this host is never overridden.
 
     Returns:
       The step written.
@@ -72,16 +79,21 @@ def save(directory, adapters, config: LoraConfig, *, step: int | None = None, pa
       ...     print(lj.save(d, ad, cfg, params=params), lj.save(d, ad, cfg))
       0 1
     """
-    with Checkpointer(directory, max_to_keep=max_to_keep, async_save=False) as ckpt:
+    with Checkpointer(directory, max_to_keep=max_to_keep, async_save=False,
+                      force=force) as ckpt:
         if step is None:
             latest = ckpt.latest_step
             step = 0 if latest is None else latest + 1
+            while os.path.lexists(os.path.join(ckpt.directory, str(step))):
+                step += 1           # a folder lora_jax did not write: never replaced
         return ckpt.save(step, adapters, config, params=params, opt_state=opt_state, rng=rng,
-                         metrics=metrics, metadata=metadata, check_finite=check_finite)
+                         metrics=metrics, metadata=metadata, check_finite=check_finite,
+                         fingerprint=fingerprint)
 
 
 def restore(directory, *, params=None, like=None, step: int | None = None, dtype=None,
-            shardings=None, on_base_mismatch: str = "error", check_finite: bool = True):
+            shardings=None, on_base_mismatch: str = "error", check_finite: bool = True,
+            check_identity: bool = True):
     """Restores ``(adapters, config)`` from a checkpoint, verified.
 
     The arrays are read into a skeleton: with ``params``, the tree of
@@ -105,6 +117,9 @@ def restore(directory, *, params=None, like=None, step: int | None = None, dtype
       on_base_mismatch: ``"error"``, ``"warn"`` or ``"ignore"`` when
         ``params`` differ from the fingerprinted base.
       check_finite: raise on NaN/Inf in the restored adapter.
+      check_identity: refuse a step whose record names another step number or
+        run than the directory it sits in (a copied, renamed or symlinked step).
+        ``False`` reads it anyway, as what its record says it is.
 
     Returns:
       ``(adapters, config)``.
@@ -127,12 +142,14 @@ def restore(directory, *, params=None, like=None, step: int | None = None, dtype
     """
     with Checkpointer(directory, read_only=True) as ck:
         return ck.restore(params=params, like=like, step=step, dtype=dtype, shardings=shardings,
-                          on_base_mismatch=on_base_mismatch, check_finite=check_finite)
+                          on_base_mismatch=on_base_mismatch, check_finite=check_finite,
+                          check_identity=check_identity)
 
 
 def restore_state(directory, *, params=None, like=None, tx=None, opt_state_like=None,
                   step: int | None = None, dtype=None, shardings=None,
-                  on_base_mismatch: str = "error", check_finite: bool = True):
+                  on_base_mismatch: str = "error", check_finite: bool = True,
+                  check_identity: bool = True):
     """Restores ``(TrainState(step, adapters, opt_state, rng), config)`` to resume.
 
     Like `restore`, plus the optimizer state (its structure from ``tx`` or
@@ -153,11 +170,17 @@ def restore_state(directory, *, params=None, like=None, tx=None, opt_state_like=
     with Checkpointer(directory, read_only=True) as ck:
         return ck.restore_state(params=params, like=like, tx=tx, opt_state_like=opt_state_like,
                                 step=step, dtype=dtype, shardings=shardings,
-                                on_base_mismatch=on_base_mismatch, check_finite=check_finite)
+                                on_base_mismatch=on_base_mismatch, check_finite=check_finite,
+                          check_identity=check_identity)
 
 
-def checkpoint_info(directory, *, step: int | None = None) -> CheckpointInfo:
+def checkpoint_info(directory, *, step: int | None = None, check_identity: bool = True
+                    ) -> CheckpointInfo:
     """Reads a checkpoint's config, entries and fingerprint without its arrays.
+
+    Reading never changes the directory (no clean-up, no lease taken). With
+    ``check_identity=False`` a copied or renamed step is reported as what its
+    record says (``info.step``, ``info.run_id``) instead of refused.
 
     Example:
       >>> import tempfile, jax, lora_jax as lj
@@ -171,7 +194,7 @@ def checkpoint_info(directory, *, step: int | None = None) -> CheckpointInfo:
       (0, 64, ('w', 'lora', (16, 2), (2, 16), 2))
     """
     with Checkpointer(directory, read_only=True) as ck:
-        return ck.info(step=step)
+        return ck.info(step=step, check_identity=check_identity)
 
 
 def inspect(directory, *, step: int | None = None) -> CheckpointInfo:

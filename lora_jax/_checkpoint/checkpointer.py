@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -13,16 +15,22 @@ import numpy as np
 
 from lora_jax._checkpoint.fingerprint import base_fingerprint, check_base
 from lora_jax._checkpoint.info import CheckpointInfo, inspect_step
+from lora_jax._checkpoint.lease import acquire
 from lora_jax._checkpoint.manager import (
     ARRAYS_ITEM,
     META_ITEM,
     STATE_ITEM,
+    bind,
+    check_max_to_keep,
     config_of,
     create_manager,
     empty_trash,
+    list_steps,
     orbax_checkpoint,
     pick_step,
+    prune,
     read_record,
+    run_id,
 )
 from lora_jax._checkpoint.record import (
     CheckpointError,
@@ -45,6 +53,31 @@ from lora_jax._core.errors import error, message
 from lora_jax._core.weights import check_adapters
 
 __all__ = ["Checkpointer", "TrainState"]
+
+
+@contextlib.contextmanager
+def _disk_errors(directory: str, step: int | None):
+    """Orbax's and the OS's write errors (a full disk, a read-only or vanished directory)
+    as one `CheckpointError` naming the step; earlier steps are never touched."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:            # orbax wraps OSError in several of its own types
+        cause, seen = e, set()
+        while cause is not None and id(cause) not in seen and not isinstance(cause, OSError):
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        if not isinstance(cause, OSError):
+            raise
+        known = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
+        what = known.get(cause.errno or -1, f"{type(e).__name__}: {e}")
+        label = "" if step is None else f" step {step}"
+        raise error(directory, f"writing{label} failed: {what}; the steps saved before it "
+                               f"are intact (the partial one is invisible and removed by the "
+                               f"next writer)", "free space (or fix the directory), then save "
+                               "again", kind=CheckpointError) from e
 
 
 class TrainState(NamedTuple):
@@ -70,6 +103,14 @@ class Checkpointer:
     default: it returns once the arrays are copied off the device), then
     ``close`` (or use it as a context manager) so pending writes finish.
 
+    A writing Checkpointer holds the directory's writer lease from its
+    creation to ``close`` (see `lora_jax._checkpoint.lease`): a second writer
+    (another training job, a notebook, `lj.save` from another process) is
+    refused with an error naming the holder, instead of overwriting steps or
+    deleting the save in flight. Retention deletes only this run's steps
+    (folders holding lora_jax's record, written with this run's id), never
+    the latest one; other folders in the directory are left alone.
+
     Args:
       directory: the root directory (created on the first save).
       max_to_keep: keep at most this many steps (None: keep all). With
@@ -78,8 +119,11 @@ class Checkpointer:
         ``save``); None ranks by recency.
       best_mode: ``"min"`` or ``"max"``: which ``best_fn`` values are best.
       async_save: write in a background thread (call ``wait``/``close``).
-      read_only: only restore and inspect (never create, clean up or write);
-        the directory must exist. Safe while another process is saving.
+      read_only: only restore and inspect (never create, clean up, delete or
+        write, and no lease): safe while another process is saving.
+      force: take the writer lease over from a writer on another host that
+        you know is gone (on this host a dead writer's lease is taken over
+        without it).
 
     Example:
       >>> import tempfile, jax, jax.numpy as jnp, optax, lora_jax as lj
@@ -99,13 +143,24 @@ class Checkpointer:
 
     def __init__(self, directory, *, max_to_keep: int | None = None,
                  best_fn: Callable[[Any], float] | None = None, best_mode: str = "min",
-                 async_save: bool = True, read_only: bool = False):
+                 async_save: bool = True, read_only: bool = False, force: bool = False):
         self.directory = os.path.abspath(os.fspath(directory))
-        self._best_fn = best_fn
-        self._read_only = read_only
-        self._mngr = create_manager(self.directory, read_only=read_only, async_save=async_save,
-                                    max_to_keep=max_to_keep, best_fn=best_fn, best_mode=best_mode)
-        self._fp_cache: tuple[int, LoraConfig, dict] | None = None
+        check_max_to_keep(max_to_keep, best_mode)
+        self._best_fn, self._best_mode, self._max_to_keep = best_fn, best_mode, max_to_keep
+        self._read_only, self._async = read_only, async_save
+        self._lease = None
+        self._pending: int | None = None
+        if not read_only and jax.process_index() == 0:
+            self._lease = acquire(self.directory, force=force)
+        try:
+            self._mngr = create_manager(self.directory, read_only=read_only,
+                                        async_save=async_save)
+        except BaseException:
+            if self._lease is not None:
+                self._lease.release()
+            raise
+        self._fp_cache: tuple[int, LoraConfig, str, dict] | None = None
+        self._run_id = None if read_only else run_id(self.directory, create=True)
         if not read_only:
             empty_trash(self.directory)
 
@@ -117,21 +172,35 @@ class Checkpointer:
         self.close()
 
     def wait(self) -> None:
-        """Blocks until every pending (asynchronous) save is on disk."""
-        self._mngr.wait_until_finished()
-        if not self._read_only:
-            empty_trash(self.directory)
+        """Blocks until every pending (asynchronous) save is on disk, then prunes."""
+        with _disk_errors(self.directory, self._pending):
+            self._mngr.wait_until_finished()
+        self._pending = None
+        self._prune()
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
-        self._mngr.close()
-        if not self._read_only:
-            empty_trash(self.directory)
+        """Waits for pending saves, prunes, and releases the manager and the lease."""
+        try:
+            with _disk_errors(self.directory, self._pending):
+                self._mngr.close()
+            self._pending = None
+            self._prune()
+        finally:
+            if self._lease is not None:
+                self._lease.release()
+                self._lease = None
+
+    def _prune(self) -> None:
+        if self._read_only or jax.process_index() != 0:
+            return
+        prune(self.directory, keep_latest=self._max_to_keep, best_fn=self._best_fn,
+              best_mode=self._best_mode, run=self._run_id, protect=self._pending)
+        empty_trash(self.directory)
 
     @property
     def steps(self) -> list[int]:
-        """The complete steps on disk, ascending."""
-        return sorted(self._mngr.all_steps())
+        """The complete steps on disk, ascending (folders holding a lora_jax record)."""
+        return list_steps(self.directory)
 
     @property
     def latest_step(self) -> int | None:
@@ -139,19 +208,18 @@ class Checkpointer:
         return s[-1] if s else None
 
     # -- save
-    def _fingerprint(self, params, config):
+    def _fingerprint(self, params, config, mode):
         if params is None:
             return None
-        if self._fp_cache is not None and self._fp_cache[0] == id(params) \
-                and self._fp_cache[1] == config:
-            return self._fp_cache[2]
-        fp = base_fingerprint(params, config)
-        self._fp_cache = (id(params), config, fp)
+        if self._fp_cache is not None and self._fp_cache[:3] == (id(params), config, mode):
+            return self._fp_cache[3]
+        fp = base_fingerprint(params, config, mode=mode)
+        self._fp_cache = (id(params), config, mode, fp)
         return fp
 
     def save(self, step: int, adapters, config: LoraConfig, *, params=None, opt_state=None,
              rng=None, metrics: Mapping | None = None, metadata: Mapping | None = None,
-             check_finite: bool = True) -> int:
+             check_finite: bool = True, fingerprint: str = "sampled") -> int:
         """Saves one step; returns the step.
 
         Args:
@@ -165,9 +233,11 @@ class Checkpointer:
           metrics: JSON-able metrics for ``best_fn``.
           metadata: JSON-able user data stored with the step.
           check_finite: refuse adapters with NaN/Inf values.
+          fingerprint: ``"sampled"`` (every row and column of every base leaf)
+            or ``"full"`` (every byte); see `lj.base_fingerprint`.
 
         Nothing is written if a check fails, and a save that dies midway
-        never touches earlier steps. With ``async_save`` the call returns
+        (a kill, a full disk) never touches earlier steps. With ``async_save`` the call returns
         once the arrays are copied to host memory; the buffers may then be
         donated or overwritten.
         """
@@ -189,42 +259,62 @@ class Checkpointer:
         config.to_dict()  # fails early for configs that can't be written
         arrays, entries = adapter_arrays(adapters, config, params, check_finite)
         st_arrays, st_record = state_arrays(opt_state, rng)
-        record = build_record(config, entries, st_record, self._fingerprint(params, config),
-                               dict(metadata or {}), step)
-        canonical(record)  # user metadata must be JSON-able before anything is written
+        record = build_record(config, entries, st_record,
+                              self._fingerprint(params, config, fingerprint),
+                              dict(metadata or {}), step, run_id=self._run_id,
+                              metrics=dict(metrics) if metrics is not None else None)
+        canonical(record)  # metadata and metrics must be JSON-able before anything is written
+        if self._pending is not None:     # the previous (async) save must land first
+            with _disk_errors(self.directory, self._pending):
+                self._mngr.wait_until_finished()
+            self._pending = None
+            self._prune()
         latest = self.latest_step
         if latest is not None and step <= latest:
             raise error(self.directory,
                         f"step {step} is not after the latest saved step {latest}",
                         "save with a larger step, or to a new directory")
+        if os.path.lexists(os.path.join(self.directory, str(step))):
+            raise error(os.path.join(self.directory, str(step)),
+                        "a folder of this name exists and is not a lora_jax step (it holds "
+                        "no lora_jax record); saving step "
+                        f"{step} would replace it", "save with another step number, or "
+                        "into a directory of its own", kind=CheckpointError)
         ocp = orbax_checkpoint()
         items = {ARRAYS_ITEM: ocp.args.StandardSave(arrays), META_ITEM: ocp.args.JsonSave(record)}
         if st_arrays:
             items[STATE_ITEM] = ocp.args.StandardSave(st_arrays)
-        self._mngr.save(step, args=ocp.args.Composite(**items),
-                        metrics=dict(metrics) if metrics is not None else None, force=True)
-        empty_trash(self.directory)  # what earlier (finished) saves pruned
+        if self._lease is not None:
+            self._lease.renew()
+        with _disk_errors(self.directory, step):
+            self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+        self._pending = step
+        if not self._async:
+            self.wait()
         return step
 
     # -- restore
     def restore(self, *, params=None, like=None, step: int | None = None, dtype=None,
-                shardings=None, on_base_mismatch: str = "error", check_finite: bool = True):
+                shardings=None, on_base_mismatch: str = "error", check_finite: bool = True,
+                check_identity: bool = True):
         """Restores ``(adapters, config)``; see `lj.restore`."""
         state, config = self._restore(params, like, step, dtype, shardings, on_base_mismatch,
-                                      check_finite, with_state=False, state_like=None)
+                                      check_finite, with_state=False, state_like=None,
+                                      check_identity=check_identity)
         return state.adapters, config
 
     def restore_state(self, *, params=None, like=None, tx=None, opt_state_like=None,
                       step: int | None = None, dtype=None, shardings=None,
-                      on_base_mismatch: str = "error", check_finite: bool = True):
+                      on_base_mismatch: str = "error", check_finite: bool = True,
+                      check_identity: bool = True):
         """Restores ``(TrainState, config)``; see `lj.restore_state`."""
         return self._restore(params, like, step, dtype, shardings, on_base_mismatch,
                              check_finite, with_state=True,
-                             state_like=(tx, opt_state_like))
+                             state_like=(tx, opt_state_like), check_identity=check_identity)
 
-    def info(self, *, step: int | None = None) -> CheckpointInfo:
+    def info(self, *, step: int | None = None, check_identity: bool = True) -> CheckpointInfo:
         """Metadata of one step without reading its arrays; see `lj.checkpoint_info`."""
-        return inspect_step(self._mngr, self.directory, step)
+        return inspect_step(self._mngr, self.directory, step, check_identity=check_identity)
 
     def inspect(self, step: int | None = None) -> CheckpointInfo:
         """Deprecated alias of `info` (it shadowed the standard library's name)."""
@@ -235,7 +325,7 @@ class Checkpointer:
         return self.info(step=step)
 
     def _restore(self, params, like, step, dtype, shardings, on_base_mismatch, check_finite,
-                 with_state, state_like):
+                 with_state, state_like, check_identity):
         if params is not None and like is not None:
             raise error("lj.restore_state" if with_state else "lj.restore",
                         "got both params= and like= (like= is the exact target tree; params= "
@@ -246,6 +336,8 @@ class Checkpointer:
         step = pick_step(self._mngr, step, self.directory)
         where = os.path.join(self.directory, str(step))
         rec = read_record(self._mngr, step, where)
+        if check_identity:
+            bind(rec, step, self.directory, where)
         config = config_of(rec, where)
         slots, treedef = expected_nodes(rec, params, like)
         check_slots(rec, slots, where, dtype, used_like=like is not None)
@@ -268,4 +360,6 @@ class Checkpointer:
         opt_state = rng = None
         if st is not None:
             opt_state, rng = unpack_state(rec, st, where, opt_like)
-        return TrainState(step, adapters, opt_state, rng), config
+        # the record's step: the folder's name when bound, what the step really is if not
+        saved = rec.get("step")
+        return TrainState(step if saved is None else int(saved), adapters, opt_state, rng), config

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._checkpoint.fingerprint import fingerprint_summary
-from lora_jax._checkpoint.manager import config_of, pick_step, read_record
+from lora_jax._checkpoint.lease import LEASE_FILE
+from lora_jax._checkpoint.manager import bind, config_of, list_steps, pick_step, read_record
 from lora_jax._core.config import LoraConfig
 from lora_jax._core.fmt import table
 
@@ -33,6 +34,10 @@ class CheckpointInfo:
     format_version: int
     lora_jax_version: str | None   # None in a record written without it
     disk_bytes: int         # bytes of the step's files on disk
+    run_id: str | None = None      # the run that wrote the step (None: lora_jax 0.1)
+    metrics: dict | None = None    # the metrics saved with the step
+    writer: dict | None = None     # who holds the directory's writer lease now, if anyone
+    folder: str | None = None      # the step's folder name, when it differs from ``step``
 
     @property
     def n_params(self) -> int:
@@ -44,7 +49,9 @@ class CheckpointInfo:
 
     def __str__(self) -> str:
         cfg = self.config
-        out = [f"checkpoint {self.directory} step {self.step} (steps: {self.steps}); "
+        moved = (f" in folder {self.folder!r} (copied or renamed)"
+                 if self.folder is not None else "")
+        out = [f"checkpoint {self.directory} step {self.step}{moved} (steps: {self.steps}); "
                f"format v{self.format_version}, written by lora_jax {self.lora_jax_version}",
                f"config: rank={cfg.rank} alpha={cfg.alpha:g} targets={_shown(cfg.targets)} "
                f"use_rslora={cfg.use_rslora} dtype={cfg.dtype.name}"
@@ -58,6 +65,11 @@ class CheckpointInfo:
                    f"{self.array_bytes:,} array bytes, {self.disk_bytes:,} bytes on disk")
         state = [n for n, h in (("opt_state", self.has_opt_state), ("rng", self.has_rng)) if h]
         out.append(f"training state: {', '.join(state) if state else 'none'}")
+        out.append(f"run: {self.run_id or 'unknown (written by lora_jax 0.1)'}; writer: "
+                   + (f"process {self.writer.get('pid')} on {self.writer.get('host')!r}"
+                      if self.writer else "none (no save in progress)"))
+        if self.metrics:
+            out.append(f"metrics: {json.dumps(self.metrics, sort_keys=True)}")
         out.append(fingerprint_summary(self.fingerprint))
         if self.metadata:
             out.append(f"metadata: {json.dumps(self.metadata, sort_keys=True)}")
@@ -83,11 +95,13 @@ def _dir_bytes(path: str) -> int:
     return total
 
 
-def inspect_step(mngr, directory, step) -> CheckpointInfo:
+def inspect_step(mngr, directory, step, *, check_identity: bool = True) -> CheckpointInfo:
     """The `CheckpointInfo` of one step (the latest for None), read without its arrays."""
     step = pick_step(mngr, step, directory)
     where = os.path.join(directory, str(step))
     rec = read_record(mngr, step, where)
+    if check_identity:
+        bind(rec, step, directory, where)
     config = config_of(rec, where)
     rows = []
     for path, e in rec["entries"].items():
@@ -105,9 +119,21 @@ def inspect_step(mngr, directory, step) -> CheckpointInfo:
             rows.append((path, "train", tuple(arr["shape"]), None, None, None, n,
                          n * jnp.dtype(arr["dtype"]).itemsize, arr["dtype"]))
     state = rec.get("state") or {}
+    saved = int(rec["step"]) if rec.get("step") is not None else step
     return CheckpointInfo(
-        directory=directory, step=step, steps=sorted(mngr.all_steps()), config=config,
+        directory=directory, step=saved, folder=None if saved == step else str(step),
+        steps=list_steps(directory), config=config,
         rows=rows, fingerprint=rec.get("fingerprint"), has_opt_state="opt_state" in state,
         has_rng="rng" in state, metadata=rec.get("metadata") or {},
         format_version=rec["format_version"], lora_jax_version=rec.get("lora_jax_version"),
-        disk_bytes=_dir_bytes(where))
+        disk_bytes=_dir_bytes(where), run_id=rec.get("run_id"), metrics=rec.get("metrics"),
+        writer=_writer(directory))
+
+
+def _writer(directory) -> dict | None:
+    try:
+        with open(os.path.join(directory, LEASE_FILE)) as fh:
+            data = json.load(fh)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None

@@ -199,12 +199,13 @@ def _version() -> str:
         return "unknown"
 
 
-def build_record(config, entries, state, fingerprint, metadata, step) -> dict:
+def build_record(config, entries, state, fingerprint, metadata, step, *, run_id=None,
+                 metrics=None) -> dict:
     cfg = config.to_dict()
     rec = {"format": FORMAT, "format_version": FORMAT_VERSION, "lora_jax_version": _version(),
-           "step": int(step), "config": cfg, "config_sha256": sha256_json(cfg),
-           "entries": entries, "state": state or None, "fingerprint": fingerprint,
-           "metadata": metadata or {}}
+           "step": int(step), "run_id": run_id, "config": cfg,
+           "config_sha256": sha256_json(cfg), "entries": entries, "state": state or None,
+           "fingerprint": fingerprint, "metadata": metadata or {}, "metrics": metrics}
     rec["sha256"] = sha256_json(rec)
     return rec
 
