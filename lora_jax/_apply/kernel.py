@@ -84,11 +84,17 @@ def matmul_kernel(precision, out_dtype, concat: bool):
             w = _tied_to(w, after)
         return view(w)
 
+    def scaled(s, v):
+        # s * v formed in the wider dtype and rounded once to v's (explicit: valid
+        # under strict promotion, where a float32 scale and bf16/f64 factors don't mix)
+        wide = promote(s.dtype, v.dtype)
+        return (s.astype(wide) * v.astype(wide)).astype(v.dtype)
+
     def matmul(view, x, xl, w, a, b, s):
-        return forward(x, xl, dense(view, w, x), a, s * b, False)[0]
+        return forward(x, xl, dense(view, w, x), a, scaled(s, b), False)[0]
 
     def fwd(view, x, xl, w, a, b, s):
-        sb = s * b
+        sb = scaled(s, b)
         y, t = forward(x, xl, dense(view, w, x), a, sb, concat and is_array(w))
         return y, (x, xl, w, a, b, s, sb, t)
 
@@ -102,7 +108,7 @@ def matmul_kernel(precision, out_dtype, concat: bool):
         dxl = dot(dt, a, 1, 1, ad, like=xl).astype(xl.dtype)
         # via (r, K): transposes dt only
         da = dot(dt, xl.astype(ad), 0, 0, ad, like=a, flip=True).T
-        db = (s * dot(t, ga, 0, 0, ad, like=b)).astype(b.dtype)     # transposes t only
+        db = scaled(s, dot(t, ga, 0, 0, ad, like=b)).astype(b.dtype)  # transposes t only
         # The frozen weight's cotangent is dead code unless params are
         # differentiated too (XLA then drops it).
         (dw,) = pull(dot(x, g, 0, 0, promote(g.dtype, w.dtype), like=w)
