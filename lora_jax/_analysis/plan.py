@@ -21,6 +21,7 @@ import numpy as np
 from lora_jax._core.config import LoraConfig
 from lora_jax._core.errors import error
 from lora_jax._core.fmt import fmt_bytes, table
+from lora_jax._core.leaf import is_container
 from lora_jax._core.paths import leaves_with_paths, resolve
 
 __all__ = ["plan", "Plan", "preset", "PRESETS", "OPTIMIZER_STATES", "BITS_PER_PARAM"]
@@ -217,12 +218,14 @@ def plan(shapes_or_params, config: LoraConfig, *, optimizer: str | int = "adamw"
     sizes = {p: math.prod(x.shape) for p, x in leaves}
     n_params = sum(sizes.values())
     if base_dtype is None:
-        names = {np.dtype(x.dtype).name for _, x in leaves}
+        # a quantized leaf counts as stored (codes and scales), named by its method
+        names = {x.method if is_container(x) else np.dtype(x.dtype).name for _, x in leaves}
         for n in names:
             _dtype_name(n, "a params leaf dtype",
                         "pass base_dtype= to count the base in one of these formats, e.g. "
                         "base_dtype='bfloat16'")
-        frozen = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for _, x in leaves)
+        frozen = sum(x.nbytes if is_container(x) else
+                     math.prod(x.shape) * np.dtype(x.dtype).itemsize for _, x in leaves)
         base_name = names.pop() if len(names) == 1 else "mixed"
     else:
         base_name = _dtype_name(base_dtype, "base_dtype")
