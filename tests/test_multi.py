@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -447,124 +448,199 @@ def test_save_and_restore_set(rng, tmp_path):
 # ----------------------------------------------------------------------------- errors
 
 
-def test_errors(rng):
-    gen = _gen(rng)
+@pytest.fixture(scope="module")
+def err(tmp_path_factory):
+    """Shared inputs of the error cases: a two-adapter set over ``_small_params``."""
+    gen = np.random.default_rng(zlib.crc32(b"errors") ^ SEED)
     params = _small_params(gen)
     cfg = lj.LoraConfig(rank=2, targets=("q", "v"))
-    ad = random_adapters(params, cfg, seed=1)
+    ad = random_adapters(params, cfg, seed=int(gen.integers(2**31)))
     aset = lj.adapter_set({"a": (ad, cfg), "b": (ad, cfg)})
-    with pytest.raises(ValueError, match="reserved"):
-        lj.adapter_set({lj.BASE: (ad, cfg)})
-    with pytest.raises(ValueError, match="unique"):
-        lj.adapter_set([("a", ad, cfg), ("a", ad, cfg)])
-    with pytest.raises(ValueError, match="at least one"):
-        lj.adapter_set({})
-    with pytest.raises(TypeError, match="pairs"):
-        lj.adapter_set({"a": (ad, "cfg")})
-    with pytest.raises(TypeError, match=r"\(adapters, config\) pair"):
-        lj.adapter_set({"a": ad})
-    with pytest.raises(ValueError, match="rank 2 but its config gives rank 3"):
-        lj.adapter_set({"a": (ad, cfg.replace(rank=3))})
-    other = {"q": params["q"], "v": params["v"]}
-    with pytest.raises(ValueError, match="tree structure"):
-        lj.adapter_set({"a": (ad, cfg), "b": (random_adapters(other, cfg, seed=2), cfg)})
-    bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim else x, ad)
-    with pytest.raises(ValueError, match="dtype"):
-        lj.adapter_set({"a": (ad, cfg), "b": (bf, cfg)})
-    wide = {"q": jnp.zeros((12, 7)), "v": params["v"], "stack": params["stack"]}
-    with pytest.raises(ValueError, match=r"q: adapter 'b' has \(stacked, in, out\)"):
-        lj.adapter_set({"a": (ad, cfg), "b": (random_adapters(wide, cfg, seed=3), cfg)})
-    tcfg = cfg.replace(train="stack")
-    with pytest.raises(ValueError, match="fully-trained leaf"):
-        lj.adapter_set({"a": (random_adapters(params, tcfg, seed=1), tcfg)})
-    with pytest.raises(ValueError, match="scale of shape"):
-        lj.adapter_set({"x": (aset.adapters, cfg)})
-    with pytest.raises(TypeError, match="AdapterSet where one adapter"):
-        lj.add_adapter(aset, "c", aset, cfg)
-    with pytest.raises(TypeError, match="expected an lj.AdapterSet"):
-        lj.select_adapter(ad, "a")
-    with pytest.raises(ValueError, match="out of range"):
-        lj.select_adapter(aset, 5)
-    with pytest.raises(ValueError, match=r"example 1: no adapter called 'c'"):
-        lj.adapter_ids(aset, ["a", "c"])
-    with pytest.raises(TypeError, match="sequence of adapter names"):
-        lj.adapter_ids(aset, "a")
-    fn = lambda p, x: x @ p["q"]  # noqa: E731
-    mixed = lj.apply_mixed(fn)
-    x = jnp.ones((3, 12))
-    with pytest.raises(ValueError, match=r"outside \[-1, 2\)"):
-        mixed(params, aset, jnp.asarray([0, 2, 1]), x)
-    with pytest.raises(ValueError, match="one int per example"):
-        mixed(params, aset, jnp.zeros((3, 1), jnp.int32), x)
-    with pytest.raises(ValueError, match="axis 0 should hold the 2 examples"):
-        mixed(params, aset, jnp.asarray([0, 1]), x)
-    with pytest.raises(ValueError, match="in_axes"):
-        lj.apply_mixed(fn, in_axes=(0, 0))(params, aset, jnp.asarray([0, 1, 0]), x)
-    with pytest.raises(ValueError, match="no example axis 0"):
-        lj.apply_mixed(lambda p, x: (x @ p["q"]).sum())(params, aset, jnp.asarray([0, 1, 0]), x)
-    with pytest.raises(ValueError, match="out_axes"):
-        lj.apply_mixed(fn, out_axes=-1)
-    with pytest.raises(TypeError, match="expected an lj.AdapterSet"):
-        mixed(params, ad, jnp.asarray([0, 1, 0]), x)
-    with pytest.raises(ValueError, match="method"):
-        lj.combine(aset, {"a": 1.0}, method="ties")
-    with pytest.raises(ValueError, match="rank= applies to method='svd' only"):
-        lj.combine(aset, {"a": 1.0}, method="cat", rank=2)
-    with pytest.raises(ValueError, match="finite"):
-        lj.combine(aset, {"a": float("nan")})
-    with pytest.raises(ValueError, match="3 weights for a set of 2"):
-        lj.combine(aset, [1.0, 2.0, 4.0])
-    with pytest.raises(ValueError, match="can't be weighted"):
-        lj.merge_weighted(params, aset, {lj.BASE: 1.0})
-    c4 = cfg.replace(rank=4)
-    mixed_ranks = lj.add_adapter(aset, "c", random_adapters(params, c4, seed=5), c4)
-    with pytest.raises(ValueError, match="different ranks"):
-        lj.combine(mixed_ranks, {"a": 1.0, "c": 1.0}, method="linear")
+
+    def saved(set_metadata):
+        """A single-set checkpoint whose adapter-set metadata is ``set_metadata``."""
+        path = tmp_path_factory.mktemp("set") / "ckpt"
+        lj.save(path, aset.adapters, aset.config,
+                metadata={"lora_jax.adapter_set": set_metadata})
+        return path
+
+    return SimpleNamespace(params=params, cfg=cfg, ad=ad, aset=aset, x=jnp.ones((3, 12)),
+                           mixed=lj.apply_mixed(_q_matmul), saved=saved)
 
 
-def test_more_errors(rng, tmp_path):
-    gen = _gen(rng)
-    params = _small_params(gen)
-    cfg = lj.LoraConfig(rank=2, targets=("q", "v"))
-    ad = random_adapters(params, cfg, seed=1)
-    aset = lj.adapter_set({"a": (ad, cfg), "b": (ad, cfg)})
-    with pytest.raises(TypeError, match="named by a str"):
-        lj.select_adapter(aset, 1.5)
-    bad = {**ad, "q": lj.LoraWeights(ad["q"].a, ad["q"].b.T, ad["q"].scale)}
-    with pytest.raises(ValueError, match="not a LoRA pair"):
-        lj.adapter_set({"a": (bad, cfg)})
-    dora = {**ad, "q": ad["q"]._replace(m=jnp.ones((10,)))}
-    with pytest.raises(ValueError, match="DoRA"):
-        lj.adapter_set({"a": (dora, cfg)})
-    with pytest.raises(ValueError, match="holds no LoraWeights"):
-        lj.adapter_set({"a": ({"q": None, "v": None, "stack": None}, cfg)})
-    with pytest.raises(TypeError, match="triples"):
-        lj.adapter_set([("a", ad)])
-    with pytest.raises(TypeError, match="adapter_set takes"):
-        lj.adapter_set(ad["q"].a)
-    with pytest.raises(TypeError, match="non-empty strs"):
-        lj.adapter_set({"": (ad, cfg)})
-    with pytest.raises(TypeError, match="must be callable"):
-        lj.apply_mixed("model")
-    with pytest.raises(TypeError, match="strict must be a bool"):
-        lj.apply_mixed(lambda p, x: x, strict=1)
-    with pytest.raises(ValueError, match="in_axes"):
-        lj.apply_mixed(lambda p, x: x, in_axes="0")
-    with pytest.raises(ValueError, match="rank=0 must be a positive int"):
-        lj.combine(aset, {"a": 1.0}, rank=0)
-    with pytest.raises(TypeError, match="weights must be"):
-        lj.combine(aset, 1.0)
-    with pytest.raises(ValueError, match="no adapters to combine"):
-        lj.combine(aset, {})
-    # a step whose set metadata is damaged or does not fit its arrays
-    meta = {"names": ["a"], "configs": [cfg.to_dict()], "ranks": [[["q", 2], ["v", 2]]]}
-    lj.save(tmp_path / "x", aset.adapters, aset.config, metadata={"lora_jax.adapter_set": meta})
-    with pytest.raises(lj.CheckpointError, match="inconsistent"):
-        lj.restore_set(tmp_path / "x")
-    lj.save(tmp_path / "y", aset.adapters, aset.config,
-            metadata={"lora_jax.adapter_set": {"names": ["a", "b"]}})
-    with pytest.raises(lj.CheckpointError, match="can't be read"):
-        lj.restore_set(tmp_path / "y")
+def _q_matmul(p, x):
+    return x @ p["q"]
+
+
+def _ids(*ids):
+    return jnp.asarray(ids, jnp.int32)
+
+
+def _adapters_for(e, **leaves):
+    """Random adapters of ``e.cfg`` for ``e.params`` with some leaves replaced."""
+    return random_adapters({**e.params, **leaves}, e.cfg, seed=3)
+
+
+def _without_stack(e):
+    return random_adapters({"q": e.params["q"], "v": e.params["v"]}, e.cfg, seed=2)
+
+
+def _bf16(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim else x, tree)
+
+
+def _fully_trained(e):
+    tcfg = e.cfg.replace(train="stack")
+    return random_adapters(e.params, tcfg, seed=1), tcfg
+
+
+def _with_rank4(e):
+    c4 = e.cfg.replace(rank=4)
+    return lj.add_adapter(e.aset, "c", random_adapters(e.params, c4, seed=5), c4)
+
+
+def _b_transposed(e):
+    q = e.ad["q"]
+    return {**e.ad, "q": lj.LoraWeights(q.a, q.b.T, q.scale)}
+
+
+def _with_magnitude(e):
+    return {**e.ad, "q": e.ad["q"]._replace(m=jnp.ones((10,)))}
+
+
+_BAD_SET_META = {"names": ["a"], "ranks": [[["q", 2], ["v", 2]]]}   # + "configs" in the case
+
+
+def _case(id, exc, match, call):
+    return pytest.param(exc, match, call, id=id)
+
+
+ERROR_CASES = [
+    # --- lj.adapter_set: its argument
+    _case("set-reserved-base-name", ValueError, r"'__base__' is reserved",
+          lambda e: lj.adapter_set({lj.BASE: (e.ad, e.cfg)})),
+    _case("set-duplicate-names", ValueError, r"names must be unique; \['a'\] appear more than once",
+          lambda e: lj.adapter_set([("a", e.ad, e.cfg), ("a", e.ad, e.cfg)])),
+    _case("set-empty", ValueError, "needs at least one adapter",
+          lambda e: lj.adapter_set({})),
+    _case("set-config-not-a-LoraConfig", TypeError,
+          r"adapter 'a': expected its lj.LoraConfig, got str. Fix: pass \(adapters, config\) pairs",
+          lambda e: lj.adapter_set({"a": (e.ad, "cfg")})),
+    _case("set-value-not-a-pair", TypeError,
+          r"adapter 'a': expected an \(adapters, config\) pair, got dict",
+          lambda e: lj.adapter_set({"a": e.ad})),
+    _case("set-sequence-not-triples", TypeError, r"expected \(name, adapters, config\) triples",
+          lambda e: lj.adapter_set([("a", e.ad)])),
+    _case("set-not-a-dict-or-sequence", TypeError,
+          r"adapter_set takes \{name: \(adapters, config\)\} .*; got ArrayImpl",
+          lambda e: lj.adapter_set(e.ad["q"].a)),
+    _case("set-empty-name", TypeError, r"adapter names must be non-empty strs; got ''",
+          lambda e: lj.adapter_set({"": (e.ad, e.cfg)})),
+    # --- lj.adapter_set: each member against its config and the others
+    _case("member-rank-vs-config", ValueError, r"q: adapter 'a' has rank 2 but its config gives "
+          "rank 3", lambda e: lj.adapter_set({"a": (e.ad, e.cfg.replace(rank=3))})),
+    _case("member-tree-structure", ValueError,
+          r"(?s)adapter 'b' does not have the tree structure of 'a'.*only in 'a': \['stack'\]",
+          lambda e: lj.adapter_set({"a": (e.ad, e.cfg), "b": (_without_stack(e), e.cfg)})),
+    _case("member-dtype", ValueError, r"q: adapter 'b' has a/b dtypes bfloat16/bfloat16, "
+          "adapter 'a' has float32/float32",
+          lambda e: lj.adapter_set({"a": (e.ad, e.cfg), "b": (_bf16(e.ad), e.cfg)})),
+    _case("member-shape", ValueError, r"q: adapter 'b' has \(stacked, in, out\) = "
+          r"\(\(\), 12, 7\), adapter 'a' has \(\(\), 12, 10\)",
+          lambda e: lj.adapter_set({"a": (e.ad, e.cfg),
+                                    "b": (_adapters_for(e, q=jnp.zeros((12, 7))), e.cfg)})),
+    _case("member-fully-trained-leaf", ValueError, "stack: adapter 'a' has a fully-trained leaf",
+          lambda e: lj.adapter_set({"a": _fully_trained(e)})),
+    _case("member-is-already-a-set", ValueError, r"q: adapter 'x' has a scale of shape \(2,\)",
+          lambda e: lj.adapter_set({"x": (e.aset.adapters, e.cfg)})),
+    _case("member-not-a-lora-pair", ValueError,
+          r"q: adapter 'a' has a \(12, 2\) and b \(10, 2\), not a LoRA pair",
+          lambda e: lj.adapter_set({"a": (_b_transposed(e), e.cfg)})),
+    _case("member-dora", ValueError, "q: adapter 'a' is a DoRA adapter here",
+          lambda e: lj.adapter_set({"a": (_with_magnitude(e), e.cfg)})),
+    _case("member-without-lora", ValueError, "adapter 'a' holds no LoraWeights",
+          lambda e: lj.adapter_set({"a": ({"q": None, "v": None, "stack": None}, e.cfg)})),
+    _case("add-a-set-as-member", TypeError, "adapter 'c': got an AdapterSet where one adapter",
+          lambda e: lj.add_adapter(e.aset, "c", e.aset, e.cfg)),
+    # --- select_adapter / adapter_ids
+    _case("select-not-a-set", TypeError, r"lj.select_adapter: expected an lj.AdapterSet, got dict",
+          lambda e: lj.select_adapter(e.ad, "a")),
+    _case("select-index-out-of-range", ValueError,
+          r"adapter index 5 is out of range for a set of 2 adapters \['a', 'b'\]",
+          lambda e: lj.select_adapter(e.aset, 5)),
+    _case("select-by-float", TypeError, r"named by a str \(or an int index\); got float 1.5",
+          lambda e: lj.select_adapter(e.aset, 1.5)),
+    _case("ids-unknown-name", ValueError, r"example 1: no adapter called 'c'; the set holds "
+          r"\['a', 'b'\]", lambda e: lj.adapter_ids(e.aset, ["a", "c"])),
+    _case("ids-str-not-sequence", TypeError, "must be a sequence of adapter names.*got str",
+          lambda e: lj.adapter_ids(e.aset, "a")),
+    # --- apply_mixed: construction
+    _case("mixed-fn-not-callable", TypeError, "fn must be callable; got str",
+          lambda e: lj.apply_mixed("model")),
+    _case("mixed-strict-not-bool", TypeError, "strict must be a bool; got 1",
+          lambda e: lj.apply_mixed(lambda p, x: x, strict=1)),
+    _case("mixed-in_axes-str", ValueError, r"in_axes='0' must be an int, None, or a tuple",
+          lambda e: lj.apply_mixed(lambda p, x: x, in_axes="0")),
+    _case("mixed-negative-out_axes", ValueError, r"out_axes=-1 must be an int >= 0",
+          lambda e: lj.apply_mixed(_q_matmul, out_axes=-1)),
+    # --- apply_mixed: call
+    _case("mixed-id-out-of-range", ValueError, r"adapter_ids hold \[2\], outside \[-1, 2\)",
+          lambda e: e.mixed(e.params, e.aset, _ids(0, 2, 1), e.x)),
+    _case("mixed-ids-not-1d", ValueError,
+          r"adapter_ids must be one int per example \(shape \(batch,\)\), got int32\(3, 1\)",
+          lambda e: e.mixed(e.params, e.aset, jnp.zeros((3, 1), jnp.int32), e.x)),
+    _case("mixed-batch-vs-ids", ValueError, r"argument 0 has a leaf of shape \(3, 12\) whose "
+          "axis 0 should hold the 2 examples",
+          lambda e: e.mixed(e.params, e.aset, _ids(0, 1), e.x)),
+    _case("mixed-in_axes-length", ValueError,
+          r"in_axes=\(0, 0\) must be .* one int/None per positional argument of fn after params "
+          r"\(1 given\)",
+          lambda e: lj.apply_mixed(_q_matmul, in_axes=(0, 0))(e.params, e.aset, _ids(0, 1, 0),
+                                                             e.x)),
+    _case("mixed-output-without-batch", ValueError,
+          r"output for one example has shape \(\), with no example axis 0",
+          lambda e: lj.apply_mixed(lambda p, x: _q_matmul(p, x).sum())(e.params, e.aset,
+                                                                     _ids(0, 1, 0), e.x)),
+    _case("mixed-not-a-set", TypeError, r"lj.apply_mixed: expected an lj.AdapterSet, got dict",
+          lambda e: e.mixed(e.params, e.ad, _ids(0, 1, 0), e.x)),
+    # --- combine / merge_weighted
+    _case("combine-unknown-method", ValueError,
+          r"method='ties' is not one of \('cat', 'svd', 'linear'\)",
+          lambda e: lj.combine(e.aset, {"a": 1.0}, method="ties")),
+    _case("combine-rank-without-svd", ValueError,
+          r"rank= applies to method='svd' only .*; got method='cat'",
+          lambda e: lj.combine(e.aset, {"a": 1.0}, method="cat", rank=2)),
+    _case("combine-rank-zero", ValueError, "rank=0 must be a positive int",
+          lambda e: lj.combine(e.aset, {"a": 1.0}, rank=0)),
+    _case("combine-nan-weight", ValueError, "the weight of 'a' is nan; weights must be finite",
+          lambda e: lj.combine(e.aset, {"a": float("nan")})),
+    _case("combine-too-many-weights", ValueError, r"3 weights for a set of 2 adapters \['a', 'b'\]",
+          lambda e: lj.combine(e.aset, [1.0, 2.0, 4.0])),
+    _case("combine-weights-not-dict-or-sequence", TypeError,
+          r"weights must be \{name: weight\} or a sequence .*; got float",
+          lambda e: lj.combine(e.aset, 1.0)),
+    _case("combine-no-weights", ValueError, "no adapters to combine: weights is empty",
+          lambda e: lj.combine(e.aset, {})),
+    _case("combine-linear-mixed-ranks", ValueError,
+          r"method='linear': q has adapters of different ranks \{'a': 2, 'c': 4\}",
+          lambda e: lj.combine(_with_rank4(e), {"a": 1.0, "c": 1.0}, method="linear")),
+    _case("merge_weighted-base-weight", ValueError,
+          "'__base__' is not an adapter and can't be weighted",
+          lambda e: lj.merge_weighted(e.params, e.aset, {lj.BASE: 1.0})),
+    # --- restore_set: a step whose set metadata is damaged or does not fit its arrays
+    _case("restore-meta-vs-arrays", lj.CheckpointError,
+          r"metadata names 1 adapters but the arrays hold \(2,\); the step is inconsistent",
+          lambda e: lj.restore_set(e.saved({**_BAD_SET_META, "configs": [e.cfg.to_dict()]}))),
+    _case("restore-meta-unreadable", lj.CheckpointError,
+          r"adapter-set metadata can't be read \(KeyError: 'configs'\)",
+          lambda e: lj.restore_set(e.saved({"names": ["a", "b"]}))),
+]
+
+
+@pytest.mark.parametrize("exc, match, call", ERROR_CASES)
+def test_errors(err, exc, match, call):
+    with pytest.raises(exc, match=match):
+        call(err)
 
 
 def test_mixed_batch_on_a_quantized_base(rng):

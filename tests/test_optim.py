@@ -45,8 +45,8 @@ def test_training_moves_only_trainable_leaves(small_gpt, rng, jit):
     opt = tx.init(ad)
     losses = []
     for _ in range(3 if jit else 2):
-        ad, opt, l = step(variables, ad, opt, tokens)
-        losses.append(float(l))
+        ad, opt, value = step(variables, ad, opt, tokens)
+        losses.append(float(value))
     assert losses[-1] < losses[0]
     # the frozen tree is bit-identical (and still alive after donation)
     assert_trees_close(variables, before_vars, exact=True)
@@ -82,11 +82,22 @@ def test_step_with_aux(small_gpt, rng):
     def loss_aux(v, a, tokens):
         value = loss(v, a, tokens)
         return value, {"loss": value}
+    ad = perturb_b(ad, key=jax.random.fold_in(rng, 1))       # B != 0: every factor has a grad
+    before = jax.tree.map(np.array, ad)
     step = lj.make_train_step(loss_aux, tx, has_aux=True, donate=False)
-    ad2, _, l, aux = step(variables, ad, tx.init(ad), gpt.random_tokens(SMALL, 2))
-    assert float(aux["loss"]) == float(l)
-    # not donated: the old adapters are still readable
-    assert jnp.sum(ad["params"]["block_0"]["attn"]["q"]["kernel"].a) is not None
+    tokens = gpt.random_tokens(SMALL, 2, seed=int(jax.random.randint(rng, (), 0, 2**30)))
+    ad2, _, value, aux = step(variables, ad, tx.init(ad), tokens)
+    assert float(aux["loss"]) == float(value)
+    # the loss (and aux) is the one at the adapters passed in, before the update
+    assert float(value) == pytest.approx(float(loss(variables, ad, tokens)), rel=1e-5)
+    # not donated: the old adapters are alive and hold their old values, bit for bit
+    assert not any(x.is_deleted() for x in jax.tree.leaves(ad))
+    assert_trees_close(ad, before, exact=True)
+    # ... while the step returned new ones: every A and B moved, no scale did
+    for old, new in zip(jax.tree.leaves(before, is_leaf=lj.is_lora),
+                        jax.tree.leaves(ad2, is_leaf=lj.is_lora), strict=True):
+        assert not np.array_equal(new.a, old.a) and not np.array_equal(new.b, old.b)
+        np.testing.assert_array_equal(new.scale, old.scale)
 
 
 def test_trainable_labels_shape():
