@@ -15,6 +15,10 @@ Base params (BASE arguments) are files of one array per '/'-path, as
 ``lj.interop.save_params`` writes them: ``.safetensors`` or ``.npz`` with keys
 like ``params/block_0/attn/q/kernel``, or an Orbax ``StandardCheckpointer``
 directory holding the params tree.
+
+A user error (a bad argument or file: lora_jax's ValueError / TypeError /
+CheckpointError, or an OSError such as a missing folder) prints one line,
+``error: <what>. Fix: <how>.``, on stderr and exits with status 2.
 """
 
 from __future__ import annotations
@@ -179,12 +183,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user's input or files can cause; lora_jax's messages say what and how to
+# fix it, so the command prints that one line instead of a traceback. Anything
+# else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, lj.CheckpointError, OSError)
+
+
 def main(argv=None) -> int:
+    """Runs one command; a user error prints ``error: <message>`` (one line) on
+    stderr and returns 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as e:   # ours say what and how to fix
-        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        text = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {text}", file=sys.stderr)
         return 2
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
-from lora_jax.__main__ import main
 from examples import llama
+from lora_jax.__main__ import main
 from tests._asserts import assert_trees_close, random_adapters
 from tests.conftest import ROOT, SEED
 
@@ -108,3 +108,65 @@ def test_params_files_keep_dtypes(tmp_path, rng):
     assert np.array_equal(np.asarray(back["p/w"]), np.asarray(params["p"]["w"]))
     with pytest.raises(ValueError, match="can't hold bfloat16.*safetensors"):
         lj.interop.save_params(tmp_path / "p.npz", params)
+
+
+def _one_line_error(capsys, *wanted):
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for w in wanted:
+        assert w in err, (w, err)
+    return err
+
+
+def test_user_errors_are_one_line(setup, tmp_path, capsys):
+    import json
+    d, base, _ = setup
+    peft_dir = tmp_path / "peft"
+    assert main(["export-peft", str(d / "ckpt"), str(peft_dir), "--key-map", "llama"]) == 0
+    capsys.readouterr()
+    cfg_path = peft_dir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({k: v for k, v in cfg.items() if k != "r"}))
+    argv = ["import-peft", str(peft_dir), str(tmp_path / "ck"), "--base",
+            str(d / "base.safetensors"), "--key-map", "llama"]
+    assert main(argv) == 2
+    _one_line_error(capsys, f"{cfg_path}: has no 'r'", "Fix: ")
+    cfg_path.write_text("[1, 2]")
+    assert main(argv) == 2
+    _one_line_error(capsys, "holds a JSON list")
+    # merge into a folder that doesn't exist: FileNotFoundError, named and fixed
+    missing = tmp_path / "no" / "such"
+    assert main(["merge", str(d / "ckpt"), "--base", str(d / "base.safetensors"),
+                 "--out", str(missing / "m.npz")]) == 2
+    _one_line_error(capsys, f"the folder {missing} does not exist", "mkdir -p")
+    # a multi-line message still prints as one line
+    assert main(["merge", str(d / "ckpt"), "--base", str(d / "base.safetensors"),
+                 "--out", str(tmp_path / "m.txt")]) == 2
+    _one_line_error(capsys, "params files end in .safetensors or .npz")
+
+
+def test_checkpoint_errors_are_one_line(setup, tmp_path, capsys):
+    d, base, _ = setup
+    assert main(["merge", str(tmp_path), "--base", str(d / "base.safetensors"),
+                 "--out", str(tmp_path / "m.npz")]) == 2
+    _one_line_error(capsys, str(tmp_path))
+
+
+def test_save_params_into_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"the folder .*/nope does not exist.*Fix: "
+                                                r"create it first"):
+        lj.interop.save_params(tmp_path / "nope" / "p.npz", {"w": np.ones(2, np.float32)})
+
+
+@pytest.mark.subprocess
+def test_no_traceback_from_the_command_line(setup, tmp_path):
+    d, _, _ = setup
+    out = subprocess.run([sys.executable, "-m", "lora_jax", "import-peft", str(tmp_path / "x"),
+                          str(tmp_path / "ck"), "--base", str(d / "base.safetensors"),
+                          "--key-map", "llama"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'x'}: no adapter_config.json. Fix: point at the folder "
+        f"save_pretrained / lj.export_peft wrote (extra adapters are in sub-folders: pass "
+        f"adapter_name=)."]

@@ -1,12 +1,15 @@
 """PEFT interop, proven against PyTorch: JAX adapter -> export_peft -> PeftModel
 logits, and PEFT adapter -> save_pretrained -> import_peft -> JAX logits, for a
 Llama-style decoder with GQA, a BERT encoder and a GPT-2 decoder (fused
-Conv1D attention, fan_in_fan_out); plus every bad input import/export refuses."""
+Conv1D attention, fan_in_fan_out) and a Llama whose layers are an nn.scan stack
+(key map templates with '{i}'; PEFT's layers_to_transform); plus every bad input
+import/export refuses. Tied embeddings: tests/test_peft_tied.py."""
 
 import json
 import os
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -324,9 +327,11 @@ def exported(tmp_path, llama_base):
 
 def _edit_config(folder, **changes):
     path = os.path.join(folder, "adapter_config.json")
-    cfg = json.load(open(path))
+    with open(path) as fh:
+        cfg = json.load(fh)
     cfg.update(changes)
-    json.dump(cfg, open(path, "w"))
+    with open(path, "w") as fh:
+        json.dump(cfg, fh)
 
 
 def _rewrite_tensors(folder, fn, keep_meta=False):
@@ -406,8 +411,8 @@ def test_import_keys_not_mapping(exported, llama_base):
 
 def test_missing_factor(exported):
     folder, variables, _, _ = exported
-    _rewrite_tensors(folder, lambda t: {k: v for k, v in t.items()
-                                        if not k.endswith("layers.1.self_attn.v_proj.lora_B.weight")})
+    gone = "layers.1.self_attn.v_proj.lora_B.weight"
+    _rewrite_tensors(folder, lambda t: {k: v for k, v in t.items() if not k.endswith(gone)})
     with pytest.raises(ValueError, match=r"layers.1.self_attn.v_proj has no lora_B"):
         lj.import_peft(folder, variables, key_map="llama")
 
@@ -497,7 +502,8 @@ def test_dtypes(tmp_path, llama_base):
     lj.export_peft(tmp_path, ad, config, key_map="llama")
     back, cfg2 = lj.import_peft(tmp_path, variables, key_map="llama")
     assert cfg2.dtype == jnp.bfloat16
-    assert back["params"]["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"].a.dtype == jnp.bfloat16
+    q = back["params"]["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert q.a.dtype == jnp.bfloat16
     back, cfg3 = lj.import_peft(tmp_path, variables, key_map="llama", dtype=jnp.float32)
     assert cfg3.dtype == jnp.float32
     _rewrite_tensors(tmp_path, lambda t: {k: (v.astype(np.float32) if "layers.0" in k else v)
@@ -535,3 +541,229 @@ def test_stacked_layers_roundtrip(tmp_path):
     with pytest.raises(ValueError, match=r"needs a key map template with '\{i\}'"):
         lj.export_peft(tmp_path / "x", ad, config, key_map=lj.interop.KeyMap(
             ((r"params/layers/(\w+)/kernel", r"model.\1.weight", "linear"),)))
+
+
+# ----------------------------------------------------------------------------- nn.scan stacks
+
+
+class _ScanLayer(nn.Module):
+    """examples/llama.py's decoder layer as an nn.scan body."""
+
+    c: llama.LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, _):
+        c = self.c
+        x = x + llama.Attention(c, name="self_attn")(
+            llama.RMSNorm(c.rms_eps, c.dtype, name="input_layernorm")(x))
+        x = x + llama.MLP(c, name="mlp")(
+            llama.RMSNorm(c.rms_eps, c.dtype, name="post_attention_layernorm")(x))
+        return x, None
+
+
+class ScanLlama(nn.Module):
+    """The Llama with its layers stacked: params/model/layers/<...> hold (n_layers, ...)."""
+
+    c: llama.LlamaConfig
+
+    @nn.compact
+    def __call__(self, tokens):
+        c = self.c
+        x = nn.Embed(c.vocab, c.d_model, name="embed_tokens")(tokens)
+        stack = nn.scan(_ScanLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                        length=c.n_layers)
+        x, _ = stack(c, name="layers")(x, None)
+        x = llama.RMSNorm(c.rms_eps, c.dtype, name="norm")(x)
+        return nn.Dense(c.vocab, use_bias=False, name="lm_head")(x)
+
+
+# One rule per stacked family: '{i}' is the layer index of the leading axis.
+SCAN_KEY_MAP = lj.interop.KeyMap((
+    (r"params/embed_tokens/embedding", "model.embed_tokens.weight", "embedding"),
+    (r"params/layers/(self_attn|mlp)/(\w+_proj)/kernel", r"model.layers.{i}.\1.\2.weight",
+     "linear"),
+    (r"params/layers/(\w+_layernorm)/weight", r"model.layers.{i}.\1.weight", "vector"),
+    (r"params/norm/weight", "model.norm.weight", "vector"),
+    (r"params/lm_head/kernel", "lm_head.weight", "linear"),
+), name="scan-llama")
+
+LLAMA3 = llama.LlamaConfig(vocab=96, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_mlp=128)
+
+
+@pytest.fixture(scope="module")
+def scan_base():
+    """A transformers Llama and the same weights as a stacked JAX tree (from its state dict)."""
+    torch.manual_seed(SEED + 20)
+    hf = transformers.LlamaForCausalLM(llama.hf_config(LLAMA3))
+    with torch.no_grad():  # non-trivial norms
+        for name, p in hf.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                p.add_(0.1 * torch.randn_like(p))
+    state = {k: v.numpy().copy() for k, v in hf.state_dict().items()}
+    model = ScanLlama(LLAMA3)
+    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    variables = lj.interop.from_hf_state_dict(state, like, SCAN_KEY_MAP)
+    tokens = _gen().integers(0, LLAMA3.vocab, size=(2, 10)).astype(np.int32)
+    return state, model, variables, tokens
+
+
+def _torch_from_state(state):
+    hf = transformers.LlamaForCausalLM(llama.hf_config(LLAMA3))
+    hf.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    return hf.eval()
+
+
+def test_hf_state_dict_of_stacked_layers(scan_base):
+    state, model, variables, tokens = scan_base
+    hf = _torch_from_state(state)
+    q = variables["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.shape == (3, 64, 64)
+    assert np.array_equal(np.asarray(q[2]), state["model.layers.2.self_attn.q_proj.weight"].T)
+    # the scanned model computes what transformers does
+    assert rel_err(np.asarray(model.apply(variables, tokens)), _torch_logits(hf, tokens)) <= TOL
+    # and back: the same names and values as transformers' state dict
+    back = lj.interop.to_hf_state_dict(variables, SCAN_KEY_MAP)
+    assert sorted(back) == sorted(state)
+    for k, v in state.items():
+        assert np.array_equal(back[k], v), k
+    again = lj.interop.from_hf_state_dict(back, variables, SCAN_KEY_MAP)
+    assert_trees_close(again, variables, exact=True)
+    # a missing layer is named
+    with pytest.raises(ValueError, match=r"1 weights missing, e.g. "
+                                         r"\['model.layers.1.mlp.up_proj.weight'\]"):
+        lj.interop.from_hf_state_dict({k: v for k, v in state.items()
+                                       if k != "model.layers.1.mlp.up_proj.weight"},
+                                      variables, SCAN_KEY_MAP)
+    with pytest.raises(ValueError, match=r"1 entries are not used.*model.layers.3"):
+        lj.interop.from_hf_state_dict({**state, "model.layers.3.mlp.up_proj.weight":
+                                       state["model.layers.0.mlp.up_proj.weight"]},
+                                      variables, SCAN_KEY_MAP)
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj.weight .. "
+                                         r"model.layers.2.mlp.up_proj.weight \(stacked\) -> "
+                                         r"params/layers/mlp/up_proj/kernel: shape"):
+        lj.interop.from_hf_state_dict(
+            {**state, **{f"model.layers.{i}.mlp.up_proj.weight": np.zeros((64, 64), np.float32)
+                         for i in range(3)}}, variables, SCAN_KEY_MAP)
+    with pytest.raises(ValueError, match=r"params/scale: the key map gives 'layers.\{i\}.s' "
+                                         r"with '\{i\}' but the leaf is a scalar"):
+        lj.interop.to_hf_state_dict({"params": {"scale": np.float32(2.0)}},
+                                    lj.interop.KeyMap(((r"params/scale", "layers.{i}.s"),)))
+    with pytest.raises(ValueError, match=r"a 'linear' weight must be 2-D.*'\{i\}'"):
+        lj.interop.to_hf_state_dict(variables, lj.interop.KeyMap(
+            ((r"params/layers/(self_attn|mlp)/(\w+_proj)/kernel", r"model.\2.weight"),)),
+            strict=False)
+
+
+def _scan_config(model, variables, tokens, **kw):
+    return lj.configure(lj.LoraConfig(**kw), model.apply, variables, tokens)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_layers_to_transform_into_stacked_layers(tmp_path, scan_base, use_dora):
+    """A PEFT adapter on layers 0 and 2 only: the stacked leaves get zero adapters
+    (DoRA: the base's own magnitudes) in layer 1, so the forward is PEFT's."""
+    state, model, variables, tokens = scan_base
+    torch.manual_seed(SEED + 21)
+    pm = peft.get_peft_model(_torch_from_state(state), peft.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, use_dora=use_dora,
+        target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[0, 2])).eval()
+    want = _torch_logits(pm, tokens)
+    pm.save_pretrained(str(tmp_path))
+    ad, config = lj.import_peft(tmp_path, variables, key_map=SCAN_KEY_MAP)
+    down = ad["params"]["layers"]["mlp"]["down_proj"]["kernel"]
+    assert down.a.shape == (3, 128, 4) and config.layout_for(
+        "params/layers/mlp/down_proj/kernel") == lj.Layout(1, 1, 1)
+    assert not np.any(np.asarray(down.b[1])) and np.any(np.asarray(down.b[0]))
+    merged = model.apply(lj.merge(variables, ad, config), tokens)
+    for how, got in {"merge": merged,
+                     "apply": lj.apply(model.apply, config)(variables, ad, tokens)}.items():
+        assert rel_err(got, want) <= TOL, (how, rel_err(got, want))
+    if use_dora:
+        return
+    # the unrolled Llama (one module per layer) reads the same file
+    unrolled = llama.load_hf_state_dict(state, LLAMA3)
+    ad2, cfg2 = lj.import_peft(tmp_path, unrolled, key_map="llama")
+    assert "params/model/layers_1/self_attn/q_proj/kernel" not in lj.describe(unrolled, cfg2).specs
+    got = llama.Llama(LLAMA3).apply(lj.merge(unrolled, ad2, cfg2), tokens)
+    assert rel_err(got, want) <= TOL
+    # a layer the config selects but the file lacks is an error, not a zero adapter
+    _rewrite_tensors(tmp_path, lambda t: {k: v for k, v in t.items()
+                                          if "layers.2.self_attn.q_proj" not in k})
+    for params, km in ((variables, SCAN_KEY_MAP), (unrolled, "llama")):
+        with pytest.raises(ValueError, match=r"adapter_model.safetensors: "
+                                             r"model.layers.2.self_attn.q_proj: "
+                                             r"adapter_config.json's target_modules select this "
+                                             r"module, but the file has neither its lora_A nor "
+                                             r"its lora_B.*Fix"):
+            lj.import_peft(tmp_path, params, key_map=km)
+
+
+def test_stacked_export_loads_in_peft(tmp_path, scan_base):
+    state, model, variables, tokens = scan_base
+    config = _scan_config(model, variables, tokens, rank=4, alpha=8,
+                          targets=r"params/layers/.*_proj/kernel")
+    ad = _perturbed(variables, config, 22)
+    lj.export_peft(tmp_path, ad, config, key_map=SCAN_KEY_MAP, params=variables)
+    pm = peft.PeftModel.from_pretrained(_torch_from_state(state), str(tmp_path)).eval()
+    want = _torch_logits(pm, tokens)
+    got = lj.apply(model.apply, config)(variables, ad, tokens)
+    assert rel_err(got, want) <= TOL
+
+
+# ----------------------------------------------------------------------------- bad configs
+
+
+@pytest.mark.parametrize("edit,what", [
+    (lambda c: {k: v for k, v in c.items() if k != "r"},
+     r"has no 'r', a positive integer \(the LoRA rank\).*Fix: add it"),
+    (lambda c: {**c, "lora_alpha": None},
+     r"lora_alpha=None \(NoneType\) is not a number > 0.*Fix"),
+    (lambda c: {k: v for k, v in c.items() if k != "lora_alpha"}, r"has no 'lora_alpha'"),
+    (lambda c: {**c, "r": "4"}, r"r='4' \(str\) is not a positive integer"),
+    (lambda c: {**c, "r": 4.5}, r"r=4.5 \(float\) is not a positive integer"),
+    (lambda c: {**c, "r": True}, r"r=True \(bool\) is not a positive integer"),
+    (lambda c: {**c, "r": 0}, r"r=0 \(int\) is not a positive integer"),
+    (lambda c: {**c, "rank_pattern": {"q_proj": "2"}},
+     r"rank_pattern=\{'q_proj': '2'\} is not an object mapping module names to positive"),
+    (lambda c: {**c, "alpha_pattern": [1]}, r"alpha_pattern=\[1\] is not an object"),
+    (lambda c: {**c, "target_modules": 3}, r"target_modules=3 is neither a list"),
+    (lambda c: {**c, "layers_to_transform": "0"}, r"layers_to_transform='0' is neither"),
+    (lambda c: [c], r"holds a JSON list, not an object of LoraConfig fields.*Fix"),
+])
+def test_malformed_adapter_config(exported, edit, what):
+    folder, variables, _, _ = exported
+    path = os.path.join(folder, "adapter_config.json")
+    with open(path) as fh:
+        cfg = edit(json.load(fh))
+    with open(path, "w") as fh:
+        json.dump(cfg, fh)
+    with pytest.raises(ValueError, match=re.escape(path) + ": " + what):
+        lj.import_peft(folder, variables, key_map="llama")
+
+
+def test_adapter_config_not_json(exported):
+    folder, variables, _, _ = exported
+    path = os.path.join(folder, "adapter_config.json")
+    with open(path, "w") as fh:
+        fh.write('{"r": 4,')
+    with pytest.raises(ValueError, match=re.escape(path) + r": not valid JSON \(Expecting "
+                                         r"property name.*Fix: re-export"):
+        lj.import_peft(folder, variables, key_map="llama")
+
+
+def test_targeted_module_without_factors(exported):
+    folder, variables, _, _ = exported
+    _rewrite_tensors(folder, lambda t: {k: v for k, v in t.items()
+                                        if "layers.1.self_attn.v_proj" not in k})
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: "
+                                         r"model.layers.1.self_attn.v_proj: adapter_config.json's "
+                                         r"target_modules select this module, but the file has "
+                                         r"neither its lora_A nor its lora_B"):
+        lj.import_peft(folder, variables, key_map="llama")
+    # not selected any more: imported without it
+    with open(os.path.join(folder, "adapter_config.json")) as fh:
+        cfg = json.load(fh)
+    _edit_config(folder, target_modules=[m for m in cfg["target_modules"]
+                                         if m != "model.layers.1.self_attn.v_proj"])
+    _, config = lj.import_peft(folder, variables, key_map="llama")
+    assert len(lj.describe(variables, config).specs) == 7

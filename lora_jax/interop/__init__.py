@@ -3,7 +3,10 @@
 ``lj.export_peft`` / ``lj.import_peft`` (re-exported at the top level) read
 and write PEFT's safetensors format; a `KeyMap` translates lora_jax's
 '/'-paths to Hugging Face parameter names, with presets for the reference
-models in ``KEY_MAPS`` (``"llama"``, ``"gpt2"``, ``"bert"``);
+models in ``KEY_MAPS`` (``"llama"``, ``"gpt2"``, ``"bert"``) -- a template
+with ``{i}`` maps a stacked (``nn.scan``) leaf to one module per layer, and
+``KeyMap(ties=...)`` names the output head a model may tie to its input
+embedding;
 `save_params` / `load_params` read and write the flat '/'-path params files
 the command line takes; `lora_jax.interop.keras` runs Keras 3 models (JAX
 backend) as a params tree and a function of it. The ``safetensors`` package

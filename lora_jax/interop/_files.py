@@ -59,6 +59,11 @@ def save_params(path, params) -> None:
                           f"params file holds plain arrays",
                     "save the float base you quantized from, or lj.dequantize(params) first "
                     "(the file then holds the dequantized values)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise error(path, f"the folder {folder} does not exist",
+                    f"create it first (mkdir -p {folder}), or write somewhere else",
+                    kind=FileNotFoundError)
     flat = {p: _host(x) for p, x in leaves_with_paths(params)}
     if path.endswith(".safetensors"):
         st_numpy, _ = safetensors_modules("lj.interop.save_params")

@@ -17,7 +17,15 @@ The reverse direction never parses names: it maps every path of a
 skeleton (the params) forward and inverts that table.
 
 A template may contain ``{i}`` for a leaf with one stacked (``nn.scan``)
-axis: stacked layer ``i`` becomes its own module.
+axis: stacked layer ``i`` becomes its own module (`layer_names`), in
+`to_hf_state_dict` / `from_hf_state_dict` as in `lj.export_peft` /
+`lj.import_peft`.
+
+``ties`` records which torch parameters a model may tie (Hugging Face's
+``_tied_weights_keys``): ``{"lm_head.weight": "model.embed_tokens.weight"}``
+says the output head can be the input embedding. A params tree holding the
+embedding but no leaf for the head uses the embedding as its head (tied);
+the PEFT export and import read this to keep adapters on both uses.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from lora_jax._core.leaf import is_container
 from lora_jax._core.paths import leaves_with_paths, unflatten_params
 
 __all__ = ["KeyMap", "HFName", "KEY_MAPS", "resolve_key_map", "to_hf_state_dict",
-           "from_hf_state_dict"]
+           "from_hf_state_dict", "layer_names", "tied_head"]
 
 KINDS = ("linear", "conv1d", "embedding", "vector")
 _LEAF_KIND = {"kernel": "linear", "embedding": "embedding"}
@@ -63,6 +71,13 @@ class KeyMap:
         ``embedding`` -> ``"embedding"``, otherwise ``"vector"``).
       prefix: prepended to every name (e.g. ``"bert."`` for ``BertFor*``).
       name: shown in messages.
+      ties: ``{head parameter: embedding parameter}``, torch names without
+        ``prefix``: the output head the model may tie to an input embedding
+        (``{"lm_head.weight": "model.embed_tokens.weight"}`` for Llama).
+        When params hold the embedding and no leaf for the head, the head
+        is that embedding; `lj.export_peft` / `lj.import_peft` then keep an
+        adapter of the embedding on both uses (PEFT's
+        ``ensure_weight_tying``).
 
     Example:
       >>> km = KeyMap(((r"params/layers_(\\d+)/(\\w+)/kernel", r"model.layers.\\1.\\2.weight",
@@ -76,6 +91,7 @@ class KeyMap:
     rules: tuple
     prefix: str = dataclasses.field(default="", kw_only=True)
     name: str = dataclasses.field(default="custom", kw_only=True)
+    ties: Any = dataclasses.field(default=(), kw_only=True)
 
     def __post_init__(self):
         rules = []
@@ -95,6 +111,7 @@ class KeyMap:
                             "use one of those, or None to infer it from the path")
             rules.append((pattern, template, kind))
         object.__setattr__(self, "rules", tuple(rules))
+        object.__setattr__(self, "ties", _check_ties(self.ties))
 
     def lookup(self, path: str) -> HFName | None:
         """The HF parameter of ``path``, or None when no rule matches."""
@@ -107,9 +124,32 @@ class KeyMap:
                 return HFName(self.prefix + name, kind)
         return None
 
+    def tied_head(self, embedding: str) -> str | None:
+        """The head parameter the model may tie to ``embedding`` (both prefixed), or None.
+
+        Example:
+          >>> KEY_MAPS["llama"].tied_head("model.embed_tokens.weight")
+          'lm_head.weight'
+        """
+        for head, emb in self.ties:
+            if self.prefix + emb == embedding:
+                return self.prefix + head
+        return None
+
     def with_prefix(self, prefix: str) -> KeyMap:
         """A copy with another ``prefix`` (``"bert."`` for ``BertForSequenceClassification``)."""
         return dataclasses.replace(self, prefix=prefix)
+
+
+def _check_ties(ties) -> tuple:
+    pairs = tuple(ties.items()) if isinstance(ties, Mapping) else ties
+    if not isinstance(pairs, (tuple, list)) or not all(
+            isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(n, str) for n in p)
+            for p in pairs):
+        raise error("KeyMap.ties", f"{ties!r} is not {{head parameter: embedding parameter}}",
+                    "pass e.g. ties={'lm_head.weight': 'model.embed_tokens.weight'}",
+                    kind=TypeError)
+    return tuple((head, emb) for head, emb in pairs)
 
 
 def _vec(pattern, template):
@@ -128,7 +168,7 @@ KEY_MAPS: dict[str, KeyMap] = {
              r"model.layers.\1.\2.weight"),
         _vec(r"params/model/norm/weight", "model.norm.weight"),
         (r"params/lm_head/kernel", "lm_head.weight", "linear"),
-    ), name="llama"),
+    ), name="llama", ties={"lm_head.weight": "model.embed_tokens.weight"}),
     # examples/gpt2.py <-> transformers GPT2LMHeadModel (Conv1D: (in, out) weights).
     "gpt2": KeyMap((
         (r"params/(wte|wpe)/embedding", r"transformer.\1.weight", "embedding"),
@@ -140,7 +180,7 @@ KEY_MAPS: dict[str, KeyMap] = {
         _vec(r"params/h_(\d+)/(ln_1|ln_2)/bias", r"transformer.h.\1.\2.bias"),
         _vec(r"params/ln_f/scale", "transformer.ln_f.weight"),
         _vec(r"params/ln_f/bias", "transformer.ln_f.bias"),
-    ), name="gpt2"),
+    ), name="gpt2", ties={"lm_head.weight": "transformer.wte.weight"}),
     # examples/bert.py <-> transformers BertModel (use .with_prefix("bert.") for BertFor*).
     "bert": KeyMap((
         (r"params/embeddings/(word|position|token_type)_embeddings/embedding",
@@ -196,11 +236,36 @@ def lookup(key_map, path: str) -> HFName | None:
     return key_map.lookup(path) if isinstance(key_map, KeyMap) else key_map(path)
 
 
+def tied_head(key_map, embedding: str) -> str | None:
+    """The head parameter ``key_map`` says may be tied to ``embedding`` (None for
+    callables and dicts, which declare no ties)."""
+    return key_map.tied_head(embedding) if isinstance(key_map, KeyMap) else None
+
+
+def layer_names(hf: HFName, path: str, shape) -> list[str]:
+    """The torch names of a leaf: ``[hf.name]``, or one per layer of its leading
+    (stacked) axis when the template has ``{i}``.
+
+    Example:
+      >>> layer_names(HFName("model.layers.{i}.mlp.up_proj.weight", "linear"),
+      ...             "params/layers/up/kernel", (2, 16, 32))
+      ['model.layers.0.mlp.up_proj.weight', 'model.layers.1.mlp.up_proj.weight']
+    """
+    if "{i}" not in hf.name:
+        return [hf.name]
+    if len(shape) == 0:
+        raise error(path, f"the key map gives {hf.name!r} with '{{i}}' but the leaf is a "
+                          f"scalar, with no stacked axis",
+                    "drop '{i}' from that rule")
+    return [hf.name.replace("{i}", str(i)) for i in range(shape[0])]
+
+
 def to_torch_layout(value: np.ndarray, kind: str, name: str) -> np.ndarray:
     if kind == "linear":
         if value.ndim != 2:
             raise error(name, f"a 'linear' weight must be 2-D, got shape {value.shape}",
-                        "give this leaf another kind in the key map")
+                        "give this leaf another kind in the key map, or '{i}' in its "
+                        "template for a stacked (nn.scan) leaf")
         return np.ascontiguousarray(value.T)
     return np.ascontiguousarray(value)
 
@@ -212,6 +277,9 @@ def from_torch_layout(value: np.ndarray, kind: str) -> np.ndarray:
 def to_hf_state_dict(params, key_map, *, strict: bool = True) -> dict[str, np.ndarray]:
     """Params as a Hugging Face state dict: name -> numpy array (torch layout).
 
+    A leaf whose template has ``{i}`` is stacked (``nn.scan``): its leading
+    axis is the layer, and layer ``i`` becomes its own entry.
+
     Args:
       params: the params tree.
       key_map: a preset name (``"llama"``, ``"gpt2"``, ``"bert"``) or a `KeyMap`.
@@ -222,6 +290,12 @@ def to_hf_state_dict(params, key_map, *, strict: bool = True) -> dict[str, np.nd
       >>> params = {"params": {"lm_head": {"kernel": np.ones((4, 10), np.float32)}}}
       >>> to_hf_state_dict(params, "llama")["lm_head.weight"].shape
       (10, 4)
+      >>> stacked = {"params": {"layers": {"up": {"kernel": np.ones((3, 4, 8), np.float32)}}}}
+      >>> km = KeyMap(((r"params/layers/(\\w+)/kernel", r"model.layers.{i}.mlp.\\1_proj.weight",
+      ...               "linear"),))
+      >>> sd = to_hf_state_dict(stacked, km)   # layer i -> model.layers.i....
+      >>> len(sd), sd["model.layers.2.mlp.up_proj.weight"].shape
+      (3, (8, 4))
     """
     km = resolve_key_map(key_map, "lj.interop.to_hf_state_dict")
     out, unmapped = {}, []
@@ -231,8 +305,11 @@ def to_hf_state_dict(params, key_map, *, strict: bool = True) -> dict[str, np.nd
             unmapped.append(path)
             continue
         # a quantized weight is written as the dense weight it stands for
-        value = leaf.dequantize() if is_container(leaf) else leaf
-        out[hf.name] = to_torch_layout(np.asarray(value), hf.kind, path)
+        value = np.asarray(leaf.dequantize() if is_container(leaf) else leaf)
+        names = layer_names(hf, path, value.shape)
+        layers = list(value) if "{i}" in hf.name else [value]
+        for name, layer in zip(names, layers, strict=True):
+            out[name] = to_torch_layout(layer, hf.kind, path)
     if unmapped and strict:
         more = f" and {len(unmapped) - 6} more" if len(unmapped) > 6 else ""
         raise error("lj.interop.to_hf_state_dict",
@@ -246,7 +323,8 @@ def from_hf_state_dict(state: Mapping[str, Any], like, key_map, *, strict: bool 
 
     Each leaf of ``like`` (arrays or ``jax.ShapeDtypeStruct``) is looked up
     by its HF name, put into Flax layout, shape-checked and cast to the
-    leaf's dtype.
+    leaf's dtype. A leaf whose template has ``{i}`` gathers layers
+    ``0 .. n-1`` (``n`` = its leading axis) and stacks them.
 
     Args:
       state: HF name -> array (numpy, or torch tensors' ``.numpy()``).
@@ -269,14 +347,18 @@ def from_hf_state_dict(state: Mapping[str, Any], like, key_map, *, strict: bool 
         if hf is None:
             raise error(where, f"the key map has no rule for {path}",
                         "add one (lj.interop.KeyMap)")
-        if hf.name not in state:
-            missing.append(hf.name)
+        names = layer_names(hf, path, want.shape)
+        absent = [n for n in names if n not in state]
+        if absent:
+            missing += absent
             leaves.append(None)
             continue
-        used.add(hf.name)
-        value = from_torch_layout(np.asarray(state[hf.name]), hf.kind)
+        used.update(names)
+        layers = [from_torch_layout(np.asarray(state[n]), hf.kind) for n in names]
+        value = np.stack(layers) if "{i}" in hf.name else layers[0]
         if tuple(value.shape) != tuple(want.shape):
-            raise error(where, f"{hf.name} -> {path}: shape {tuple(value.shape)} (Flax "
+            shown = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} (stacked)"
+            raise error(where, f"{shown} -> {path}: shape {tuple(value.shape)} (Flax "
                                f"layout) != expected {tuple(want.shape)}",
                         "build the model with the checkpoint's dimensions")
         if is_container(want):   # a quantized skeleton: quantize like it

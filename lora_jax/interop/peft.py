@@ -23,6 +23,26 @@ module, so the export needs ``params`` for the module's untrained
 parameters. The mapping between our paths and torch module names is a
 `lora_jax.interop.KeyMap` (presets ``"llama"``, ``"gpt2"``, ``"bert"``).
 
+Tied embeddings. A model may use its input embedding also as the output
+head (``logits = h @ E.T``; ``tie_word_embeddings`` in transformers). An
+adapter on such an embedding changes both uses; PEFT does the same only
+with ``ensure_weight_tying=true``, and then stores the head's entries as
+copies of the embedding's (``lm_head.lora_A.weight`` is
+``lora_embedding_B.T``, ``lm_head.lora_B.weight`` is
+``lora_embedding_A.T``; a fully-trained embedding's head copy is
+``lm_head.weight``). `export_peft` writes that for every exported
+embedding that is tied -- listed in ``LoraConfig.tied`` (`lj.configure`
+fills it), passed as ``tied=``, or found from ``params`` (they hold the
+embedding but no leaf for the head the key map's ``ties`` name).
+`import_peft` reads such files exactly, and refuses an adapter trained with
+the tie broken (``ensure_weight_tying=false`` and only the embedding, or
+only the head, changed), which one tied embedding can't express.
+
+Stacked layers. A key map template with ``{i}`` maps a stacked (``nn.scan``)
+leaf to one module per layer. A PEFT file that adapts only some layers
+(``layers_to_transform``) imports with zero adapters (no change) in the
+others.
+
 lora_jax adds, in the safetensors metadata (PEFT ignores it), a sha256 of
 every tensor and the base fingerprint; `import_peft` verifies both when
 present.
@@ -49,8 +69,16 @@ from lora_jax._core.errors import error, message
 from lora_jax._core.leaf import dense_float32, is_container
 from lora_jax._core.paths import leaves_with_paths, resolve, unflatten_params
 from lora_jax._core.weights import LoraWeights, check_adapters, flatten_adapters, is_lora
+from lora_jax._variants.dora import magnitude_init
 from lora_jax.interop._files import safetensors_modules
-from lora_jax.interop._keymap import HFName, lookup, resolve_key_map, to_torch_layout
+from lora_jax.interop._keymap import (
+    HFName,
+    layer_names,
+    lookup,
+    resolve_key_map,
+    tied_head,
+    to_torch_layout,
+)
 
 __all__ = ["export_peft", "import_peft", "UnsupportedPeftFeature", "CONFIG_NAME",
            "WEIGHTS_NAME"]
@@ -141,6 +169,7 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 
 def _stack_names(hf: HFName, path: str, n_stacked: int, shape) -> list[str]:
+    """The modules' parameter names of a LoRA leaf with ``n_stacked`` stacked axes."""
     if n_stacked == 0:
         if "{i}" in hf.name:
             raise error(path, f"the key map gives {hf.name!r} with '{{i}}' but the leaf has no "
@@ -153,7 +182,7 @@ def _stack_names(hf: HFName, path: str, n_stacked: int, shape) -> list[str]:
                           f"at most), got {hf.name!r}",
                     "e.g. (r'params/layers/(.*)/kernel', r'model.layers.{i}.\\1.weight', "
                     "'linear')")
-    return [hf.name.replace("{i}", str(i)) for i in range(shape[0])]
+    return layer_names(hf, path, shape)
 
 
 # ----------------------------------------------------------------------------- export
@@ -172,21 +201,25 @@ def _pattern_key(module: str) -> str:
     return re.escape(module)
 
 
-def _peft_config(config: LoraConfig, modules: dict, saved: list, fan_in_fan_out: bool,
-                 base_model_name_or_path, task_type) -> dict:
+def _peft_config(config: LoraConfig, out: _Exported, base_model_name_or_path,
+                 task_type) -> dict:
+    modules, saved = out.modules, out.saved_modules
     ranks = [r for r, _ in modules.values()]
     r0 = config.rank if config.rank in ranks else max(set(ranks), key=ranks.count)
     alphas = [a for r, a in modules.values() if r == r0] or [a for _, a in modules.values()]
     a0 = config.alpha if config.alpha in alphas else max(set(alphas), key=alphas.count)
-    rank_pattern = {_pattern_key(m): r for m, (r, _) in sorted(modules.items()) if r != r0}
-    alpha_pattern = {_pattern_key(m): a for m, (_, a) in sorted(modules.items()) if a != a0}
+    # A tied head is no target (PEFT ties it to the embedding), but PEFT gives
+    # it its own scaling from the patterns: they must name it when needed.
+    every = {**modules, **out.heads}
+    rank_pattern = {_pattern_key(m): r for m, (r, _) in sorted(every.items()) if r != r0}
+    alpha_pattern = {_pattern_key(m): a for m, (_, a) in sorted(every.items()) if a != a0}
     return {
         "peft_type": "LORA", "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path, "revision": None,
         "inference_mode": True, "auto_mapping": None, "peft_version": _PEFT_VERSION,
         "r": r0, "lora_alpha": _json_number(a0),
         "target_modules": sorted(modules), "exclude_modules": None,
-        "lora_dropout": config.dropout, "fan_in_fan_out": fan_in_fan_out, "bias": "none",
+        "lora_dropout": config.dropout, "fan_in_fan_out": out.fan_in_fan_out, "bias": "none",
         "use_rslora": config.use_rslora, "modules_to_save": sorted(set(saved)) or None,
         "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": rank_pattern,
@@ -196,7 +229,7 @@ def _peft_config(config: LoraConfig, modules: dict, saved: list, fan_in_fan_out:
         "loftq_config": {}, "eva_config": None, "corda_config": None,
         "megatron_config": None, "megatron_core": "megatron.core",
         "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
-        "ensure_weight_tying": False,
+        "ensure_weight_tying": out.tied,
     }
 
 
@@ -206,7 +239,7 @@ def _json_number(x: float):
 
 def export_peft(directory, adapters, config: LoraConfig, *, key_map, params=None,
                 adapter_name: str = "default", base_model_name_or_path: str | None = None,
-                task_type: str | None = None, overwrite: bool = False) -> str:
+                task_type: str | None = None, tied=(), overwrite: bool = False) -> str:
     """Writes adapters in PEFT's format (``PeftModel.from_pretrained`` loads them).
 
     Args:
@@ -223,6 +256,14 @@ def export_peft(directory, adapters, config: LoraConfig, *, key_map, params=None
         into ``directory/<name>`` (PEFT's layout for extra adapters).
       base_model_name_or_path: recorded in ``adapter_config.json``.
       task_type: PEFT's ``task_type`` (e.g. ``"CAUSAL_LM"``), or None.
+      tied: paths of embeddings the model also uses as its output head, in
+        addition to ``config.tied`` (which `lj.configure` fills for the
+        targets it reads; name a fully-trained embedding here, or let
+        ``params`` show it: the embedding with no leaf for the head the key
+        map's ``ties`` name). A tied embedding that is exported makes the
+        file set ``ensure_weight_tying`` and hold the head's copies, so
+        PEFT's forward adapts the lookup and the head alike, as `lj.apply`
+        does.
       overwrite: replace existing adapter files.
 
     Returns:
@@ -250,15 +291,15 @@ def export_peft(directory, adapters, config: LoraConfig, *, key_map, params=None
     if params is not None:
         check_adapters(params, adapters, config)
     nodes = _export_nodes(adapters, km)
-    out = _export_tensors(nodes, config)
+    ties = _export_ties(adapters, nodes, config, tied, params, km)
+    out = _export_tensors(nodes, config, ties)
     if out.saved_modules:
         _complete_saved_modules(out.tensors, out.saved_modules, params, km, nodes)
     if not out.modules:
         raise error("lj.export_peft", "the adapters hold no LoraWeights (only fully-trained "
                                       "leaves); PEFT needs at least one LoRA module",
                     "check the config: its targets must adapt at least one weight")
-    peft_cfg = _peft_config(config, out.modules, out.saved_modules, out.fan_in_fan_out,
-                            base_model_name_or_path, task_type)
+    peft_cfg = _peft_config(config, out, base_model_name_or_path, task_type)
     meta = _export_metadata(out.tensors, config, params)
     folder = _folder(directory, adapter_name, "lj.export_peft")
     _write_adapter(folder, st_numpy, out.tensors, meta, peft_cfg, overwrite)
@@ -272,6 +313,8 @@ class _Exported(NamedTuple):
     modules: dict          # LoRA module -> (r, alpha)
     saved_modules: list    # modules_to_save modules, one entry per trained leaf
     fan_in_fan_out: bool   # some module is a GPT-2 style Conv1D
+    heads: dict            # output head tied to an adapted embedding -> (r, alpha)
+    tied: bool             # some exported embedding is tied to the output head
 
 
 def _export_nodes(adapters, km) -> list[tuple[str, Any, HFName]]:
@@ -291,9 +334,10 @@ def _export_nodes(adapters, km) -> list[tuple[str, Any, HFName]]:
     return [(p, n, hf) for p, n, hf in mapped if hf is not None]
 
 
-def _export_tensors(nodes, config: LoraConfig) -> _Exported:
-    """PEFT's tensors for every node: LoRA factors, and the weights of modules_to_save."""
-    out = _Exported({}, {}, [], False)
+def _export_tensors(nodes, config: LoraConfig, ties: dict) -> _Exported:
+    """PEFT's tensors for every node: LoRA factors, and the weights of modules_to_save
+    (with the copies a tied head needs)."""
+    out = _Exported({}, {}, [], False, {}, bool(ties))
     fan_in_fan_out = False
     for path, node, hf in nodes:
         if is_lora(node):
@@ -306,7 +350,81 @@ def _export_tensors(nodes, config: LoraConfig) -> _Exported:
                             "unstack them first")
             out.tensors[f"{_PREFIX}{hf.name}"] = to_torch_layout(np.asarray(node), hf.kind, path)
             out.saved_modules.append(hf.module)
+        if path in ties:
+            _add_head_copies(out, hf, ties[path])
     return out._replace(fan_in_fan_out=fan_in_fan_out)
+
+
+def _add_head_copies(out: _Exported, hf: HFName, head: str) -> None:
+    """The tied head's entries, copies of the embedding's, as PEFT writes them with
+    ``ensure_weight_tying`` (its head shares the embedding's tensors, transposed)."""
+    emb, head_module = f"{_PREFIX}{hf.module}", head.rsplit(".", 1)[0]
+    if f"{_PREFIX}{hf.name}" in out.tensors:     # fully trained: the head is the same matrix
+        out.tensors[f"{_PREFIX}{head}"] = out.tensors[f"{_PREFIX}{hf.name}"]
+        return
+    out.tensors[f"{_PREFIX}{head_module}.lora_A.weight"] = \
+        np.ascontiguousarray(out.tensors[f"{emb}.lora_embedding_B"].T)
+    out.tensors[f"{_PREFIX}{head_module}.lora_B.weight"] = \
+        np.ascontiguousarray(out.tensors[f"{emb}.lora_embedding_A"].T)
+    out.heads[head_module] = out.modules[hf.module]
+
+
+def _export_ties(adapters, nodes, config: LoraConfig, tied, params, km) -> dict[str, str]:
+    """``{our path: head parameter}`` of every exported embedding tied to the output head."""
+    declared = _tied_paths(tied, "lj.export_peft")
+    known = {p for p, _ in flatten_adapters(adapters)[0]}
+    unknown = [p for p in declared if p not in known]
+    if unknown:
+        raise error("lj.export_peft", f"tied={unknown[:3]}: no such path in the adapters",
+                    "name the embedding's '/'-path, e.g. tied=('params/model/embed_tokens/"
+                    "embedding',)")
+    names = None if params is None else {
+        hf.name: p for p, _ in leaves_with_paths(params) if (hf := lookup(km, p)) is not None}
+    wanted = set(config.tied) | set(declared)
+    ties = {}
+    for path, node, hf in nodes:
+        head = tied_head(km, hf.name)
+        found = head is not None and names is not None and head not in names
+        if path not in wanted and not found:
+            continue
+        _check_export_tie(path, node, hf, head, names, km)
+        ties[path] = head
+    return ties
+
+
+def _check_export_tie(path, node, hf: HFName, head, names, km) -> None:
+    """A tied embedding PEFT can tie: an unstacked embedding, no DoRA, a known head."""
+    if hf.kind != "embedding" or "{i}" in hf.name:
+        raise error(path, f"this weight is tied to the output head (LoraConfig.tied / tied=), "
+                          f"but the key map gives it as {hf.name!r} of kind {hf.kind!r}; PEFT "
+                          f"ties one (unstacked) embedding to its head",
+                    "map it as an 'embedding', or drop it from LoraConfig.tied")
+    if head is None:
+        raise error(path, f"this embedding is tied to the output head (LoraConfig.tied / "
+                          f"tied=), but key map {getattr(km, 'name', 'custom')!r} doesn't say "
+                          f"which torch parameter that head is, so its copies can't be written",
+                    f"declare it: lj.interop.KeyMap(rules, ties={{'lm_head.weight': "
+                    f"'{hf.name}'}}) (names without the prefix)")
+    if names is not None and head in names:
+        raise error(path, f"LoraConfig.tied (or tied=) says this embedding is also the output "
+                          f"head, but params hold a separate head for {head!r} "
+                          f"({names[head]})",
+                    "drop the path from tied if the model has its own head, or remove the "
+                    "head's leaf if it uses the embedding")
+    if is_lora(node) and node.m is not None:
+        raise error(path, "DoRA on an embedding tied to the output head: PEFT gives the tied "
+                          "head its own magnitude vector, so the two uses can't stay tied",
+                    "use plain LoRA (use_dora=False) for the embedding, or untie the head",
+                    kind=UnsupportedPeftFeature)
+
+
+def _tied_paths(tied, where: str) -> tuple:
+    if isinstance(tied, str):
+        tied = (tied,)
+    if not isinstance(tied, (tuple, list)) or not all(isinstance(p, str) for p in tied):
+        raise error(where, f"tied={tied!r} is not a tuple of '/'-joined paths",
+                    "pass e.g. tied=('params/model/embed_tokens/embedding',)", kind=TypeError)
+    return tuple(tied)
 
 
 def _add_lora_tensors(out: _Exported, path, node, hf: HFName, config: LoraConfig) -> None:
@@ -389,11 +507,19 @@ def _complete_saved_modules(tensors, saved_modules, params, km, nodes):
 # ----------------------------------------------------------------------------- import
 
 
-def _check_peft_config(cfg: Mapping, where: str) -> None:
+def _check_peft_config(cfg, where: str) -> None:
+    """``adapter_config.json`` (read from ``where``) must be a LoRA config lora_jax
+    implements, with the fields the import reads well-formed."""
+    if not isinstance(cfg, dict):
+        raise error(where, f"holds a JSON {type(cfg).__name__}, not an object of LoraConfig "
+                           f"fields",
+                    "point at the adapter_config.json PEFT's save_pretrained (or "
+                    "lj.export_peft) wrote: a JSON object with r, lora_alpha, target_modules")
     if cfg.get("peft_type") != "LORA":
         raise error(where, f"peft_type={cfg.get('peft_type')!r}; lora_jax imports LoRA adapters "
                            f"only",
                     "use a LoRA adapter (peft_type LORA)", kind=UnsupportedPeftFeature)
+    _check_fields(cfg, where)
     for field, what in _UNSUPPORTED.items():
         value = cfg.get(field)
         if value not in (None, False, [], {}, ""):
@@ -421,6 +547,52 @@ def _check_peft_config(cfg: Mapping, where: str) -> None:
                       LoraWarning, stacklevel=4)   # import_peft's caller (via _read_adapter)
 
 
+def _is_rank(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _is_alpha(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) \
+        and x > 0
+
+
+def _check_fields(cfg: dict, where: str) -> None:
+    """``r`` and ``lora_alpha`` (and their patterns, the targets, the layer indices)
+    must be there and of the types PEFT writes."""
+    for field, ok, what in (("r", _is_rank, "a positive integer (the LoRA rank)"),
+                            ("lora_alpha", _is_alpha, "a number > 0 (scale = lora_alpha / r)")):
+        if field not in cfg:
+            raise error(where, f"has no {field!r}, {what}; PEFT writes it in every adapter",
+                        f"add it (e.g. \"{field}\": 8), or re-save the adapter with PEFT")
+        if not ok(cfg[field]):
+            raise error(where, f"{field}={cfg[field]!r} ({type(cfg[field]).__name__}) is not "
+                               f"{what}",
+                        f"write it as a JSON number, e.g. \"{field}\": 8")
+    for field, ok, what in (("rank_pattern", _is_rank, "positive integers"),
+                            ("alpha_pattern", _is_alpha, "numbers > 0")):
+        value = cfg.get(field) or {}
+        if not isinstance(value, dict) or not all(ok(v) for v in value.values()):
+            raise error(where, f"{field}={value!r} is not an object mapping module names to "
+                               f"{what}",
+                        f"write it as e.g. \"{field}\": {{\"down_proj\": 4}}")
+    targets = cfg.get("target_modules")
+    if not (targets is None or isinstance(targets, str) or
+            (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise error(where, f"target_modules={targets!r} is neither a list of module names nor "
+                           f"a regex string",
+                    "write it as PEFT does, e.g. \"target_modules\": [\"q_proj\", \"v_proj\"]")
+    layers = cfg.get("layers_to_transform")
+    if not (layers is None or _is_index(layers) or
+            (isinstance(layers, list) and all(_is_index(i) for i in layers))):
+        raise error(where, f"layers_to_transform={layers!r} is neither a layer index nor a list "
+                           f"of them",
+                    "write it as e.g. \"layers_to_transform\": [0, 2]")
+
+
+def _is_index(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def _is_saved_module(module: str, saved) -> bool:
     # PEFT (_set_trainable) matches modules_to_save entries as plain suffixes:
     # "norm" also selects "input_layernorm".
@@ -433,6 +605,52 @@ def _pattern_value(patterns: Mapping | None, module: str, default):
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
+
+
+def _peft_targets(cfg: Mapping, module: str) -> bool | None:
+    """Whether PEFT 0.21 gives ``module`` a LoRA layer under this config
+    (``check_target_module_exists``: exclude_modules, modules_to_save,
+    target_modules, layers_to_transform / layers_pattern); None when the
+    config doesn't say (no target_modules, or the unexpanded ``"all-linear"``)."""
+    targets = cfg.get("target_modules")
+    if targets is None or targets == "all-linear":
+        return None
+    excluded = cfg.get("exclude_modules")
+    if isinstance(excluded, str) and re.fullmatch(excluded, module):
+        return False
+    if isinstance(excluded, list) and (module in excluded or
+                                       any(module.endswith("." + e) for e in excluded)):
+        return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in cfg.get("modules_to_save") or []):
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    if module in targets:
+        return True
+    if not any(module.endswith("." + t) for t in targets):
+        return False
+    return _in_transformed_layers(cfg, module)
+
+
+def _in_transformed_layers(cfg: Mapping, module: str) -> bool:
+    """PEFT's ``layers_to_transform`` filter: the module's layer index is listed."""
+    layers = cfg.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    pattern = cfg.get("layers_pattern")
+    if not pattern:
+        # the first numbered segment is the layer index (not an expert index after it)
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        m = None
+        for p in [pattern] if isinstance(pattern, str) else pattern:
+            m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module)
+            if m is not None:
+                break
+    if m is None:
+        return False
+    index = int(m.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
 
 
 def _read_safetensors(path: str):
@@ -449,13 +667,16 @@ def _read_safetensors(path: str):
 
 
 def import_peft(directory, params, *, key_map, adapter_name: str = "default", dtype=None,
-                on_base_mismatch: str = "error", check_finite: bool = True):
+                on_base_mismatch: str = "error", check_finite: bool = True, tied=()):
     """Reads a PEFT LoRA adapter into ``(adapters, config)`` for ``params``.
 
     The adapter tree mirrors ``params``; the returned `LoraConfig` targets
     exactly the imported paths, with PEFT's per-module ranks and alphas
     (``rank_pattern`` / ``alpha_pattern``) and ``use_rslora``;
-    ``modules_to_save`` become fully-trained leaves (``train``).
+    ``modules_to_save`` become fully-trained leaves (``train``); an
+    embedding the model ties to its head is in ``config.tied``. A stacked
+    leaf (key map template with ``{i}``) whose file adapts only some layers
+    (PEFT's ``layers_to_transform``) gets zero adapters in the others.
     Features lora_jax doesn't implement are refused by name
     (`UnsupportedPeftFeature`).
 
@@ -470,12 +691,20 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
       on_base_mismatch: ``"error"``, ``"warn"`` or ``"ignore"`` when the file
         carries a lora_jax base fingerprint that ``params`` don't match.
       check_finite: raise on NaN/Inf factors.
+      tied: paths of embeddings the model also uses as its output head. Found
+        without it when ``params`` hold the embedding and no leaf for the head
+        the key map's ``ties`` name (the ``"llama"`` and ``"gpt2"`` presets
+        declare theirs). A file that keeps them tied (PEFT's
+        ``ensure_weight_tying``) imports exactly; one that adapted only the
+        lookup or only the head is refused.
 
     Raises:
       UnsupportedPeftFeature: lora_bias, trained biases, base-modifying
-        inits (PiSSA, OLoRA, LoftQ...), layer replication and others.
+        inits (PiSSA, OLoRA, LoftQ...), layer replication, an adapter that
+        broke a tie the model has, and others.
       ValueError: missing files (and ``.bin`` pickles, never loaded),
-        corrupted files, keys the key map can't place, factor shapes that
+        corrupted files, a malformed adapter_config.json, keys the key map
+        can't place, targeted modules without factors, factor shapes that
         don't fit the base, NaN/Inf values.
 
     Example:
@@ -495,11 +724,15 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
     km = resolve_key_map(key_map, "lj.import_peft")
     src = _read_adapter(_folder(directory, adapter_name, "lj.import_peft"))
     tables = _skeleton_tables(params, km)
-    pieces = _classify_tensors(src, tables)
+    ties = _import_ties(tables, km, _tied_paths(tied, "lj.import_peft"))
+    pieces = _classify_tensors(src, tables, ties)
+    _resolve_ties(pieces, ties, src)
+    _check_untied_heads(pieces, tables, km, src)
     _check_all_placed(pieces, tables, km, src.st_path)
+    _check_targeted(pieces.factors, tables, src)
     per_path = _gather_per_path(pieces.factors, tables.by_module, src)
     config = _build_config(src.pcfg, per_path, pieces.trained, src.tensors, dtype, src.st_path,
-                           params)
+                           params).replace(tied=tuple(ties))
     adapters = _assemble_adapters(params, tables, per_path, pieces.trained, config)
     _check_imported(params, adapters, config, src.st_path, check_finite)
     # Both base checks warn at stacklevel=3, i.e. at import_peft's caller: call them here.
@@ -534,8 +767,9 @@ class _Pieces(NamedTuple):
 
     factors: dict      # torch module -> {"A": lora_A, "B": lora_B, "M": DoRA magnitude}
     trained: dict      # our path -> modules_to_save weight (torch layout)
-    base_copies: dict  # our path -> base weight PEFT stored in the file
+    base_copies: list  # [(our path, base weight PEFT stored in the file)]
     unplaced: list     # keys the key map can't place
+    heads: dict        # tied head module -> {suffix: tensor} (copies of the embedding's)
 
 
 class _PathFactors(NamedTuple):
@@ -544,6 +778,18 @@ class _PathFactors(NamedTuple):
     r: int
     alpha: float
     layers: dict       # layer index or None -> (a, b, m or None), our orientation
+
+
+class _Tie(NamedTuple):
+    """An embedding the model also uses as its output head."""
+
+    path: str          # our path of the embedding
+    embed: HFName      # its torch parameter
+    head: str | None   # the torch parameter of the head (None: the key map doesn't say)
+
+    @property
+    def head_module(self) -> str | None:
+        return None if self.head is None else self.head.rsplit(".", 1)[0]
 
 
 def _read_adapter(folder: str) -> _Source:
@@ -562,11 +808,12 @@ def _read_adapter(folder: str) -> _Source:
                     "save the adapter with safetensors (save_pretrained(..., "
                     "safe_serialization=True))")
     try:
-        with open(cfg_path) as fh:
+        with open(cfg_path, encoding="utf-8") as fh:
             pcfg = json.load(fh)
-    except (OSError, json.JSONDecodeError) as e:
-        raise error(cfg_path, f"not valid JSON ({e})", "re-export the adapter") from e
-    _check_peft_config(pcfg, folder)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(cfg_path, f"not valid JSON ({e})",
+                    "re-export the adapter (or re-save it with PEFT's save_pretrained)") from e
+    _check_peft_config(pcfg, cfg_path)
     tensors, meta = _read_safetensors(st_path)
     _check_sums(st_path, tensors, meta)
     return _Source(folder, st_path, pcfg, tensors, meta)
@@ -595,14 +842,38 @@ def _skeleton_tables(params, km) -> _Tables:
         if hf is None:
             continue
         by_path[path] = hf
-        if "{i}" in hf.name:
-            for i in range(leaf.shape[0]):
-                name = hf.name.replace("{i}", str(i))
-                by_module[name.rsplit(".", 1)[0]] = (path, hf, i)
-        else:
-            by_module[hf.module] = (path, hf, None)
+        stacked = "{i}" in hf.name
+        for i, name in enumerate(layer_names(hf, path, leaf.shape)):
+            module = name.rsplit(".", 1)[0]
+            # a module is its weight's (kernel, embedding), not its bias's or norm's
+            if module not in by_module or by_module[module][1].kind == "vector":
+                by_module[module] = (path, hf, i if stacked else None)
+        if not stacked:
             by_param[hf.name] = (path, hf)
     return _Tables(flat, by_module, by_param, by_path)
+
+
+def _import_ties(tables: _Tables, km, declared: tuple) -> dict[str, _Tie]:
+    """``{our path: _Tie}``: embeddings params use as the head too -- the key map's
+    ``ties`` with no leaf for the head, and the ``tied=`` paths."""
+    ties = {}
+    for path, hf in tables.by_path.items():
+        head = tied_head(km, hf.name)
+        if head is not None and "{i}" not in hf.name and head not in tables.by_param:
+            ties[path] = _Tie(path, hf, head)
+    for path in declared:
+        if path not in tables.by_path:
+            raise error("lj.import_peft", f"tied={path!r} is not a path of params the key map "
+                                          f"maps",
+                        "name the embedding's '/'-path (lj.describe lists them)")
+        hf = tables.by_path[path]
+        head = tied_head(km, hf.name)
+        if head is not None and head in tables.by_param:
+            raise error(path, f"tied= says this embedding is also the output head, but params "
+                              f"hold a separate head for {head!r} ({tables.by_param[head][0]})",
+                        "drop the path from tied if the model has its own head")
+        ties.setdefault(path, _Tie(path, hf, head))
+    return ties
 
 
 _MAGNITUDE = ".lora_magnitude_vector"   # DoRA
@@ -610,14 +881,19 @@ _FACTOR = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|"
                      r"lora_embedding_B|lora_B\.bias)")
 
 
-def _classify_tensors(src: _Source, tables: _Tables) -> _Pieces:
-    """Sorts every key of the file into factors, trained weights, base copies or unplaced."""
-    pieces = _Pieces({}, {}, {}, [])
+def _classify_tensors(src: _Source, tables: _Tables, ties: dict) -> _Pieces:
+    """Sorts every key of the file into factors, trained weights, base copies, a tied
+    head's copies or unplaced."""
+    pieces = _Pieces({}, {}, [], [], {})
     saved = set(src.pcfg.get("modules_to_save") or [])
+    heads = {t.head_module for t in ties.values() if t.head is not None}
     for key, value in src.tensors.items():
         rest = key[len(_PREFIX):]
+        head = next((h for h in heads if rest.startswith(h + ".")), None)
         if not key.startswith(_PREFIX):
             pieces.unplaced.append(key)
+        elif head is not None:
+            pieces.heads.setdefault(head, {})[rest[len(head) + 1:]] = value
         elif rest.endswith(_MAGNITUDE):
             module = rest[: -len(_MAGNITUDE)]
             if module not in tables.by_module:
@@ -664,9 +940,157 @@ def _add_whole_weight(pieces: _Pieces, tables: _Tables, saved: set, key: str, re
         pieces.trained[by_param[rest][0]] = value
     elif ".base_layer." in rest and base_name in by_param:
         # PEFT also stores a targeted embedding's base weight (save_embedding_layers).
-        pieces.base_copies[by_param[base_name][0]] = value
+        pieces.base_copies.append((by_param[base_name][0], value))
     else:
         pieces.unplaced.append(key)
+
+
+# ---------------------------------------------------------------- import: tied embeddings
+
+_UNTIE_FIX = ("train the adapter with peft.LoraConfig(..., ensure_weight_tying=True), which keeps "
+              "the lookup and the head tied; or give the JAX model its own output head (a leaf "
+              "holding the embedding's transpose) mapped to {head} by the key map, so the two "
+              "uses can differ")
+
+
+def _resolve_ties(pieces: _Pieces, ties: dict, src: _Source) -> None:
+    """Checks the file against each tied embedding: the adapter must keep the lookup and
+    the head tied (PEFT's ``ensure_weight_tying``), the head's entries being copies."""
+    ewt = src.pcfg.get("ensure_weight_tying") is True
+    for tie in ties.values():
+        module = tie.embed.module
+        lora, trained = pieces.factors.get(module), pieces.trained.get(tie.path)
+        head = pieces.heads.pop(tie.head_module, {}) if tie.head is not None else {}
+        if "base_layer.weight" in head:   # PEFT's copy of the (tied) base weight
+            pieces.base_copies.append((tie.path, head.pop("base_layer.weight")))
+        if lora is None and trained is None and not head:
+            continue   # the adapter leaves the embedding alone
+        head_name = tie.head_module or "tied to it"
+        how = "LoRA" if lora is not None else "fully trained, modules_to_save"
+        fix = _UNTIE_FIX.format(head=tie.head or "the head's torch name")
+        if lora is None and trained is None:
+            raise error(src.st_path, f"the adapter changes the output head {head_name} "
+                                     f"({', '.join(sorted(head))}) but not the input embedding "
+                                     f"{module}: "
+                                     f"PEFT's model computes the head with a changed weight and "
+                                     f"the lookup with the base one, while params hold one "
+                                     f"embedding ({tie.path}) for both uses",
+                        fix, kind=UnsupportedPeftFeature)
+        if not ewt:
+            what = (f"the output head ({head_name}) got an adapter of its own" if head else
+                    f"PEFT changed the lookup only: the output head ({head_name}) kept the base "
+                    f"embedding")
+            raise error(src.st_path, f"the adapter changes the input embedding {module} ({how}) "
+                                     f"with ensure_weight_tying=false, so {what}. params hold "
+                                     f"one embedding ({tie.path}) for both uses, so importing "
+                                     f"it would give another model",
+                        fix, kind=UnsupportedPeftFeature)
+        if lora is not None:
+            _check_tied_lora(tie, lora, head, src, pieces)
+        else:
+            _check_tied_trained(tie, trained, head, src, pieces)
+
+
+def _check_tied_lora(tie: _Tie, lora: dict, head: dict, src: _Source, pieces: _Pieces) -> None:
+    """A tied LoRA embedding: the head's factors are the embedding's, transposed and
+    swapped, and PEFT scales the head as it scales the embedding."""
+    module = tie.embed.module
+    if "M" in lora or "lora_magnitude_vector" in head:
+        raise error(src.st_path, f"DoRA on {module}, which the model ties to its output head: "
+                                 f"PEFT gives the head its own magnitude vector, which one tied "
+                                 f"embedding can't have",
+                    "use an adapter trained without DoRA on the embedding",
+                    kind=UnsupportedPeftFeature)
+    # PEFT's head: lora_A = lora_embedding_B.T, lora_B = lora_embedding_A.T
+    copies = {"lora_A.weight": "B", "lora_B.weight": "A"}
+    for suffix, value in head.items():
+        key = f"{_PREFIX}{tie.head_module}.{suffix}"
+        factor = lora.get(copies.get(suffix, ""))
+        if factor is not None:
+            _check_copy(key, value, np.asarray(factor).T,
+                        f"{module}'s lora_embedding_{copies[suffix]} transposed", src.st_path)
+        else:
+            pieces.unplaced.append(key)
+    if tie.head_module is not None:
+        _check_head_scale(tie.embed.module, tie.head_module, src)
+
+
+def _check_tied_trained(tie: _Tie, trained, head: dict, src: _Source, pieces: _Pieces) -> None:
+    """A tied fully-trained embedding: the head's weight is the same matrix."""
+    for suffix, value in head.items():
+        key = f"{_PREFIX}{tie.head_module}.{suffix}"
+        if suffix == "weight":
+            _check_copy(key, value, trained, f"the trained {tie.embed.name}", src.st_path)
+        else:
+            pieces.unplaced.append(key)
+
+
+def _check_copy(key: str, value, want, what: str, st_path: str) -> None:
+    value, want = np.asarray(value), np.asarray(want)
+    if value.shape != want.shape or not np.array_equal(value, want.astype(value.dtype)):
+        same = value.shape == want.shape
+        diff = (f"max |difference| {float(np.max(np.abs(value.astype(np.float64) - want))):.3g}"
+                if same else f"shape {value.shape} vs {want.shape}")
+        raise error(st_path, f"{key} is not a copy of {what} ({diff}): the head and the "
+                             f"embedding it is tied to hold different adapters, which one tied "
+                             f"embedding can't express",
+                    "re-save the adapter from a PEFT model with ensure_weight_tying=True (it "
+                    "writes exact copies), or untie the JAX model's head",
+                    kind=UnsupportedPeftFeature)
+
+
+def _check_head_scale(module: str, head_module: str, src: _Source) -> None:
+    """PEFT scales the tied head by its own rank_pattern / alpha_pattern entries."""
+    scales = []
+    for name in (module, head_module):
+        r = _pattern_value(src.pcfg.get("rank_pattern"), name, src.pcfg["r"])
+        alpha = _pattern_value(src.pcfg.get("alpha_pattern"), name, src.pcfg["lora_alpha"])
+        scales.append(alpha / (math.sqrt(r) if src.pcfg.get("use_rslora") else r))
+    s_emb, s_head = scales
+    if not math.isclose(s_emb, s_head, rel_tol=1e-6):
+        raise error(src.st_path, f"PEFT scales the tied head {head_module} by {s_head:g} and "
+                                 f"the embedding {module} by {s_emb:g} (rank_pattern / "
+                                 f"alpha_pattern give them different r or lora_alpha); one tied "
+                                 f"embedding has one scale",
+                    f"train it with the same r and lora_alpha for {head_module} and {module}",
+                    kind=UnsupportedPeftFeature)
+
+
+def _check_untied_heads(pieces: _Pieces, tables: _Tables, km, src: _Source) -> None:
+    """A file saved from a tied model (ensure_weight_tying, the head's entries copies of
+    the embedding's) does not fit params whose head is a leaf of its own."""
+    if src.pcfg.get("ensure_weight_tying") is not True:
+        return
+    for path, hf in tables.by_path.items():
+        head = tied_head(km, hf.name)
+        if head is None or head not in tables.by_param or not _head_copies(
+                pieces, hf, tables.by_param[head], path):
+            continue
+        raise error(src.st_path, f"the adapter was saved from a model tying "
+                                 f"{head.rsplit('.', 1)[0]} to {hf.module} "
+                                 f"(ensure_weight_tying=true, the head's entries copies of the "
+                                 f"embedding's), but params hold a separate head "
+                                 f"({tables.by_param[head][0]}) besides {path}",
+                    "import it into the tied model (no leaf for the head: it uses the "
+                    "embedding), or, if this head equals the embedding, set "
+                    "\"ensure_weight_tying\": false in adapter_config.json to import both as "
+                    "separate adapters", kind=UnsupportedPeftFeature)
+
+
+def _head_copies(pieces: _Pieces, embed: HFName, head: tuple, embed_path: str) -> bool:
+    """Whether the file's entries for ``head`` (our path, HFName) copy the embedding's."""
+    head_path, head_hf = head
+    emb, lm = pieces.factors.get(embed.module), pieces.factors.get(head_hf.module)
+    if emb is not None and lm is not None and {"A", "B"} <= set(emb) and {"A", "B"} <= set(lm):
+        pairs = [(lm["A"], emb["B"].T), (lm["B"], emb["A"].T)]
+    elif embed_path in pieces.trained and head_path in pieces.trained:
+        pairs = [(pieces.trained[head_path], pieces.trained[embed_path])]
+    else:
+        return False
+    return all(np.shape(x) == np.shape(y) and np.array_equal(x, y) for x, y in pairs)
+
+
+# ---------------------------------------------------------------- import: factors
 
 
 def _check_all_placed(pieces: _Pieces, tables: _Tables, km, st_path: str) -> None:
@@ -683,6 +1107,20 @@ def _check_all_placed(pieces: _Pieces, tables: _Tables, km, st_path: str) -> Non
         raise error(st_path, "no LoRA factors found (no lora_A / lora_B tensors)",
                     "check the file: it should be a PEFT LoRA adapter's "
                     "adapter_model.safetensors")
+
+
+def _check_targeted(factors: dict, tables: _Tables, src: _Source) -> None:
+    """Every module PEFT targets (target_modules, layers_to_transform, ...) must have its
+    factors: one without both was lost, and skipping it would give another model."""
+    for module, (_, hf, _) in sorted(tables.by_module.items()):
+        if hf.kind == "vector" or module in factors or not _peft_targets(src.pcfg, module):
+            continue
+        raise error(src.st_path, f"{module}: adapter_config.json's target_modules select this "
+                                 f"module, but the file has neither its lora_A nor its lora_B "
+                                 f"(nor lora_embedding_A / _B); the file is incomplete",
+                    "re-export the adapter (or re-save it with PEFT's save_pretrained); if the "
+                    "module was meant to stay unadapted, list only the others in target_modules "
+                    "(or use layers_to_transform)")
 
 
 def _gather_per_path(factors: dict, by_module: dict, src: _Source) -> dict[str, _PathFactors]:
@@ -735,9 +1173,9 @@ def _assemble_adapters(params, tables: _Tables, per_path: dict, trained: dict,
     """The adapter tree mirroring ``params``: LoraWeights, trained arrays, or None."""
     specs = resolve(params, config).targets
     leaves = []
-    for path, _ in tables.flat:
+    for path, leaf in tables.flat:
         if path in per_path:
-            leaves.append(_lora_leaf(path, per_path[path].layers, specs[path], config))
+            leaves.append(_lora_leaf(path, per_path[path].layers, specs[path], config, leaf))
         elif path in trained:   # trained paths come from by_param: mapped
             value = np.asarray(trained[path])
             linear = tables.by_path[path].kind == "linear"
@@ -747,19 +1185,26 @@ def _assemble_adapters(params, tables: _Tables, per_path: dict, trained: dict,
     return unflatten_params(params, leaves)
 
 
-def _lora_leaf(path: str, layers: dict, spec, config: LoraConfig) -> LoraWeights:
-    """One path's LoraWeights, its stacked layers stacked in order."""
+def _lora_leaf(path: str, layers: dict, spec, config: LoraConfig, leaf) -> LoraWeights:
+    """One path's LoraWeights, its stacked layers stacked in order. A layer the file
+    doesn't adapt (PEFT's layers_to_transform left it out) gets B = 0 -- no change --
+    and, with DoRA, the base's own column norms as magnitude."""
     if None in layers:
         a, b, m = layers[None]
     else:
+        a0, b0, _ = next(iter(layers.values()))
+        zero = (np.zeros_like(a0), np.zeros_like(b0), None)
         n = spec.shape[0]
-        if sorted(layers) != list(range(n)):
-            missing = sorted(set(range(n)) - set(layers))
-            raise error(path, f"the file has no factors for stacked layers {missing}",
-                        "export every layer")
-        a = np.stack([layers[i][0] for i in range(n)])
-        b = np.stack([layers[i][1] for i in range(n)])
-        m = np.stack([layers[i][2] for i in range(n)]) if config.use_dora else None
+        stacked = [layers.get(i, zero) for i in range(n)]
+        a = np.stack([x[0] for x in stacked])
+        b = np.stack([x[1] for x in stacked])
+        m = None
+        if config.use_dora:
+            base_m = (np.asarray(magnitude_init(leaf, spec, jnp.float32))
+                      if len(layers) < n else None)
+            m = np.stack([layers[i][2] if i in layers else
+                          np.asarray(base_m)[i].astype(layers[next(iter(layers))][2].dtype)
+                          for i in range(n)])
     a, b = jnp.asarray(a, config.dtype), jnp.asarray(b, config.dtype)
     m = None if m is None else jnp.asarray(m, config.dtype)
     return LoraWeights(a, b, jnp.asarray(spec.scale, jnp.float32), m)
@@ -803,7 +1248,7 @@ def _check_base_copies(base_copies, tables: _Tables, on_mismatch, folder) -> Non
         return
     leaves = dict(tables.flat)
     differ = []
-    for path, stored in base_copies.items():   # base copies come from by_param: mapped
+    for path, stored in base_copies:   # base copies come from by_param: mapped
         ours = to_torch_layout(np.asarray(dense_float32(leaves[path])),
                                tables.by_path[path].kind, path)
         if ours.shape != stored.shape or not np.array_equal(ours, np.asarray(stored, ours.dtype)):
