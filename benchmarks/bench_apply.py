@@ -99,7 +99,7 @@ def build(c: gpt.GPTConfig):
     # No layouts=: lj.configure reads them from the program (per-layer adapters
     # for the nn.scan stack).
     config = lj.configure(lj.LoraConfig(rank=RANK, alpha=ALPHA, targets=gpt.TARGETS),
-                          model.apply, variables, tokens)
+                          model.apply, variables, tokens[:, :-1])
     adapters = lj.init(variables, config, key=jax.random.key(1))
     # A non-zero B, so the adapter changes the model (as after some training).
     adapters = jax.tree.map(
