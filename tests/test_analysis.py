@@ -86,7 +86,8 @@ def test_analyze_matches_dense_svd(rng, dtype):
 def test_analyze_stacked_and_structured(rng):
     """A scan-stacked leaf: one row per layer, each equal to that layer's dense SVD."""
     params, ad = _random_adapters(rng, {"w": (24, 20)}, rank=4, stacked=3)
-    cfg = lj.LoraConfig(rank=4, targets="w", layouts={"w": lj.Layout(1, 1, 1)})
+    # alpha 6 / rank 4 = the adapters' scale 1.5
+    cfg = lj.LoraConfig(rank=4, alpha=6, targets="w", layouts={"w": lj.Layout(1, 1, 1)})
     rep = lj.analyze(params, ad, cfg)
     assert [s.layer for s in rep] == [(0,), (1,), (2,)]
     dw = _dense(ad["w"])

@@ -18,7 +18,7 @@ import numpy as np
 
 from lora_jax._core.errors import error
 
-__all__ = ["LoraConfig", "Layout", "INITS", "LoraWarning", "normalize_patterns"]
+__all__ = ["LoraConfig", "Layout", "INITS", "SCALE_FROM", "LoraWarning", "normalize_patterns"]
 
 
 class LoraWarning(UserWarning):
@@ -87,6 +87,10 @@ INITS = ("kaiming", "gaussian", "pissa", "olora")
 """Names accepted by `LoraConfig.init`: ``kaiming``/``gaussian`` draw A (B
 starts at 0); ``pissa``/``olora`` compute A and B from W and change the base
 (`lj.init(..., return_params=True)`)."""
+
+SCALE_FROM = ("config", "adapters")
+"""Values of `LoraConfig.scale_from`: which scale wins when the adapters' stored
+scale differs from ``alpha / rank``."""
 
 
 def _field_error(field: str, value: Any, why: str, fix: str, *, where: str | None = None,
@@ -288,6 +292,20 @@ class LoraConfig:
       tied: paths of weights the model also uses transposed as its output
         projection (an embedding tied to the LM head); `lj.configure` finds
         them, and `lj.export_peft` then writes PEFT's ``ensure_weight_tying``.
+        Each must be the path of a leaf of the params.
+      scale_from: which side's scale wins. ``"config"`` (the default): the
+        scale is ``alpha / rank`` and a concrete ``LoraWeights.scale`` that
+        differs is an error (adapters paired with the wrong config).
+        ``"adapters"``: each adapter's stored scale is used as it is, whatever
+        alpha and rank say -- an adapter set's config, whose members keep
+        their own alphas and ranks (`lj.select_adapter` without ``trim``).
+
+    Every pattern must apply somewhere, or resolving the config against
+    params raises listing real paths: each ``targets`` pattern matches a leaf
+    (one of several matching nothing only warns), each ``exclude`` pattern a
+    leaf that ``targets`` matches, each ``rank_pattern``, ``alpha_pattern``
+    and ``layouts`` key a targeted leaf, and each ``inferred_layouts`` key
+    and ``tied`` path a leaf of the params.
 
     Example:
       >>> import lora_jax as lj
@@ -313,6 +331,7 @@ class LoraConfig:
     layouts: Any = ()
     inferred_layouts: Any = ()
     tied: Any = ()
+    scale_from: str = "config"
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -338,6 +357,10 @@ class LoraConfig:
         if self.init not in INITS:
             raise _field_error("init", self.init, f"known inits are {INITS}",
                                'use init="kaiming" (PEFT\'s default) or init="gaussian"')
+        if self.scale_from not in SCALE_FROM:
+            raise _field_error("scale_from", self.scale_from, f"it must be one of {SCALE_FROM}",
+                               'use scale_from="config" (scale = alpha / rank; the default), or '
+                               '"adapters" to use the scales stored in the adapters')
         if not isinstance(self.use_dora, bool):
             raise _field_error("use_dora", self.use_dora, "it must be a bool",
                                "use use_dora=True or False")
@@ -431,7 +454,8 @@ class LoraConfig:
             changes.update(rank_pattern=tuple((re.escape(p), int(r)) for p, r in ranks.items())
                            + keep)
         if unit_scale:
-            changes.update(use_rslora=False, alpha_pattern=())
+            # Every scale is 1 = alpha / rank again: the config's scale is right.
+            changes.update(use_rslora=False, alpha_pattern=(), scale_from="config")
             if "rank" in changes:
                 changes.update(alpha=float(changes["rank"]))
             else:
@@ -464,6 +488,8 @@ class LoraConfig:
         out = {}
         for f in dataclasses.fields(self):
             v: Any = getattr(self, f.name)
+            if f.name == "scale_from" and v == f.default:
+                continue  # the default is left out: such files stay as older versions wrote them
             if callable(v) and not isinstance(v, (str, tuple)):
                 raise error(
                     f"LoraConfig.{f.name}",

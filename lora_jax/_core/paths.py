@@ -25,7 +25,7 @@ from lora_jax._core.leaf import is_container
 
 __all__ = ["path_str", "flatten_params", "leaves_with_paths", "unflatten_params",
            "map_params", "mirror", "matcher", "is_array_like", "LeafSpec", "Resolved",
-           "resolve"]
+           "resolve", "register_adapter_node"]
 
 
 def _key_str(k) -> str:
@@ -228,25 +228,131 @@ def _no_match_error(field, spec, arrays):
         f"or r'.*/kernel'")
 
 
+# ----------------------------------------------------------------------------- params checks
+
+# Node types of adapter trees (`LoraWeights`, registered by lora_jax._core.weights):
+# one inside params means the adapters were passed where the params go.
+_ADAPTER_NODES: list[type] = []
+
+
+def register_adapter_node(cls):
+    """Marks ``cls`` as an adapter-tree node that never belongs in params (a class
+    decorator); `resolve` refuses params holding one."""
+    _ADAPTER_NODES.append(cls)
+    return cls
+
+
+def _is_adapter_node(x) -> bool:
+    return isinstance(x, tuple(_ADAPTER_NODES))
+
+
+def _checked_items(params) -> list[tuple[str, Any]]:
+    """`leaves_with_paths` of params, refusing adapter nodes in them (the adapter tree
+    passed as params) and two leaves with one '/'-joined path (they would share an
+    adapter, and one file key)."""
+    flat = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: is_container(x) or _is_adapter_node(x))[0]
+    for keypath, x in flat:
+        if _is_adapter_node(x):
+            raise error(
+                path_str(keypath) or "params",
+                f"params holds a {type(x).__name__} here: an adapter tree was passed where "
+                f"the frozen params go (the arguments look swapped)",
+                "pass the params first and the adapters second: lj.merge(params, adapters, "
+                "config), lj.apply(fn, config)(params, adapters, *args)")
+    seen: dict[str, Any] = {}
+    for keypath, _ in flat:
+        path = path_str(keypath)
+        if path in seen:
+            raise error(
+                path, f"two leaves of params have this '/'-joined path, "
+                f"{jax.tree_util.keystr(seen[path])} and {jax.tree_util.keystr(keypath)}; "
+                f"lora_jax addresses leaves by it, so they would share one adapter and "
+                f"collapse into one entry when saved",
+                "rename one of the keys (e.g. the one holding '/') so every '/'-joined "
+                "path is unique")
+        seen[path] = keypath
+    return [(path_str(p), x) for p, x in flat]
+
+
+def _sample_or_none(paths: list[str]) -> str:
+    return sample_paths(paths) if paths else "(none)"
+
+
+def _check_exclude(config: LoraConfig, matched: list, excluded: list) -> None:
+    """Each exclude pattern must remove a leaf that targets matches: one that removes
+    nothing is a typo, or was written for another model."""
+    if not config.exclude:
+        return
+    if not isinstance(config.exclude, tuple):   # a callable: it must exclude something
+        if not excluded:
+            raise error(
+                "LoraConfig.exclude",
+                f"{config.exclude!r} excludes none of the leaves LoraConfig.targets matches, "
+                f"so it has no effect; targets matches:\n  {_sample_or_none(matched)}",
+                "make it return True for a path above, or drop exclude=")
+        return
+    for pat in config.exclude:
+        if not any(re.fullmatch(pat, p) for p in matched):
+            raise error(
+                "LoraConfig.exclude",
+                f"pattern {pat!r} matches none of the leaves LoraConfig.targets matches, so "
+                f"it excludes nothing (exclude only removes targeted leaves); targets "
+                f"matches:\n  {_sample_or_none(matched)}",
+                "write the pattern against these paths, or remove it")
+
+
+def _check_patterns(config: LoraConfig, targeted: list, paths: list) -> None:
+    """Each rank_pattern / alpha_pattern / layouts key must match a targeted leaf, each
+    inferred_layouts key and tied path a leaf of params: else it never applies."""
+    for field in ("rank_pattern", "alpha_pattern", "layouts"):
+        for pat, _ in getattr(config, field):
+            if any(re.fullmatch(pat, p) for p in targeted):
+                continue
+            other = [p for p in paths if re.fullmatch(pat, p)]
+            why = (f"it matches only leaves that are not targeted ({other[0]}"
+                   f"{', ...' if len(other) > 1 else ''})" if other else "it matches no leaf")
+            raise error(
+                f"LoraConfig.{field}",
+                f"pattern {pat!r} matches no targeted leaf, so it never applies: {why}. The "
+                f"targeted paths are:\n  {_sample_or_none(targeted)}\n(patterns are regexes "
+                f"fullmatched against '/'-joined paths)",
+                f"write the pattern against these paths (e.g. r'{re.escape(targeted[0])}'), "
+                f"or remove it" if targeted else "remove it")
+    for pat, _ in config.inferred_layouts:
+        if not any(re.fullmatch(pat, p) for p in paths):
+            raise error(
+                "LoraConfig.inferred_layouts",
+                f"path {pat!r} matches no leaf of params (the layouts were read for another "
+                f"params tree); some real paths are:\n  {_sample_or_none(paths)}",
+                "run lj.configure(config, fn, params, *args) again with these params")
+    known = set(paths)
+    for path in config.tied:
+        if path not in known:
+            raise error(
+                "LoraConfig.tied",
+                f"{path!r} is not the path of a leaf of params; some real paths are:\n  "
+                f"{_sample_or_none(paths)}",
+                "name tied weights by their '/'-joined path, or let lj.configure find them")
+
+
 def resolve(params, config: LoraConfig) -> Resolved:
     """Matches ``config`` against ``params`` and checks every targeted leaf.
 
     Raises:
-      ValueError: a pattern matches nothing (the message lists real paths);
-        a target can't be factorized (not a floating array with >= 2 axes
-        beyond its stacked ones, or a layout that doesn't fit its shape); a
-        rank exceeds ``min(in, out)``; a leaf is both a target and ``train``.
+      ValueError: params hold adapter nodes (the arguments are swapped); two
+        leaves share a '/'-joined path; a pattern applies nowhere (the
+        message lists real paths: see `LoraConfig`); a target can't be
+        factorized (not a floating array with >= 2 axes beyond its stacked
+        ones, or a layout that doesn't fit its shape); a rank exceeds
+        ``min(in, out)``; a leaf is both a target and ``train``.
     """
     if not isinstance(config, LoraConfig):
         raise error("config", f"expected a lj.LoraConfig, got {type(config).__name__}",
                     "pass e.g. config=lj.LoraConfig(rank=8, targets=r'.*/kernel')",
                     kind=TypeError)
-    items = leaves_with_paths(params)
+    items = _checked_items(params)
     arrays = [(p, x) for p, x in items if is_array_like(x)]
-    is_target = matcher(config.targets)
-    is_excluded = matcher(config.exclude)
-    is_train = matcher(config.train)
-
     if isinstance(config.targets, tuple) and len(config.targets) > 1:
         for pat in config.targets:
             if not any(re.fullmatch(pat, p) for p, _ in arrays):
@@ -255,10 +361,46 @@ def resolve(params, config: LoraConfig) -> Resolved:
                     f"pattern {pat!r} matched no leaf (the other patterns did)",
                     "correct the pattern, or remove it"), LoraWarning, stacklevel=3)
 
-    targets: dict[str, LeafSpec] = {}
+    matched, excluded, hits, train = _classify(items, config)
+    if not hits:
+        if matched:   # targets matched, exclude removed them all
+            raise error(
+                "LoraConfig.exclude",
+                f"{_one(config.exclude)!r} excludes every leaf LoraConfig.targets "
+                f"{_one(config.targets)!r} matches:\n  {sample_paths(matched)}",
+                "narrow exclude= so some targets remain")
+        raise _no_match_error("targets", config.targets, arrays)
+    if config.train and not train:
+        raise _no_match_error("train", config.train, arrays)
+    _check_exclude(config, matched, excluded)
+    _check_patterns(config, [p for p, _ in hits], [p for p, _ in items])
+    targets = {path: _leaf_spec(path, leaf, config) for path, leaf in hits}
+    return Resolved(targets, tuple(train))
+
+
+def _one(spec):
+    return spec[0] if isinstance(spec, tuple) and len(spec) == 1 else spec
+
+
+def _classify(items, config: LoraConfig):
+    """``(matched, excluded, hits, train)``: paths targets matches, those exclude
+    removes, ``[(path, leaf)]`` adapted, and paths trained fully."""
+    is_target = matcher(config.targets)
+    is_excluded = matcher(config.exclude)
+    is_train = matcher(config.train)
+    matched: list[str] = []
+    excluded: list[str] = []
+    hits: list = []
     train: list[str] = []
     for path, leaf in items:
-        hit = is_target(path, leaf) and not is_excluded(path, leaf)
+        hit = False
+        if is_target(path, leaf):
+            matched.append(path)
+            if config.exclude and is_excluded(path, leaf):
+                excluded.append(path)
+            else:
+                hit = True
+                hits.append((path, leaf))
         trained = bool(config.train) and is_train(path, leaf)
         if hit and trained:
             raise error(
@@ -271,14 +413,7 @@ def resolve(params, config: LoraConfig) -> Resolved:
                 raise error(path, f"LoraConfig.train matched a {type(leaf).__name__}, not an "
                             f"array", "narrow the train pattern")
             train.append(path)
-        if hit:
-            targets[path] = _leaf_spec(path, leaf, config)
-
-    if not targets:
-        raise _no_match_error("targets", config.targets, arrays)
-    if config.train and not train:
-        raise _no_match_error("train", config.train, arrays)
-    return Resolved(targets, tuple(train))
+    return matched, excluded, hits, train
 
 
 def _leaf_spec(path: str, leaf, config: LoraConfig) -> LeafSpec:

@@ -9,26 +9,41 @@ leaf position it holds
 * ``None`` for a frozen leaf.
 
 ``scale`` lives in the tree as a float32 array, not in Python: swapping in
-an adapter with another alpha, or changing alpha, changes data, never the
-compiled program. It is never trained.
+an adapter with another alpha changes data, never the compiled program. It
+is never trained. It must agree with the config (``alpha / rank``):
+`check_adapters` compares every concrete scale with ``config.scale_for``,
+unless the config says the adapters' scales win (``scale_from="adapters"``,
+an adapter set's config). Under ``jit`` the scale is a tracer and is not
+compared.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import core as jax_core
 
 from lora_jax._core.errors import error
 from lora_jax._core.leaf import from_matrix
-from lora_jax._core.paths import LeafSpec, Resolved, leaves_with_paths, mirror, path_str, resolve
+from lora_jax._core.paths import (
+    LeafSpec,
+    Resolved,
+    leaves_with_paths,
+    mirror,
+    path_str,
+    register_adapter_node,
+    resolve,
+)
 
 __all__ = ["LoraWeights", "is_lora", "is_node", "flatten_adapters", "map_adapters",
            "pair_with_params", "check_adapters", "delta", "scale_array"]
 
 
+@register_adapter_node   # resolve refuses params holding one (swapped arguments)
 class LoraWeights(NamedTuple):
     """Low-rank factors of one adapted weight: ``W + scale * a @ b``.
 
@@ -129,32 +144,20 @@ def check_adapters(params, adapters, config, *, resolved: Resolved | None = None
 
     Raises:
       ValueError: naming the path, for a targeted leaf without LoraWeights, an
-        adapter on a leaf the config doesn't target, or a shape mismatch
-        (both shapes shown).
+        adapter on a leaf the config doesn't target, a shape mismatch (both
+        shapes shown), factors that are not floating point, or a concrete
+        scale that differs from ``config.scale_for(path)`` (unless
+        ``config.scale_from == "adapters"``); see `resolve` for the params'
+        own errors (swapped arguments among them).
     """
     resolved = resolved or resolve(params, config)
     train = set(resolved.train)
-    out = []
+    out, scales = [], []
     for path, leaf, node in pair_with_params(params, adapters):
         spec = resolved.targets.get(path)
         if spec is not None:
-            if not is_lora(node):
-                raise error(
-                    path, f"the config targets this leaf but adapters hold "
-                    f"{type(node).__name__} there",
-                    "build adapters with lj.init for this config, or restore them with the "
-                    "config they were saved with")
-            # An adapter *set* adds one leading axis to a, b and scale.
-            extra = _shape(node.a)[: max(0, len(_shape(node.a)) - len(spec.a_shape))]
-            if _shape(node.a) != (*extra, *spec.a_shape) or \
-                    _shape(node.b) != (*extra, *spec.b_shape):
-                raise error(
-                    path, f"adapter shapes do not fit the weight {spec.shape} "
-                    f"(layout {spec.layout}, rank {spec.rank}):\n"
-                    f"  expected a {spec.a_shape}, b {spec.b_shape}\n"
-                    f"  got      a {_shape(node.a)}, b {_shape(node.b)}",
-                    "use the config and base the adapter was created for")
-            _check_magnitude(path, node, spec, extra, config)
+            if _check_lora(path, node, spec, config):
+                scales.append((path, node.scale, spec))
         elif path in train:
             if node is None or is_lora(node):
                 raise error(
@@ -169,7 +172,95 @@ def check_adapters(params, adapters, config, *, resolved: Resolved | None = None
                 path, f"adapters hold {type(node).__name__} here but the config neither "
                 f"targets nor trains this leaf", "pass the config the adapters were created with")
         out.append((path, leaf, node, spec))
+    _check_scales(scales, config)
     return out
+
+
+def _check_lora(path: str, node, spec: LeafSpec, config) -> bool:
+    """One targeted leaf's node: LoraWeights of the spec's shapes, floating factors,
+    a scale per adapter. True when its scale is to be compared with the config's."""
+    if not is_lora(node):
+        raise error(
+            path, f"the config targets this leaf but adapters hold "
+            f"{type(node).__name__} there",
+            "build adapters with lj.init for this config, or restore them with the "
+            "config they were saved with")
+    # An adapter *set* adds one leading axis to a, b and scale.
+    extra = _shape(node.a)[: max(0, len(_shape(node.a)) - len(spec.a_shape))]
+    if _shape(node.a) != (*extra, *spec.a_shape) or \
+            _shape(node.b) != (*extra, *spec.b_shape):
+        raise error(
+            path, f"adapter shapes do not fit the weight {spec.shape} "
+            f"(layout {spec.layout}, rank {spec.rank}):\n"
+            f"  expected a {spec.a_shape}, b {spec.b_shape}\n"
+            f"  got      a {_shape(node.a)}, b {_shape(node.b)}",
+            "use the config and base the adapter was created for")
+    _check_floating(path, node)
+    _check_magnitude(path, node, spec, extra, config)
+    if _shape(node.scale) != extra:
+        raise error(
+            path, f"the adapter's scale has shape {_shape(node.scale)}, expected {extra} "
+            f"(a scalar for one adapter, one value per adapter in a set; a is "
+            f"{_shape(node.a)})",
+            "keep the scale lj.init gives, jnp.float32(alpha / rank)")
+    # Sets keep each member's own scale; only a single adapter's is the config's.
+    return not extra and config.scale_from == "config"
+
+
+def _dtype(x):
+    return jnp.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
+def _check_floating(path: str, node) -> None:
+    """LoRA factors are trained by gradient descent: floating point only (a, b and
+    DoRA's m may differ in dtype; `lj.apply` and `lj.merge` compute in float32)."""
+    for field in ("a", "b", "m"):
+        x = getattr(node, field)
+        if x is None:
+            continue
+        dtype = _dtype(x)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise error(
+                path, f"the adapter's {field} has dtype {dtype.name} {_shape(x)}; LoRA "
+                f"factors must be floating point (integer, bool or complex factors can't "
+                f"be trained by gradient descent)",
+                f"build adapters with lj.init (their dtype is LoraConfig.dtype), or cast "
+                f"the factor, e.g. node._replace({field}=node.{field}.astype(jnp.float32))")
+
+
+def _concrete(x) -> bool:
+    """A value on this host's reach: not a tracer (inside jit) nor a ShapeDtypeStruct."""
+    if isinstance(x, jax_core.Tracer):
+        return False
+    if isinstance(x, jax.Array):
+        deleted = getattr(x, "is_deleted", lambda: False)()   # a donated buffer
+        return x.is_fully_addressable and not deleted
+    return isinstance(x, (np.ndarray, np.generic, int, float))
+
+
+def _check_scales(scales: list, config) -> None:
+    """Each concrete scalar scale equals the config's ``alpha / rank`` (to the
+    precision of the scale's dtype): else the adapters are paired with the wrong
+    config, and apply, save and export would disagree on the model."""
+    scales = [(path, x, spec) for path, x, spec in scales if _concrete(x)]
+    if not scales:
+        return
+    values = jax.device_get([x for _, x, _ in scales])   # one transfer for all
+    for (path, x, spec), value in zip(scales, values, strict=True):
+        stored, want = float(np.asarray(value, np.float64)), float(spec.scale)
+        dtype = _dtype(x)
+        eps = float(jnp.finfo(dtype).eps) if jnp.issubdtype(dtype, jnp.floating) else 0.0
+        if abs(stored - want) <= max(1e-6, eps) * abs(want):
+            continue
+        rank = f"sqrt({spec.rank})" if config.use_rslora else f"{spec.rank}"
+        fit = stored * (spec.rank ** 0.5 if config.use_rslora else spec.rank)
+        raise error(
+            path, f"the adapter's scale is {stored:.6g} but the config gives {want:.6g} = "
+            f"alpha {spec.alpha:g} / rank {rank} (use_rslora={config.use_rslora}): the "
+            f"adapters were made with another alpha, rank or use_rslora than this config",
+            f"pass the config the adapters were made with (alpha={fit:.6g} here gives "
+            f"{stored:.6g}, e.g. alpha_pattern={{r'{re.escape(path)}': {fit:.6g}}}), or "
+            f"LoraConfig(scale_from='adapters') to use the adapters' scales as they are")
 
 
 def _check_magnitude(path, node, spec: LeafSpec, extra: tuple, config) -> None:

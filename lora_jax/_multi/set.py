@@ -308,7 +308,9 @@ def _build(items, where: str) -> AdapterSet:
             scale[i] = float(x.scale)
         nodes.append(LoraWeights(jnp.asarray(a), jnp.asarray(b), jnp.asarray(scale)))
     paths = list(padded)
-    config = targets_config(members[0].config, members, paths).with_ranks(padded)
+    # Each member keeps its own scale (alpha / rank of its config): the stored ones win.
+    config = targets_config(members[0].config, members, paths).with_ranks(padded).replace(
+        scale_from="adapters")
     adapters = jax.tree_util.tree_unflatten(treedef0, nodes)
     return AdapterSet(adapters, config, members)
 
