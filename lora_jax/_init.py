@@ -17,6 +17,7 @@ follow PEFT's formulas, in lora_jax's ``(in, r)``/``(r, out)`` layout:
 from __future__ import annotations
 
 import math
+import re
 import zlib
 
 import jax
@@ -192,6 +193,9 @@ def subtract_init(adapters, initial, config: LoraConfig):
     ``save_pretrained(path_initial_model_for_weight_conversion=...)`` writes).
     The returned config doubles every rank and keeps every scale (alpha is
     doubled, or multiplied by sqrt(2) with rsLoRA) and uses the default init;
+    where ``2 * rank`` would exceed ``min(in, out)``, the update is refactored
+    exactly at rank ``min(in, out)`` (from its SVD) and the path gets its own
+    ``rank_pattern`` / ``alpha_pattern`` entry with the same scale;
     DoRA magnitudes carry over unchanged (the direction is the same).
     Export the result with `lj.export_peft`, or merge it into the original
     params.
@@ -227,7 +231,7 @@ def subtract_init(adapters, initial, config: LoraConfig):
     except (ValueError, TypeError) as e:
         raise error("lj.subtract_init", f"initial does not mirror adapters ({e})",
                     "pass the tree lj.init returned for this config") from None
-    out = []
+    out, capped = [], {}
     for (path, node), node0 in zip(flat, init_nodes, strict=True):
         if not isinstance(node, LoraWeights):
             out.append(node)
@@ -240,10 +244,34 @@ def subtract_init(adapters, initial, config: LoraConfig):
                 "pass the initial adapters of this same run")
         a = jnp.concatenate([node.a, jnp.asarray(node0.a, node.a.dtype)], axis=-1)
         b = jnp.concatenate([node.b, -jnp.asarray(node0.b, node.b.dtype)], axis=-2)
+        k = min(a.shape[-2], b.shape[-1])
+        if a.shape[-1] > k:          # rank 2r can't exceed min(in, out): refactor exactly
+            a, b = _refactored(a, b, k)
+            capped[re.escape(path)] = (k, config.alpha_for(path), config.rank_for(path))
         out.append(node._replace(a=a, b=b))
     factor = 2 ** 0.5 if config.use_rslora else 2.0
+    # exact-path entries first: they win over the patterns they refine
+    rank_pattern = {p: k for p, (k, _, _) in capped.items()}
+    alpha_pattern = {p: _same_scale(alpha, r, k, config.use_rslora)
+                     for p, (k, alpha, r) in capped.items()}
+    rank_pattern.update({p: 2 * r for p, r in config.rank_pattern})
+    alpha_pattern.update({p: factor * a for p, a in config.alpha_pattern})
     new_config = config.replace(
         rank=2 * config.rank, alpha=factor * config.alpha, init="kaiming",
-        rank_pattern={p: 2 * r for p, r in config.rank_pattern},
-        alpha_pattern={p: factor * a for p, a in config.alpha_pattern})
+        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     return jax.tree_util.tree_unflatten(treedef, out), new_config
+
+
+def _refactored(a, b, k: int):
+    """``a @ b`` (rank <= k) as exact rank-``k`` factors, from its SVD (float32)."""
+    prod = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+    u, sv, vt = jnp.linalg.svd(prod, full_matrices=False)
+    root = jnp.sqrt(sv[..., :k])
+    return ((u[..., :, :k] * root[..., None, :]).astype(a.dtype),
+            (root[..., :, None] * vt[..., :k, :]).astype(b.dtype))
+
+
+def _same_scale(alpha: float, rank: int, k: int, rslora: bool) -> float:
+    """The alpha that gives rank ``k`` the scale ``alpha`` gives ``rank``."""
+    return alpha * (k / rank) ** 0.5 if rslora else alpha * k / rank

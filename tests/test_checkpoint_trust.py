@@ -417,3 +417,34 @@ def test_restore_into_the_wrong_base_names_the_leaf(tmp_path, base):
     changed["l2"]["kernel"][7, 5] = np.nextafter(changed["l2"]["kernel"][7, 5], np.inf)
     with pytest.raises(lj.BaseMismatchError, match="l2/kernel"):
         lj.restore(full, params=changed)
+
+
+# ----------------------------------------------------------------------------- config vs arrays
+
+
+@pytest.mark.parametrize("with_params", [False, True], ids=["no-params", "params"])
+def test_save_refuses_a_config_that_does_not_describe_the_arrays(tmp_path, base, with_params):
+    params, ad = base
+    kw = {"params": params} if with_params else {}
+    with pytest.raises(ValueError, match=r"l1/kernel: the adapter's scale is 2 but the config "
+                                         r"gives 24\.75 = alpha 99 / rank 4.*Fix: pass the "
+                                         r"config the adapters were made with \(alpha=8 here"):
+        lj.save(tmp_path, ad, CFG.replace(alpha=99), **kw)
+    ints = {**ad, "l2": {"kernel": ad["l2"]["kernel"]._replace(
+        b=np.asarray(ad["l2"]["kernel"].b * 100).astype(np.int32))}}
+    with pytest.raises(ValueError, match=r"l2/kernel: the adapter's b has dtype int32 \(4, 16\); "
+                                         r"LoRA factors must be floating point"):
+        lj.save(tmp_path, ints, CFG, **kw)
+    assert lj.Checkpointer(tmp_path, read_only=True).steps == []
+
+
+def test_stored_scales_can_be_declared_authoritative(tmp_path, base):
+    """scale_from='adapters': the arrays' scales win, recorded as such, and restore,
+    merge and apply all use them."""
+    params, ad = base
+    cfg = CFG.replace(alpha=99, scale_from="adapters")
+    lj.save(tmp_path, ad, cfg, params=params)
+    back, cfg2 = lj.restore(tmp_path, params=params)
+    assert cfg2.scale_from == "adapters" and cfg2.alpha == 99
+    np.testing.assert_array_equal(np.asarray(lj.merge(params, back, cfg2)["l1"]["kernel"]),
+                                  np.asarray(lj.merge(params, ad, CFG)["l1"]["kernel"]))

@@ -152,6 +152,29 @@ def test_subtract_init_is_plain_lora_on_original_base():
                                                is_leaf=lj.is_lora), cfg)
 
 
+@pytest.mark.parametrize("rslora", [False, True])
+def test_subtract_init_caps_the_doubled_rank_at_min_in_out(rslora):
+    """rank 3 on a (32, 4) weight: 2 * 3 > 4, so that path is refactored exactly at
+    rank 4 (its own rank/alpha pattern, the same scale); the (32, 16) one doubles."""
+    gen = _gen(7)
+    params = {"w": jnp.asarray(gen.standard_normal((32, 4)), jnp.float32),
+              "v": jnp.asarray(gen.standard_normal((32, 16)), jnp.float32)}
+    cfg = lj.LoraConfig(rank=3, alpha=8, targets="w|v", init="pissa", use_rslora=rslora)
+    res, ad0 = lj.init(params, cfg, return_params=True)
+    trained = jax.tree.map(lambda n: n._replace(
+        a=n.a + 0.1 * jnp.asarray(gen.standard_normal(n.a.shape), jnp.float32),
+        b=n.b + 0.1 * jnp.asarray(gen.standard_normal(n.b.shape), jnp.float32)), ad0,
+        is_leaf=lj.is_lora)
+    plain, pcfg = lj.subtract_init(trained, ad0, cfg)
+    assert plain["w"].a.shape == (32, 4) and plain["v"].a.shape == (32, 6)
+    assert (pcfg.rank_for("w"), pcfg.rank_for("v")) == (4, 6)
+    for path in ("w", "v"):
+        assert pcfg.scale_for(path) == pytest.approx(cfg.scale_for(path))
+    got, want = lj.merge(params, plain, pcfg), lj.merge(res, trained, cfg)
+    for path in ("w", "v"):
+        assert rel_err(got[path], want[path]) < 1e-5, path
+
+
 def test_residual_init_on_quantized_base():
     # like trained weights: a dominant rank-8 part plus a small dense rest (for a
     # white-noise matrix the top 8 of 64 directions hold too little energy for

@@ -291,3 +291,27 @@ def test_train_step_memory_has_no_dense_copy_of_all_weights():
     # all weights dense at once would be >= dense_bytes of temporaries
     assert mem.temp_size_in_bytes < 0.5 * dense_bytes, (mem.temp_size_in_bytes, dense_bytes,
                                                        args_bytes)
+
+
+def test_stacked_weight_quantized_without_its_layout_is_refused_with_the_fix(rng):
+    """A scan over layers of a weight quantized as one matrix can't slice its blocks:
+    lj.init names the path and the fix instead of failing inside lax.scan."""
+    params = {"w": jax.random.normal(rng, (3, 64, 64))}
+
+    def fn(p, x):
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"])[0]
+
+    x = jax.random.normal(jax.random.fold_in(rng, 1), (4, 64))
+    q = lj.quantize(params, targets="w")
+    cfg = lj.configure(lj.LoraConfig(rank=2, targets="w"), fn, q, x)
+    assert cfg.layout_for("w") == lj.Layout(1, 1, 1)
+    with pytest.raises(ValueError, match=r"w: quantized with 0 stacked \(layer\) axes, but the "
+                                         r"layout \(1, 1, 1\) has 1.*Fix: quantize with the "
+                                         r"config"):
+        lj.init(q, cfg, key=jax.random.key(0))
+    q = lj.quantize(params, targets="w", config=cfg)
+    ad = lj.init(q, cfg, key=jax.random.key(0))
+    ad = {"w": ad["w"]._replace(b=jax.random.normal(jax.random.fold_in(rng, 2), ad["w"].b.shape))}
+    got = lj.apply(fn, cfg)(q, ad, x)
+    want = fn(lj.merge(lj.dequantize(q), ad, cfg), x)
+    assert float(jnp.abs(got - want).max()) <= 1e-4 * float(jnp.abs(want).max())

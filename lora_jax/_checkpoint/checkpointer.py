@@ -50,7 +50,7 @@ from lora_jax._checkpoint.restore import (
 )
 from lora_jax._core.config import LoraConfig
 from lora_jax._core.errors import error, message
-from lora_jax._core.weights import check_adapters
+from lora_jax._core.weights import check_adapters, check_scales, flatten_adapters, is_lora
 
 __all__ = ["Checkpointer", "TrainState"]
 
@@ -355,6 +355,13 @@ class Checkpointer:
         arrays, st = restore_arrays(self._mngr, step, rec, slots, shardings, where,
                                     check_finite, st_abstract)
         adapters = assemble(rec, slots, treedef, arrays, dtype)
+        if config.scale_from == "config":   # the record's config must describe the arrays
+            scales = [(p, n.scale, np.shape(n.a)[-1]) for p, n in flatten_adapters(adapters)[0]
+                      if is_lora(n) and np.ndim(n.scale) == 0]
+            try:
+                check_scales(scales, config)
+            except ValueError as e:
+                raise error(where, str(e), kind=CheckpointError) from None
         if dtype is not None:
             config = config.replace(dtype=dtype)
         opt_state = rng = None

@@ -29,7 +29,13 @@ from jax.experimental import multihost_utils
 from lora_jax._core.config import LoraConfig
 from lora_jax._core.errors import error
 from lora_jax._core.paths import path_str
-from lora_jax._core.weights import check_adapters, flatten_adapters, is_lora
+from lora_jax._core.weights import (
+    check_adapters,
+    check_floating,
+    check_scales,
+    flatten_adapters,
+    is_lora,
+)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "fields", "canonical", "sha256_json",
            "array_record", "records", "check_finite_values", "adapter_arrays", "state_arrays",
@@ -117,9 +123,14 @@ def _matches(patterns, path: str) -> bool:
 
 
 def _check_fits_config(entries: dict, config: LoraConfig) -> None:
-    """Without params: the adapter's paths and ranks must agree with the config."""
+    """Without params: the adapter's paths, ranks, factor dtypes and scales must agree
+    with the config."""
+    scales = []
     for path, node in entries.items():
         if is_lora(node):
+            check_floating(path, node)
+            if np.ndim(node.scale) == 0 and config.scale_from == "config":
+                scales.append((path, node.scale, np.shape(node.a)[-1]))
             if not _matches(config.targets, path) or _matches(config.exclude, path):
                 raise error(path, f"adapters hold LoraWeights here but the config does not "
                                   f"target this path (targets={config.targets!r})",
@@ -139,6 +150,7 @@ def _check_fits_config(entries: dict, config: LoraConfig) -> None:
             raise error(path, f"adapters hold an array here but the config does not train this "
                               f"path (train={config.train!r})",
                         "save with the config the adapters were created with")
+    check_scales(scales, config)
 
 
 def adapter_arrays(adapters, config, params, check_finite: bool):

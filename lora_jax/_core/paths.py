@@ -416,6 +416,22 @@ def _classify(items, config: LoraConfig):
     return matched, excluded, hits, train
 
 
+def _check_quantized_stack(path: str, leaf, layout: Layout) -> None:
+    """A quantized weight's blocks are laid out per stacked slice only if it was
+    quantized with the stacked axes the layout gives it: else a scan over its
+    layers can't slice the storage (and blocks would span layers)."""
+    settings = getattr(leaf, "settings", None)
+    if not callable(settings):
+        return
+    stored = settings().get("n_stacked")
+    if stored is not None and int(stored) != layout.n_stacked:
+        raise error(
+            path, f"quantized with {stored} stacked (layer) axes, but the layout {layout} "
+            f"has {layout.n_stacked}: its blocks are not laid out per layer",
+            "quantize with the config that names the layout, e.g. "
+            "lj.quantize(params, targets=..., config=config) (after lj.configure)")
+
+
 def _leaf_spec(path: str, leaf, config: LoraConfig) -> LeafSpec:
     if not is_array_like(leaf):
         raise error(path, f"LoraConfig.targets matched a {type(leaf).__name__}, not an array",
@@ -440,6 +456,7 @@ def _leaf_spec(path: str, leaf, config: LoraConfig) -> LeafSpec:
             f"axes but the leaf has shape {shape}",
             f"set LoraConfig.layouts for this path so n_stacked + n_in + n_out == "
             f"{len(shape)}")
+    _check_quantized_stack(path, leaf, layout)
     rank = config.rank_for(path)
     spec = LeafSpec(path, shape, dtype, layout, rank, config.alpha_for(path),
                     config.scale_for(path))

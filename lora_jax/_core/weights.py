@@ -20,6 +20,7 @@ compared.
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import jax
@@ -40,7 +41,8 @@ from lora_jax._core.paths import (
 )
 
 __all__ = ["LoraWeights", "is_lora", "is_node", "flatten_adapters", "map_adapters",
-           "pair_with_params", "check_adapters", "delta", "scale_array"]
+           "pair_with_params", "check_adapters", "check_floating", "check_scales", "delta",
+           "scale_array"]
 
 
 @register_adapter_node   # resolve refuses params holding one (swapped arguments)
@@ -157,7 +159,7 @@ def check_adapters(params, adapters, config, *, resolved: Resolved | None = None
         spec = resolved.targets.get(path)
         if spec is not None:
             if _check_lora(path, node, spec, config):
-                scales.append((path, node.scale, spec))
+                scales.append((path, node.scale, spec.rank))
         elif path in train:
             if node is None or is_lora(node):
                 raise error(
@@ -172,7 +174,7 @@ def check_adapters(params, adapters, config, *, resolved: Resolved | None = None
                 path, f"adapters hold {type(node).__name__} here but the config neither "
                 f"targets nor trains this leaf", "pass the config the adapters were created with")
         out.append((path, leaf, node, spec))
-    _check_scales(scales, config)
+    check_scales(scales, config)
     return out
 
 
@@ -195,7 +197,7 @@ def _check_lora(path: str, node, spec: LeafSpec, config) -> bool:
             f"  expected a {spec.a_shape}, b {spec.b_shape}\n"
             f"  got      a {_shape(node.a)}, b {_shape(node.b)}",
             "use the config and base the adapter was created for")
-    _check_floating(path, node)
+    check_floating(path, node)
     _check_magnitude(path, node, spec, extra, config)
     if _shape(node.scale) != extra:
         raise error(
@@ -211,7 +213,7 @@ def _dtype(x):
     return jnp.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
-def _check_floating(path: str, node) -> None:
+def check_floating(path: str, node) -> None:
     """LoRA factors are trained by gradient descent: floating point only (a, b and
     DoRA's m may differ in dtype; `lj.apply` and `lj.merge` compute in float32)."""
     for field in ("a", "b", "m"):
@@ -238,15 +240,21 @@ def _concrete(x) -> bool:
     return isinstance(x, (np.ndarray, np.generic, int, float))
 
 
-def _check_scales(scales: list, config) -> None:
+def check_scales(scales: list, config) -> None:
     """Each concrete scalar scale equals the config's ``alpha / rank`` (to the
     precision of the scale's dtype): else the adapters are paired with the wrong
-    config, and apply, save and export would disagree on the model."""
-    scales = [(path, x, spec) for path, x, spec in scales if _concrete(x)]
+    config, and apply, save and export would disagree on the model.
+
+    ``scales`` holds ``(path, scale, rank)`` of single (not set) adapters; tracers
+    and abstract values are skipped.
+    """
+    scales = [(path, x, rank) for path, x, rank in scales if _concrete(x)]
     if not scales:
         return
     values = jax.device_get([x for _, x, _ in scales])   # one transfer for all
-    for (path, x, spec), value in zip(scales, values, strict=True):
+    for (path, x, r), value in zip(scales, values, strict=True):
+        spec = SimpleNamespace(rank=r, alpha=config.alpha_for(path),
+                               scale=config.scale_for(path))
         stored, want = float(np.asarray(value, np.float64)), float(spec.scale)
         dtype = _dtype(x)
         eps = float(jnp.finfo(dtype).eps) if jnp.issubdtype(dtype, jnp.floating) else 0.0
