@@ -27,7 +27,7 @@ from jax import lax
 from jax.extend import core as jcore
 from jax.extend.core import primitives as P
 
-from lora_jax._apply.lazy import A, B, S
+from lora_jax._apply.lazy import A, B, S, reshape_blocks
 from lora_jax._core.config import Layout
 from lora_jax._core.errors import error
 
@@ -84,41 +84,8 @@ def _axes_str(axes) -> str:
         "axes (" + ", ".join(map(str, sorted(axes))) + ")"
 
 
-def _reshape_blocks(old, new):
-    """Pairs (old axes, new axes) with equal products, in order; None if odd."""
-    blocks, i, j = [], 0, 0
-    while i < len(old) or j < len(new):
-        if i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1):
-            blocks.append(([i], []))
-            i += 1
-            continue
-        if j < len(new) and new[j] == 1 and (i >= len(old) or old[i] != 1):
-            blocks.append(([], [j]))
-            j += 1
-            continue
-        if i >= len(old) or j >= len(new):
-            return None
-        olds, news, po, pn = [i], [j], old[i], new[j]
-        i, j = i + 1, j + 1
-        while po != pn:
-            if po < pn:
-                if i >= len(old):
-                    return None
-                po *= old[i]
-                olds.append(i)
-                i += 1
-            else:
-                if j >= len(new):
-                    return None
-                pn *= new[j]
-                news.append(j)
-                j += 1
-        blocks.append((olds, news))
-    return blocks
-
-
 def _reshape(probe: _Probe, new_shape, facts: Facts, use: str):
-    blocks = _reshape_blocks(probe.shape, tuple(new_shape))
+    blocks = reshape_blocks(probe.shape, tuple(new_shape))
     if blocks is None:
         facts.opaque.append(use)
         return None

@@ -41,7 +41,8 @@ from lora_jax._core.errors import error
 from lora_jax._core.leaf import as_matrix, dense_float32, is_container
 from lora_jax._variants import dora as _dora
 
-__all__ = ["LazyWeight", "NotLowRank", "S", "A", "B", "is_array", "transpose_to", "factor_labels"]
+__all__ = ["LazyWeight", "NotLowRank", "S", "A", "B", "is_array", "transpose_to", "factor_labels",
+           "reshape_blocks"]
 
 S, A, B = "S", "A", "B"
 
@@ -239,7 +240,7 @@ class LazyWeight:
     def reshape(self, new_shape) -> LazyWeight:
         new_shape = tuple(int(n) for n in new_shape)
         lw = self.canonical()
-        blocks = _reshape_blocks(lw.shape, new_shape)
+        blocks = reshape_blocks(lw.shape, new_shape)
         if blocks is None:
             raise NotLowRank(f"reshape {self.shape} -> {new_shape} is not a split/merge of axes")
         new_kind: list = [None] * len(new_shape)
@@ -411,8 +412,13 @@ def _factor_shapes(lw, new_dims, shape, old_of):
     return tuple(a_shape), tuple(b_shape), tuple(a_map), tuple(b_map)
 
 
-def _reshape_blocks(old, new):
-    """Pairs of (old axes, new axes) with equal products, in order; None if odd."""
+def reshape_blocks(old, new):
+    """Pairs of (old axes, new axes) with equal products, in order; None if odd.
+
+    Example:
+      >>> reshape_blocks((6, 4), (2, 3, 4))
+      [([0], [0, 1]), ([1], [2])]
+    """
     blocks, i, j = [], 0, 0
     while i < len(old) or j < len(new):
         if i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1):
