@@ -421,9 +421,10 @@ def _check_quantized_stack(path: str, leaf, layout: Layout) -> None:
     quantized with the stacked axes the layout gives it: else a scan over its
     layers can't slice the storage (and blocks would span layers)."""
     settings = getattr(leaf, "settings", None)
-    if not callable(settings):
+    info = settings() if callable(settings) else None
+    if not isinstance(info, dict):
         return
-    stored = settings().get("n_stacked")
+    stored = info.get("n_stacked")
     if stored is not None and int(stored) != layout.n_stacked:
         raise error(
             path, f"quantized with {stored} stacked (layer) axes, but the layout {layout} "
