@@ -49,6 +49,8 @@ def main(argv=None) -> int:
         if not ok:
             names = re.findall(r"^FAILED (\S+)", proc.stdout, re.M)
             failed.append((seed, names or [tail]))
+            for name in names:          # at once: a long run may be stopped before its end
+                print(f"    FAILED {name}", flush=True)
     print(f"{len(seeds) - len(failed)}/{len(seeds)} seeds passed")
     for seed, names in failed:
         print(f"  seed {seed}: {', '.join(names)}")
