@@ -66,10 +66,17 @@ def check_zero_config(fn, params, args, targets, *, key, rank=1, expect_layouts=
     full = _flops(_compiled(jax.grad(lambda p, *xs: loss(fn(p, *xs))), params, *args))
     lora, merge_in_step = _flops(lora_step), _flops(merged_step)
     assert lora < full and lora < merge_in_step, (lora, full, merge_in_step)
-    tx = lj.optimizer(optax.sgd(0.05))
+    # A fixed learning rate overshoots on some random models (seen: 9.81 -> 12.37 at
+    # 0.05); one sized to lower the loss by ~0.1% to first order descends for any seed.
+    l_ad = float(lora_loss(ad, params, *args))
+    g_sq = sum(float(jnp.sum(jnp.square(x))) for x in g.values())
+    lr = 1e-3 * l_ad / g_sq
+    tx = lj.optimizer(optax.sgd(lr))
     step = lj.make_train_step(lambda p, a, *xs: lora_loss(a, p, *xs), tx, donate=False)
     opt = tx.init(ad)
     ad2, opt, l0 = step(params, ad, opt, *args)
+    for path, x in lj_leaves(ad2):
+        assert rel_err(x, dict(lj_leaves(ad))[path] - lr * g[path]) <= 1e-5, path
     _, _, l1 = step(params, ad2, opt, *args)
     assert float(l1) < float(l0)
     return cfg, {"lora/full": lora / full, "lora/merge_in_step": lora / merge_in_step}
