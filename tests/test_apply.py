@@ -222,6 +222,7 @@ def _gpt(gen, **kw):
     return c, model, _init(model.init, jax.random.key(0), tokens, gen=gen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["tied", "remat", "scan_remat"])
 def test_reference_decoder(rng, variant):
     """Dense, Embed and a tied output projection; nn.remat; nn.scan(nn.remat(...))."""
@@ -249,6 +250,7 @@ def test_reference_decoder_without_jit(rng):
     check_against_merge(model.apply, cfg, variables, ad, tokens, gen=gen, jit=False)
 
 
+@pytest.mark.slow
 def test_nnx_reference_model_state_and_pure_dict(rng):
     gen = _gen(rng)
     c = gpt.GPTConfig(**{**SMALL.__dict__, "n_layers": 1})

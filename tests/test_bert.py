@@ -113,6 +113,7 @@ def test_targets_match_the_intended_layers():
     assert len(every) == 2 * 6 and not any("pooler" in p for p in every)
 
 
+@pytest.mark.slow
 def test_hf_name_and_state_dict_round_trip(rng):
     v = _init(TINY, rng)
     state = bert.to_hf_state_dict(v)
@@ -124,6 +125,7 @@ def test_hf_name_and_state_dict_round_trip(rng):
 # ----------------------------------------------------------------------------- vs transformers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True], ids=["nojit", "jit"])
 def test_matches_transformers_bertmodel(rng, jit):
     seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))

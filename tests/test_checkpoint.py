@@ -64,6 +64,7 @@ def test_roundtrip_bit_exact_params_like_and_flat(tmp_path, trained):
     assert_trees_close(flat, nodes, exact=True)
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_resume_equals_uninterrupted_training(tmp_path, rng):
     k0, k1, k2 = jax.random.split(rng, 3)
@@ -147,6 +148,7 @@ def test_restore_into_given_sharding(tmp_path, trained):
         assert_trees_close(back, ad, exact=True)
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_restore_resharded_across_devices(tmp_path):
     """Saved sharded over 4 (host) devices, restored into a 2x2 mesh."""
@@ -307,6 +309,7 @@ def test_edited_config_and_metadata_detected(tmp_path, trained):
 # ----------------------------------------------------------------------------- base fingerprint
 
 
+@pytest.mark.slow
 def test_base_fingerprint_checks(tmp_path, trained, rng):
     variables, ad = trained
     lj.save(tmp_path, ad, CFG, params=variables)

@@ -124,6 +124,7 @@ _WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_two_processes_second_writer_refused_first_save_completes(tmp_path):
     run = tmp_path / "run"

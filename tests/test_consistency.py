@@ -422,6 +422,7 @@ def test_correct_adapters_pass_every_entry_point(rng, tmp_path, kind):
     assert_close(fn(lj.merge(dense, back, back_cfg), x), want, rtol=0, what="restored")
 
 
+@pytest.mark.slow
 def test_adapter_set_passes_every_entry_point(rng):
     gen = _gen(rng)
     params = _params(gen)

@@ -100,6 +100,7 @@ class _Embed(nn.Module):
         return nn.Dense(4, name="out")(jnp.tanh(e).mean(1))
 
 
+@pytest.mark.slow
 def test_embedding_lora_against_float64(maybe_jit):
     gen = _gen(2)
     ids = gen.integers(0, 30, (5, 7))

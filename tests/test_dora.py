@@ -299,6 +299,7 @@ def test_jax_dora_adapter_loads_in_peft(tmp_path, tiny):
     assert rel_err(got_apply, want) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_peft_dora_adapter_imports_logits_and_grads(tmp_path, tiny):

@@ -78,6 +78,7 @@ def _tokens(shape, seed=0):
     return np.random.default_rng(seed).integers(0, TINY.vocab, shape).astype(np.int64)
 
 
+@pytest.mark.slow
 def test_tiny_hf_round_trip():
     _, variables = g.init(TINY, seed=2)
     back = g.params_from_hf(g.params_to_hf(variables, TINY), TINY)

@@ -163,6 +163,7 @@ def decoder():
     return m, m.init(jax.random.key(1), ids), ids
 
 
+@pytest.mark.slow
 def test_configure_gives_per_layer_adapters_equal_to_merge(decoder, rng):
     model, variables, ids = decoder
     cfg = lj.LoraConfig(rank=4, alpha=8, targets=TARGETS)
@@ -247,6 +248,7 @@ def _out_in_model(rng):
     return params, fn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["lora", "dora", "rslora", "nf4", "int8"])
 def test_out_in_weight_composes_with_every_variant(rng, variant):
     params, fn = _out_in_model(rng)

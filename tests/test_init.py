@@ -96,6 +96,7 @@ def test_adapter_dtype_and_rank_pattern(rng):
     assert float(ad["enc"]["v"]["kernel"].scale) == 4.0
 
 
+@pytest.mark.slow
 def test_stacked_layers(rng):
     cfg_model = gpt.GPTConfig(**{**SMALL.__dict__, "scan": True})
     variables = jax.eval_shape(lambda: gpt.init_linen(cfg_model)[1])

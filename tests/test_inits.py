@@ -93,6 +93,7 @@ def test_residual_inits_reconstruct_w(init):
     assert res["mlp"]["bias"] is params["mlp"]["bias"]
 
 
+@pytest.mark.slow
 def test_pissa_bfloat16_base_and_dora():
     params = _params(_gen(3), dtype=jnp.bfloat16)
     cfg = lj.LoraConfig(init="pissa", use_dora=True, **CFG)
@@ -152,6 +153,7 @@ def test_subtract_init_is_plain_lora_on_original_base():
                                                is_leaf=lj.is_lora), cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rslora", [False, True])
 def test_subtract_init_caps_the_doubled_rank_at_min_in_out(rslora):
     """rank 3 on a (32, 4) weight: 2 * 3 > 4, so that path is refactored exactly at
@@ -175,6 +177,7 @@ def test_subtract_init_caps_the_doubled_rank_at_min_in_out(rslora):
         assert rel_err(got[path], want[path]) < 1e-5, path
 
 
+@pytest.mark.slow
 def test_residual_init_on_quantized_base():
     # like trained weights: a dominant rank-8 part plus a small dense rest (for a
     # white-noise matrix the top 8 of 64 directions hold too little energy for

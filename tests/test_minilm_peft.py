@@ -55,6 +55,7 @@ def _torch_pooled(model, ids, mask):
     return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
+@pytest.mark.slow
 def test_exported_adapter_runs_in_peft(minilm, rng, tmp_path):
     """Our trained-shape adapter (LoRA on query/value + a trained head) -> PEFT files
     -> PeftModel on the torch MiniLM: pooled outputs and logits agree to 1e-5."""

@@ -152,6 +152,7 @@ def small_set():
                 single=jax.jit(lj.apply(model.apply, aset.config)), ref=jax.jit(model.apply))
 
 
+@pytest.mark.slow
 def test_hot_swap_never_recompiles(rng, small_set):
     model, variables, members, aset = (small_set[k] for k in ("model", "variables", "members",
                                                               "aset"))
@@ -220,6 +221,7 @@ def test_mixed_batch_equals_each_example_alone(rng, variant, small_set):
     assert cc.count == 0
 
 
+@pytest.mark.slow
 def test_mixed_batch_conv_embedding_and_shared_args(rng):
     """dot, conv and embedding rules; batch on axis 1; a shared (unbatched) arg."""
     gen = _gen(rng)
@@ -643,6 +645,7 @@ def test_errors(err, exc, match, call):
         call(err)
 
 
+@pytest.mark.slow
 def test_mixed_batch_on_a_quantized_base(rng):
     """QLoRA: the frozen weights are NF4 containers, dequantized at their use."""
     gen = _gen(rng)

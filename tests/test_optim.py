@@ -57,6 +57,7 @@ def test_training_moves_only_trainable_leaves(small_gpt, rng, jit):
     assert not np.allclose(ad["params"]["ln_f"]["scale"], before_ad["params"]["ln_f"]["scale"])
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_second_step_and_value_swap_do_not_recompile(small_gpt, rng):
     _, variables, cfg, ad, tx, loss = _setup(small_gpt, rng)
@@ -75,6 +76,7 @@ def test_second_step_and_value_swap_do_not_recompile(small_gpt, rng):
     assert cc.count == 0
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_step_with_aux(small_gpt, rng):
     model, variables, cfg, ad, tx, loss = _setup(small_gpt, rng)

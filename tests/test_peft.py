@@ -88,6 +88,7 @@ def _np_params(module, gen, ones=()):
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+@pytest.mark.slow
 def test_base_models_agree(llama_base):
     model, variables, tokens = llama_base
     want = _torch_logits(_torch_llama(variables), tokens)
@@ -106,6 +107,7 @@ LLAMA_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(LLAMA_CASES))
 def test_llama_jax_adapter_loads_in_peft(tmp_path, llama_base, case):
     model, variables, tokens = llama_base
@@ -245,6 +247,7 @@ def test_bert_jax_adapter_loads_in_peft(tmp_path, bert_base):
         assert rel_err(fast[valid], want[valid]) <= TOL
 
 
+@pytest.mark.slow
 def test_bert_peft_adapter_imports(tmp_path, bert_base):
     hf_cfg, state, variables, ids, mask = bert_base
     valid = mask.astype(bool)
@@ -613,6 +616,7 @@ def _torch_from_state(state):
     return hf.eval()
 
 
+@pytest.mark.slow
 def test_hf_state_dict_of_stacked_layers(scan_base):
     state, model, variables, tokens = scan_base
     hf = _torch_from_state(state)
@@ -658,6 +662,7 @@ def _scan_config(model, variables, tokens, **kw):
     return lj.configure(lj.LoraConfig(**kw), model.apply, variables, tokens)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_layers_to_transform_into_stacked_layers(tmp_path, scan_base, use_dora):
     """A PEFT adapter on layers 0 and 2 only: the stacked leaves get zero adapters

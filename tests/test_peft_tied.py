@@ -341,6 +341,7 @@ def test_tied_dora_import_refused(tied_export):
         lj.import_peft(folder, variables, key_map="llama")
 
 
+@pytest.mark.slow
 def test_tied_file_into_untied_model_refused(tied_export, tied_base):
     folder, variables = tied_export
     model, _, tokens = tied_base

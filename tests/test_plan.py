@@ -152,6 +152,7 @@ def test_plan_command(capsys):
     assert "storage, 50 tasks" in out and "673.8 GB" in out
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_cli_plan_subprocess():
     """The documented command line, end to end."""

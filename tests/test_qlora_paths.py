@@ -90,6 +90,7 @@ def _assert_same_storage(actual, expected, what):
     assert_trees_close(actual, expected, exact=True)
 
 
+@pytest.mark.slow
 def test_setup_is_a_real_qlora_base(rng):
     params, q, dq, ad, _ = _setup(rng, "nf4")
     flat = _flat(q)
@@ -105,6 +106,7 @@ def test_setup_is_a_real_qlora_base(rng):
 # ----------------------------------------------------------------------------- checkpoints
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_save_restore_on_quantized_base(tmp_path, rng, method):
     params, q, dq, ad, key = _setup(rng, method)
@@ -161,6 +163,7 @@ def _strict():
         yield
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion   # optax's adam (its update alone runs outside _strict)
 @pytest.mark.parametrize("method", METHODS)
 def test_restore_state_with_optimizer_state(tmp_path, rng, method):
@@ -265,6 +268,7 @@ def _assert_requantized(merged_q, merged_f, q, dq, targets, method):
     assert {type(mq[p]) for p in targets} == {CONTAINER[method]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_merge_weighted_into_quantized_base(rng, method):
     params, q, dq, _, key = _setup(rng, method)
@@ -279,6 +283,7 @@ def test_merge_weighted_into_quantized_base(rng, method):
     _assert_requantized(merged_q, merged_f, q, dq, targets, method)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_combined_adapter_merges_into_quantized_base(rng, method):
     params, q, dq, _, key = _setup(rng, method)
@@ -361,6 +366,7 @@ def test_plan_counts_quantized_storage(rng, method):
 # ----------------------------------------------------------------------------- command line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_cli_inspect_and_merge_into_float_base(tmp_path, rng, method, capsys):
     params, q, dq, ad, key = _setup(rng, method)

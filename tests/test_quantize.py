@@ -76,6 +76,7 @@ def test_nf4_roundtrip_error_matches_qlora():
     assert np.max(np.abs(absmax - exact) / exact) < 0.01
 
 
+@pytest.mark.slow
 def test_storage_bytes_vs_bfloat16():
     w = jnp.asarray(_gen(2).standard_normal((1024, 1024)), jnp.bfloat16)
     bf16 = w.size * 2
@@ -101,6 +102,7 @@ def test_int8_scale_per_output_channel():
     assert err[:, 0, 0].max() < 0.02 * np.abs(x[:, 0, 0]).max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["nf4", "int8"])
 def test_stacked_layers_quantized_per_slice_and_scanned(method):
     x = jnp.asarray(_gen(4).standard_normal((3, 40, 70)), jnp.float32)
@@ -211,6 +213,7 @@ def _mlp_params(gen, d=64, dtype=jnp.float32):
             "l1": {"kernel": n(2 * d, 2 * d)}, "l2": {"kernel": n(2 * d, d)}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["nf4", "int8"])
 def test_apply_on_quantized_base_equals_dequantized(method):
     gen = _gen(7)
@@ -262,6 +265,7 @@ def test_apply_keeps_lora_path_in_adapter_dtype():
     assert jax.tree.map(lambda a: a.dtype, g) == jax.tree.map(lambda a: a.dtype, ad)
 
 
+@pytest.mark.slow
 def test_train_step_memory_has_no_dense_copy_of_all_weights():
     """XLA's memory analysis of a jitted LoRA step on an NF4 base: the
     temporaries stay below the bytes of all dequantized weights together."""
@@ -293,6 +297,7 @@ def test_train_step_memory_has_no_dense_copy_of_all_weights():
                                                        args_bytes)
 
 
+@pytest.mark.slow
 def test_stacked_weight_quantized_without_its_layout_is_refused_with_the_fix(rng):
     """A scan over layers of a weight quantized as one matrix can't slice its blocks:
     lj.init names the path and the fix instead of failing inside lax.scan."""

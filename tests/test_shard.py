@@ -248,6 +248,7 @@ def one_device_setup():
     return params, cfg, tx, sh, loss, jax.device_put(tokens, sh.batch[0]), jax.random.key(SEED)
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_one_device_mesh_no_recompiles_and_state_stays_put(one_device_setup):
     params, cfg, tx, sh, loss, tokens, rng = one_device_setup
