@@ -8,11 +8,14 @@ they get no optimizer state and no gradient.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
+import numpy as np
 import optax
 
+from lora_jax._core.errors import error
 from lora_jax._core.weights import LoraWeights, is_lora, is_node
 
 __all__ = ["trainable_labels", "optimizer", "make_train_step"]
@@ -43,12 +46,30 @@ def trainable_labels(adapters):
     return jax.tree.map(label, adapters, is_leaf=is_node)
 
 
-def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+def optimizer(tx: optax.GradientTransformation, *,
+              b_lr_ratio: float = 1.0) -> optax.GradientTransformation:
     """Wraps ``tx`` so it updates only trainable adapter leaves.
 
     The state holds entries for A, B (DoRA: and m) and fully-trained leaves only (Adam:
     exactly 2x the trainable parameters, plus step counts); the updates for
     each `LoraWeights.scale` are zero.
+
+    ``b_lr_ratio=λ`` is LoRA+ (Hayou et al., 2024; PEFT's ``loraplus_lr_ratio``):
+    B learns at ``λ`` times A's learning rate. lora_jax multiplies the B updates
+    ``tx`` returns by ``λ``, which is exactly a learning rate of ``λ·lr`` for every
+    transformation whose update is proportional to its learning rate (sgd, adam,
+    adamw with its decoupled weight decay, lion, ... with any schedule); for one that
+    keeps the learning rate in its state (schedule-free, Prodigy) build the split
+    yourself with ``optax.partition``. DoRA's magnitude ``m`` gets B's rate, as in
+    PEFT (which gives every 1-D parameter B's rate); fully-trained leaves keep
+    ``tx``'s rate (PEFT would give the 1-D ones B's), and so do the factors of
+    embedding updates (PEFT gives them a fixed 1e-6). The state is the same as
+    without LoRA+.
+
+    Args:
+      tx: the optax transformation for the trainable leaves.
+      b_lr_ratio: ``lr_B / lr_A``, a positive number (default 1: plain LoRA). The
+        LoRA+ paper suggests 2-16 with a somewhat smaller ``lr`` than plain LoRA's.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, lora_jax as lj
@@ -58,8 +79,31 @@ def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
       >>> state = lj.optimizer(optax.adam(1e-3)).init(ad)
       >>> lj.summary(params, ad, opt_state=state).optimizer_state  # 2 x (128 + 128)
       512
+      >>> tx = lj.optimizer(optax.sgd(0.1), b_lr_ratio=16.0)       # LoRA+
+      >>> g = jax.tree.map(jnp.ones_like, ad)
+      >>> u, _ = tx.update(g, tx.init(ad), ad)
+      >>> float(u["w"].a[0, 0]), float(u["w"].b[0, 0])
+      (-0.1, -1.6)
     """
-    return optax.partition({TRAIN: tx, FROZEN: optax.set_to_zero()}, trainable_labels)
+    if isinstance(b_lr_ratio, bool) or not isinstance(b_lr_ratio, (int, float, np.number)) \
+            or not math.isfinite(float(b_lr_ratio)) or float(b_lr_ratio) <= 0:
+        raise error("lj.optimizer", f"b_lr_ratio={b_lr_ratio!r} must be a positive number "
+                    "(lr_B / lr_A)", "e.g. b_lr_ratio=16.0 for LoRA+, or 1.0 for plain LoRA")
+    inner = optax.partition({TRAIN: tx, FROZEN: optax.set_to_zero()}, trainable_labels)
+    ratio = float(b_lr_ratio)
+    if ratio == 1.0:
+        return inner
+
+    def faster_b(node):
+        if not is_lora(node):
+            return node
+        return node._replace(b=node.b * ratio, m=None if node.m is None else node.m * ratio)
+
+    def update(updates, state, params=None):
+        updates, state = inner.update(updates, state, params)
+        return jax.tree.map(faster_b, updates, is_leaf=is_node), state
+
+    return optax.GradientTransformation(inner.init, update)
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *,
