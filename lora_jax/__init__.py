@@ -84,6 +84,7 @@ from lora_jax._shard.step import make_sharded_train_step as make_sharded_train_s
 from lora_jax._shard.step import shard_train_state as shard_train_state
 from lora_jax._shard.step import train_shardings as train_shardings
 from lora_jax._variants.dora import dora_norms as dora_norms
+from lora_jax._variants.loftq import loftq_report as loftq_report
 from lora_jax._variants.quantize import Int8Weight as Int8Weight
 from lora_jax._variants.quantize import NF4Weight as NF4Weight
 from lora_jax._variants.quantize import dequantize as dequantize
@@ -142,6 +143,7 @@ __all__ = [
     "LayoutReport",
     "LeafContainer",
     "LeafSpec",
+    "loftq_report",
     "LoraConfig",
     "LoraWarning",
     "LoraWeights",

@@ -11,6 +11,9 @@ follow PEFT's formulas, in lora_jax's ``(in, r)``/``(r, out)`` layout:
 * PiSSA: ``W = U S V^T``; ``a = U_r sqrt(S_r / s)``, ``b = sqrt(S_r / s) V_r^T``.
 * OLoRA: ``W^T = Q R`` (PEFT's ``qr`` of the torch ``(out, in)`` weight);
   ``a = R_r^T``, ``b = Q_r^T``.
+
+LoftQ replaces each target by a quantization ``Q`` and fits ``scale * a @ b``
+to ``W - deq(Q)``, alternating the two (`lora_jax._variants.loftq`).
 """
 
 
@@ -27,9 +30,10 @@ from jax import lax
 from lora_jax._core.config import INITS, LoraConfig
 from lora_jax._core.errors import error
 from lora_jax._core.leaf import as_matrix, dense_float32, from_matrix, is_container
-from lora_jax._core.paths import LeafSpec, flatten_params, path_str, resolve
+from lora_jax._core.paths import LeafSpec, flatten_params, mirror, path_str, resolve
 from lora_jax._core.weights import LoraWeights, delta, flatten_adapters, scale_array
 from lora_jax._variants import dora as _dora
+from lora_jax._variants.loftq import loftq_factors
 
 __all__ = ["init", "leaf_key", "subtract_init"]
 
@@ -60,7 +64,7 @@ def _init_a(key, spec: LeafSpec, config: LoraConfig):
         init_std = 1.0 / spec.rank  # PEFT's "gaussian": std 1/r
         return (init_std * jax.random.normal(key, spec.a_shape, jnp.float32)
                 ).astype(config.dtype)
-    # LoraConfig accepts only INITS, and the residual ones never get here.
+    # LoraConfig accepts only INITS, and the computed ones (PiSSA, OLoRA, LoftQ) never get here.
     raise error("lj.init", f"LoraConfig.init={config.init!r} is not handled by lj.init "
                 f"(LoraConfig accepts {INITS}, so this is a bug in lora_jax)",
                 "none on your side; please report it to lora_jax")
@@ -83,7 +87,51 @@ def _factorize(w32, spec: LeafSpec, config: LoraConfig):
     return a, b, residual
 
 
-def init(params, config: LoraConfig, *, key=None, return_params: bool = False):
+def _check_init_args(config: LoraConfig, key, return_params: bool, quantized) -> None:
+    """`init`'s arguments agree with the config's init (rule 16: nothing is ignored)."""
+    residual_init = config.init in RESIDUAL_INITS
+    loftq = config.init == "loftq"
+    if (residual_init or loftq) and not return_params:
+        what = ("replaces the base weights by their LoftQ quantization" if loftq else
+                "subtracts scale * a @ b from the base weights")
+        raise error(
+            "lj.init", f"init={config.init!r} {what}, so the adapters only fit the new base",
+            "params, adapters = lj.init(params, config, return_params=True"
+            + (", quantized=...)" if loftq else ")") + ", and train with those params")
+    if loftq and quantized is None:
+        raise error(
+            "lj.init", "init='loftq' quantizes the base, and quantized= says how (method, "
+            "block size, stacked layers): it is missing",
+            "q, adapters = lj.init(params, config, return_params=True, "
+            "quantized=lj.quantize(params, config=config)), params being the float weights")
+    if not loftq and quantized is not None:
+        raise error(
+            "lj.init", f"quantized= is read by init='loftq' only, but init={config.init!r}; "
+            f"passing it would change nothing",
+            "for QLoRA pass the quantized base as params, lj.init(lj.quantize(params), "
+            "config, key=...); for LoftQ use LoraConfig(init='loftq')")
+    if not (residual_init or loftq) and key is None:
+        raise error("lj.init", f"init={config.init!r} draws A at random and needs a PRNG key",
+                    "lj.init(params, config, key=jax.random.key(0))")
+
+
+def _factors(path: str, leaf, like, spec: LeafSpec, config: LoraConfig, key):
+    """``(base, a, b)`` of one target: its (new) base leaf and the initial factors."""
+    if config.init == "loftq":
+        return loftq_factors(path, leaf, like, spec, iters=config.loftq_iters,
+                             dtype=config.dtype)
+    if config.init in RESIDUAL_INITS:
+        w32 = as_matrix(dense_float32(leaf), spec)
+        a, b, res = _factorize(w32, spec, config)
+        res = from_matrix(res, spec)
+        base = leaf.requantize(res) if is_container(leaf) else res.astype(leaf.dtype)
+        return base, a.astype(config.dtype), b.astype(config.dtype)
+    a = _init_a(leaf_key(key, path), spec, config)
+    return like, a, jnp.zeros(spec.b_shape, config.dtype)
+
+
+def init(params, config: LoraConfig, *, key=None, return_params: bool = False,
+         quantized=None):
     """Creates the adapter tree for ``params``.
 
     The result mirrors ``params``: ``LoraWeights(a, b, scale)`` at each
@@ -99,20 +147,36 @@ def init(params, config: LoraConfig, *, key=None, return_params: bool = False):
     Quantized weights (`lj.quantize`) are read dequantized; a PiSSA/OLoRA
     residual is quantized again with the same settings (QLoRA + PiSSA).
 
+    ``"loftq"`` (LoftQ) reads the float weights W from ``params`` and how to
+    quantize each target from ``quantized`` (`lj.quantize` of those params:
+    its method, block size, stacked layers). It alternates
+    ``config.loftq_iters`` times ``Q = quantize(W - scale * a @ b)`` and
+    ``a, b = `` the best rank-r factors of ``(W - deq(Q)) / scale`` (float64
+    SVD on the host, so not under ``jit``), and returns ``quantized`` with
+    each target replaced by its ``Q``: ``deq(Q) + scale * a @ b`` is closer to
+    W than plain quantization (`lj.loftq_report` shows by how much, per layer).
+
     Args:
       params: the model's parameters (any pytree of arrays; only shapes and
         dtypes are read for random inits without DoRA, except that ``train``
         leaves are copied).
       config: the `LoraConfig`.
       key: a PRNG key (``jax.random.key(0)``); keyword-only; required by the
-        random inits (``kaiming``, ``gaussian``), unused by PiSSA/OLoRA.
+        random inits (``kaiming``, ``gaussian``), unused by PiSSA/OLoRA/LoftQ.
       return_params: return ``(params, adapters)``: the base to train with
         (PiSSA/OLoRA: the residual ``W - scale * a @ b`` at each target;
-        otherwise ``params`` itself) and the adapters.
+        LoftQ: the quantized base; otherwise ``params`` itself) and the
+        adapters.
+      quantized: ``init="loftq"`` only, and required there: the quantized
+        base, ``lj.quantize(params, config=config, ...)``; each target must be
+        quantized in it. Its other leaves are returned as they are.
 
     Raises:
-      ValueError: no key for a random init; ``pissa``/``olora`` without
-        ``return_params=True``; and every error of `lj.describe`.
+      ValueError: no key for a random init; ``pissa``/``olora``/``loftq``
+        without ``return_params=True``; ``loftq`` without ``quantized`` (or
+        with a quantized target in ``params``, or a float one in
+        ``quantized``), ``quantized`` with another init; and every error of
+        `lj.describe`.
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -132,39 +196,39 @@ def init(params, config: LoraConfig, *, key=None, return_params: bool = False):
       >>> res, ad = lj.init(w, pcfg, return_params=True)
       >>> bool(jnp.allclose(lj.merge(res, ad, pcfg)["w"], w["w"], atol=1e-5))
       True
+
+      LoftQ returns an NF4 base whose error the adapter partly cancels:
+
+      >>> lcfg = lj.LoraConfig(rank=4, targets="w", init="loftq")
+      >>> q, ad = lj.init(w, lcfg, return_params=True,
+      ...                 quantized=lj.quantize(w, targets="w", config=lcfg))
+      >>> q["w"]
+      NF4Weight(shape=(32, 16), dtype=float32, block_size=64)
+      >>> e = lj.loftq_report(w, q, ad, lcfg)["w"]
+      >>> bool(e.loftq < e.plain)
+      True
     """
     if not isinstance(return_params, bool):
         raise error("lj.init", f"return_params must be a bool, got {return_params!r}",
                     "pass return_params=True or return_params=False", kind=TypeError)
     resolved = resolve(params, config)
     train = set(resolved.train)
-    residual_init = config.init in RESIDUAL_INITS
-    if residual_init and not return_params:
-        raise error(
-            "lj.init", f"init={config.init!r} subtracts scale * a @ b from the base weights, "
-            f"so the adapters only fit the new base",
-            "params, adapters = lj.init(params, config, return_params=True), and train with "
-            "those params")
-    if not residual_init and key is None:
-        raise error("lj.init", f"init={config.init!r} draws A at random and needs a PRNG key",
-                    "lj.init(params, config, key=jax.random.key(0))")
+    _check_init_args(config, key, return_params, quantized)
+    loftq = config.init == "loftq"
 
     flat, treedef = flatten_params(params)
+    likes = [leaf for _, leaf in flat]
+    if loftq:
+        likes = mirror(params, quantized, what="quantized", against="params",
+                       fix="pass lj.quantize(params, config=config) of these same params")
+        resolve(quantized, config)   # its stacked layers must be the config's
     new_params, nodes = [], []
-    for keypath, leaf in flat:
+    for (keypath, leaf), like in zip(flat, likes, strict=True):
         path = path_str(keypath)
         spec = resolved.targets.get(path)
-        base = leaf
+        base = like
         if spec is not None:
-            if residual_init:
-                w32 = as_matrix(dense_float32(leaf), spec)
-                a, b, res = _factorize(w32, spec, config)
-                a, b = a.astype(config.dtype), b.astype(config.dtype)
-                res = from_matrix(res, spec)
-                base = leaf.requantize(res) if is_container(leaf) else res.astype(leaf.dtype)
-            else:
-                a = _init_a(leaf_key(key, path), spec, config)
-                b = jnp.zeros(spec.b_shape, config.dtype)
+            base, a, b = _factors(path, leaf, like, spec, config, key)
             node = LoraWeights(a, b, scale_array(spec))
             if config.use_dora:
                 v = as_matrix(dense_float32(base) + delta(node, spec), spec)
@@ -198,7 +262,7 @@ def subtract_init(adapters, initial, config: LoraConfig):
     ``rank_pattern`` / ``alpha_pattern`` entry with the same scale;
     DoRA magnitudes carry over unchanged (the direction is the same).
     Export the result with `lj.export_peft`, or merge it into the original
-    params.
+    params. LoftQ adapters are refused: their base is the quantized one, not W.
 
     Args:
       adapters: the trained adapters.
@@ -225,6 +289,16 @@ def subtract_init(adapters, initial, config: LoraConfig):
         raise error("lj.subtract_init",
                     f"config must be a lj.LoraConfig, got {type(config).__name__}",
                     "pass the LoraConfig the adapters were made with", kind=TypeError)
+    if config.init == "loftq":
+        # W = deq(Q) + s * a0 @ b0 only approximately (the point of LoftQ is how well),
+        # so the difference to W would be a different model.
+        raise error(
+            "lj.subtract_init", "init='loftq' adapters fit the quantized base deq(Q), which "
+            "differs from the original W by more than scale * a0 @ b0 (by LoftQ's "
+            "reconstruction error), so no LoRA on the original base gives the trained model",
+            "use the LoftQ base itself as the plain base: lj.dequantize(q) with the adapters "
+            "as they are, and config.replace(init='kaiming', loftq_iters=1) for tools that "
+            "need a plain init")
     flat, treedef = flatten_adapters(adapters)
     try:
         init_nodes = treedef.flatten_up_to(initial)

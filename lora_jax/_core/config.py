@@ -83,9 +83,10 @@ class Layout(NamedTuple):
 # Pattern specs accepted for `targets`, `exclude` and `train`.
 PathSpec = Union[str, tuple, Callable[[str, Any], bool], None]
 
-INITS = ("kaiming", "gaussian", "pissa", "olora")
+INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq")
 """Names accepted by `LoraConfig.init`: ``kaiming``/``gaussian`` draw A (B
-starts at 0); ``pissa``/``olora`` compute A and B from W and change the base
+starts at 0); ``pissa``/``olora`` compute A and B from W and change the base;
+``loftq`` quantizes the base and fits A and B to its quantization error
 (`lj.init(..., return_params=True)`)."""
 
 SCALE_FROM = ("config", "adapters")
@@ -273,6 +274,15 @@ class LoraConfig:
         or ``"olora"`` (from the QR of W). The last two move ``scale * a @ b``
         out of the base, so `lj.init` must return the new base:
         ``params, adapters = lj.init(params, cfg, return_params=True)``.
+        ``"loftq"`` (LoftQ, Li et al. 2023) quantizes the base and fits
+        ``scale * a @ b`` to what the quantization loses, so that the
+        quantized base plus the adapter is closer to W than the quantized
+        base alone: ``q, adapters = lj.init(params, cfg, return_params=True,
+        quantized=lj.quantize(params, config=cfg))``.
+      loftq_iters: LoftQ's alternating rounds (quantize ``W - scale * a @ b``,
+        then refit ``a, b`` by SVD); an int >= 1, 1 by default (PEFT's
+        ``loftq_iter``). Only ``init="loftq"`` reads it, so another value
+        with another init is an error.
       use_rslora: scale by ``alpha / sqrt(rank)`` (rank-stabilized LoRA).
       use_dora: DoRA (weight-decomposed LoRA): each adapter also trains a
         magnitude ``m`` per output unit, and the weight becomes
@@ -324,6 +334,7 @@ class LoraConfig:
     alpha_pattern: Any = ()
     dropout: float = 0.0
     init: str = "kaiming"
+    loftq_iters: int = 1
     use_rslora: bool = False
     use_dora: bool = False
     dtype: Any = np.float32
@@ -357,6 +368,18 @@ class LoraConfig:
         if self.init not in INITS:
             raise _field_error("init", self.init, f"known inits are {INITS}",
                                'use init="kaiming" (PEFT\'s default) or init="gaussian"')
+        if isinstance(self.loftq_iters, bool) \
+                or not isinstance(self.loftq_iters, (int, np.integer)) or self.loftq_iters < 1:
+            raise _field_error("loftq_iters", self.loftq_iters,
+                               "LoftQ's alternating rounds must be an int >= 1",
+                               "use e.g. loftq_iters=5 (1, the default, is one quantization "
+                               "and one SVD)")
+        set_("loftq_iters", int(self.loftq_iters))
+        if self.loftq_iters != 1 and self.init != "loftq":
+            raise _field_error("loftq_iters", self.loftq_iters,
+                               f"only init='loftq' reads it, and init={self.init!r}",
+                               "use init='loftq' to start from LoftQ, or leave loftq_iters at "
+                               "its default (1)")
         if self.scale_from not in SCALE_FROM:
             raise _field_error("scale_from", self.scale_from, f"it must be one of {SCALE_FROM}",
                                'use scale_from="config" (scale = alpha / rank; the default), or '
@@ -488,7 +511,7 @@ class LoraConfig:
         out = {}
         for f in dataclasses.fields(self):
             v: Any = getattr(self, f.name)
-            if f.name == "scale_from" and v == f.default:
+            if f.name in ("scale_from", "loftq_iters") and v == f.default:
                 continue  # the default is left out: such files stay as older versions wrote them
             if callable(v) and not isinstance(v, (str, tuple)):
                 raise error(

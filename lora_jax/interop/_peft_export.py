@@ -72,8 +72,33 @@ def _pattern_key(module: str) -> str:
     return re.escape(module)
 
 
+def _loftq_record(config: LoraConfig, checked) -> dict:
+    """PEFT's ``loftq_config`` of a LoftQ adapter (``{}`` for any other init).
+
+    PEFT reads ``init_lora_weights="loftq"`` as "this adapter fits a LoftQ
+    base, not W": loading it onto the float model redoes LoftQ there (with
+    bitsandbytes' NF4, which is not lora_jax's bit for bit) before the factors
+    are loaded. ``loftq_bits`` is the base's (so ``params`` is required)."""
+    if config.init != "loftq":
+        return {}
+    if checked is None:
+        raise error("lj.export_peft", "init='loftq' adapters fit their quantized base, and "
+                    "PEFT's loftq_config records its bits (4 for NF4, 8 for int8), which only "
+                    "the base shows",
+                    "pass params= the quantized base lj.init returned")
+    bits = {path: {"nf4": 4, "int8": 8}.get(str(getattr(leaf, "method", "")))
+            for path, leaf, _, spec in checked if spec is not None}
+    if None in bits.values() or len(set(bits.values())) != 1:
+        shown = {p: b for p, b in list(bits.items())[:6]}
+        raise error("lj.export_peft", f"init='loftq' needs every target quantized alike "
+                    f"(PEFT's loftq_config has one loftq_bits), but params give {shown} "
+                    f"(None: not NF4/int8)",
+                    "pass params= the quantized base lj.init returned for these adapters")
+    return {"loftq_bits": next(iter(bits.values())), "loftq_iter": config.loftq_iters}
+
+
 def _peft_config(config: LoraConfig, out: _Exported, base_model_name_or_path,
-                 task_type) -> dict:
+                 task_type, loftq: dict) -> dict:
     modules, saved = out.modules, out.saved_modules
     ranks = [r for r, _ in modules.values()]
     r0 = config.rank if config.rank in ranks else max(set(ranks), key=ranks.count)
@@ -92,12 +117,13 @@ def _peft_config(config: LoraConfig, out: _Exported, base_model_name_or_path,
         "target_modules": sorted(modules), "exclude_modules": None,
         "lora_dropout": config.dropout, "fan_in_fan_out": out.fan_in_fan_out, "bias": "none",
         "use_rslora": config.use_rslora, "modules_to_save": sorted(set(saved)) or None,
-        "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+        "init_lora_weights": "loftq" if loftq else True,
+        "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": {k: _json_number(v) for k, v in alpha_pattern.items()},
         "use_dora": config.use_dora, "lora_bias": False, "layer_replication": None,
         "target_parameters": None, "trainable_token_indices": None,
-        "loftq_config": {}, "eva_config": None, "corda_config": None,
+        "loftq_config": loftq, "eva_config": None, "corda_config": None,
         "megatron_config": None, "megatron_core": "megatron.core",
         "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
         "ensure_weight_tying": out.tied,
@@ -137,6 +163,14 @@ def export_peft(directory, adapters, config: LoraConfig, *, key_map, params=None
         does.
       overwrite: replace existing adapter files.
 
+    An ``init="loftq"`` adapter is recorded as PEFT's
+    ``init_lora_weights="loftq"`` with its ``loftq_config`` (bits from the
+    quantized base, so ``params`` is then required): it fits that base, not
+    the float weights. For an exact PEFT model, save ``lj.dequantize`` of
+    the base as the model's weights and export with
+    ``config.replace(init="kaiming", loftq_iters=1)`` (PEFT's own LoftQ
+    recipe: the backbone plus ``init_lora_weights=True``).
+
     Returns:
       The folder written.
 
@@ -159,8 +193,8 @@ def export_peft(directory, adapters, config: LoraConfig, *, key_map, params=None
         raise error("lj.export_peft", f"config must be a lj.LoraConfig, got "
                                       f"{type(config).__name__}",
                     "pass the LoraConfig the adapters were created with", kind=TypeError)
-    if params is not None:
-        check_adapters(params, adapters, config)
+    checked = None if params is None else check_adapters(params, adapters, config)
+    loftq = _loftq_record(config, checked)
     nodes = _export_nodes(adapters, km)
     ties = export_ties(adapters, nodes, config, tied, params, km)
     out = _export_tensors(nodes, config, ties)
@@ -170,7 +204,7 @@ def export_peft(directory, adapters, config: LoraConfig, *, key_map, params=None
         raise error("lj.export_peft", "the adapters hold no LoraWeights (only fully-trained "
                                       "leaves); PEFT needs at least one LoRA module",
                     "check the config: its targets must adapt at least one weight")
-    peft_cfg = _peft_config(config, out, base_model_name_or_path, task_type)
+    peft_cfg = _peft_config(config, out, base_model_name_or_path, task_type, loftq)
     meta = _export_metadata(out.tensors, config, params)
     folder = adapter_folder(directory, adapter_name, "lj.export_peft")
     _write_adapter(folder, st_numpy, out.tensors, meta, peft_cfg, overwrite)
