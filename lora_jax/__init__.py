@@ -11,6 +11,13 @@
 from importlib import metadata as _metadata
 
 from lora_jax import interop as interop
+from lora_jax._adalora import AdaLoraState as AdaLoraState
+from lora_jax._adalora import adalora as adalora
+from lora_jax._adalora import adalora_init as adalora_init
+from lora_jax._adalora import adalora_orthogonality as adalora_orthogonality
+from lora_jax._adalora import adalora_ranks as adalora_ranks
+from lora_jax._adalora import adalora_to_lora as adalora_to_lora
+from lora_jax._adalora import adalora_view as adalora_view
 from lora_jax._analysis.analyze import Truncation as Truncation
 from lora_jax._analysis.analyze import analyze as analyze
 from lora_jax._analysis.analyze import truncate as truncate
@@ -48,7 +55,9 @@ from lora_jax._core.config import LoraWarning as LoraWarning
 from lora_jax._core.leaf import LeafContainer as LeafContainer
 from lora_jax._core.paths import LeafSpec as LeafSpec
 from lora_jax._core.paths import path_str as path_str
+from lora_jax._core.weights import AdaLoraWeights as AdaLoraWeights
 from lora_jax._core.weights import LoraWeights as LoraWeights
+from lora_jax._core.weights import is_adalora as is_adalora
 from lora_jax._core.weights import is_lora as is_lora
 from lora_jax._init import init as init
 from lora_jax._init import subtract_init as subtract_init
@@ -100,6 +109,14 @@ except _metadata.PackageNotFoundError:   # a source tree on sys.path, not instal
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "adalora",
+    "adalora_init",
+    "adalora_orthogonality",
+    "adalora_ranks",
+    "adalora_to_lora",
+    "adalora_view",
+    "AdaLoraState",
+    "AdaLoraWeights",
     "adapter_ids",
     "adapter_set",
     "adapter_shardings",
@@ -137,6 +154,7 @@ __all__ = [
     "inspect",
     "Int8Weight",
     "interop",
+    "is_adalora",
     "is_lora",
     "is_quantized",
     "Layout",

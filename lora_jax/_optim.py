@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from lora_jax._core.errors import error
-from lora_jax._core.weights import LoraWeights, is_lora, is_node
+from lora_jax._core.weights import AdaLoraWeights, LoraWeights, is_adalora, is_lora, is_node
 
 __all__ = ["trainable_labels", "optimizer", "make_train_step"]
 
@@ -26,8 +26,8 @@ TRAIN, FROZEN = "train", "frozen"
 def trainable_labels(adapters):
     """``"train"`` / ``"frozen"`` labels mirroring an adapter tree.
 
-    ``a``, ``b``, DoRA's ``m`` and fully-trained leaves are ``"train"``;
-    ``scale`` is ``"frozen"``.
+    ``a``, ``b``, DoRA's ``m``, AdaLoRA's ``e`` and fully-trained leaves are
+    ``"train"``; ``scale`` is ``"frozen"``.
 
     Example:
       >>> import jax.numpy as jnp, lora_jax as lj
@@ -41,9 +41,15 @@ def trainable_labels(adapters):
     def label(node):
         if is_lora(node):
             return LoraWeights(TRAIN, TRAIN, FROZEN, None if node.m is None else TRAIN)
+        if is_adalora(node):
+            return AdaLoraWeights(TRAIN, TRAIN, TRAIN, FROZEN)
         return None if node is None else TRAIN
 
-    return jax.tree.map(label, adapters, is_leaf=is_node)
+    return jax.tree.map(label, adapters, is_leaf=_is_node)
+
+
+def _is_node(x) -> bool:
+    return is_node(x) or is_adalora(x)
 
 
 def optimizer(tx: optax.GradientTransformation, *,
@@ -79,11 +85,11 @@ def optimizer(tx: optax.GradientTransformation, *,
       >>> state = lj.optimizer(optax.adam(1e-3)).init(ad)
       >>> lj.summary(params, ad, opt_state=state).optimizer_state  # 2 x (128 + 128)
       512
-      >>> tx = lj.optimizer(optax.sgd(0.1), b_lr_ratio=16.0)       # LoRA+
+      >>> tx = lj.optimizer(optax.sgd(0.5), b_lr_ratio=16.0)       # LoRA+
       >>> g = jax.tree.map(jnp.ones_like, ad)
       >>> u, _ = tx.update(g, tx.init(ad), ad)
       >>> float(u["w"].a[0, 0]), float(u["w"].b[0, 0])
-      (-0.1, -1.6)
+      (-0.5, -8.0)
     """
     if isinstance(b_lr_ratio, bool) or not isinstance(b_lr_ratio, (int, float, np.number)) \
             or not math.isfinite(float(b_lr_ratio)) or float(b_lr_ratio) <= 0:
@@ -95,13 +101,15 @@ def optimizer(tx: optax.GradientTransformation, *,
         return inner
 
     def faster_b(node):
+        if is_adalora(node):     # PEFT: lora_B gets the ratio, lora_E (r, 1) A's rate
+            return node._replace(b=node.b * ratio)
         if not is_lora(node):
             return node
         return node._replace(b=node.b * ratio, m=None if node.m is None else node.m * ratio)
 
     def update(updates, state, params=None):
         updates, state = inner.update(updates, state, params)
-        return jax.tree.map(faster_b, updates, is_leaf=is_node), state
+        return jax.tree.map(faster_b, updates, is_leaf=_is_node), state
 
     return optax.GradientTransformation(inner.init, update)
 

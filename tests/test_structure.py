@@ -97,7 +97,8 @@ def test_core_imports_nothing_else_of_lora_jax():
 
 # The layers, lowest first; a module may import only from its own layer or lower ones.
 LAYERS = ["lora_jax._core", "lora_jax._variants", "lora_jax._init", "lora_jax._merge",
-          "lora_jax._report", "lora_jax._apply", "lora_jax._optim", "lora_jax._checkpoint",
+          "lora_jax._report", "lora_jax._apply", "lora_jax._optim", "lora_jax._adalora",
+          "lora_jax._checkpoint",
           "lora_jax._shard", "lora_jax._analysis", "lora_jax._multi", "lora_jax.interop",
           "lora_jax.plot", "lora_jax.__main__", "lora_jax"]
 

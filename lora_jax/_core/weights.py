@@ -40,9 +40,9 @@ from lora_jax._core.paths import (
     resolve,
 )
 
-__all__ = ["LoraWeights", "is_lora", "is_node", "flatten_adapters", "map_adapters",
-           "pair_with_params", "check_adapters", "check_floating", "check_scales", "delta",
-           "scale_array"]
+__all__ = ["LoraWeights", "AdaLoraWeights", "is_lora", "is_adalora", "is_node",
+           "flatten_adapters", "map_adapters", "pair_with_params", "check_adapters",
+           "check_floating", "check_scales", "delta", "scale_array"]
 
 
 @register_adapter_node   # resolve refuses params holding one (swapped arguments)
@@ -82,6 +82,53 @@ class LoraWeights(NamedTuple):
         # Without DoRA, show the three fields (as before m existed).
         fields = f"a={self.a!r}, b={self.b!r}, scale={self.scale!r}"
         return f"LoraWeights({fields}" + (")" if self.m is None else f", m={self.m!r})")
+
+
+@register_adapter_node
+class AdaLoraWeights(NamedTuple):
+    """AdaLoRA's factors of one adapted weight: ``W + scale * (a * e) @ b``.
+
+    The update is kept in an SVD-like form ``P Λ Q`` (Zhang et al., 2023):
+    ``a`` plays P, ``e`` the diagonal Λ and ``b`` Q. Pruning triplet ``i``
+    sets ``e[..., i]`` to 0, so shapes never change while ranks do. Built by
+    `lj.adalora_init`; `lj.adalora_view` turns a tree of them into the
+    `LoraWeights` tree ``lj.apply`` and ``lj.merge`` take.
+
+    Attributes:
+      a: ``(*stacked, in, rank)``, P (trained).
+      e: ``(*stacked, rank)``, Λ's diagonal (trained; starts at 0; a pruned
+        triplet holds 0).
+      b: ``(*stacked, rank, out)``, Q (trained).
+      scale: float32 scalar, ``alpha / rank`` with the initial rank (never
+        trained; it does not change as triplets are pruned, as in PEFT).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = AdaLoraWeights(jnp.ones((4, 2)), jnp.zeros(2), jnp.ones((2, 3)), jnp.float32(1))
+      >>> w.a.shape, w.e.shape, w.b.shape, w.rank
+      ((4, 2), (2,), (2, 3), 2)
+    """
+
+    a: Any
+    e: Any
+    b: Any
+    scale: Any
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[-1]
+
+
+def is_adalora(x) -> bool:
+    """True for an `AdaLoraWeights` node (use as ``is_leaf=`` in tree maps).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = AdaLoraWeights(jnp.ones((4, 2)), jnp.zeros(2), jnp.ones((2, 3)), jnp.float32(1))
+      >>> is_adalora(w), is_adalora(LoraWeights(w.a, w.b, w.scale))
+      (True, False)
+    """
+    return isinstance(x, AdaLoraWeights)
 
 
 def is_lora(x) -> bool:
