@@ -326,3 +326,20 @@ def test_misuse_is_a_clear_error(rng):
         big.update(jax.tree.map(jnp.zeros_like, ad), big.init(ad), ad)
     with pytest.raises(ValueError, match=r"the update needs the current adapters"):
         tx.update(jax.tree.map(jnp.zeros_like, ad), tx.init(ad))
+
+
+@pytest.mark.parametrize("entry", ["apply", "merge", "save", "summary", "export_peft"])
+def test_lora_entry_points_refuse_adalora_trees_with_the_fix(rng, tmp_path, entry):
+    params, fn, cfg = _model(_gen(9))
+    ad = lj.adalora_init(params, cfg, key=rng)
+    x = jnp.ones((2, 12), jnp.float32)
+    call = {"apply": lambda: lj.apply(fn, cfg)(params, ad, x),
+            "merge": lambda: lj.merge(params, ad, cfg),
+            "save": lambda: lj.save(str(tmp_path / "ck"), ad, cfg),
+            "summary": lambda: lj.summary(params, ad),
+            "export_peft": lambda: lj.export_peft(str(tmp_path / "pe"), ad, cfg,
+                                                  key_map={".*": "{path}"},
+                                                  params=params)}[entry]
+    with pytest.raises(ValueError, match=r"(layers|q)/kernel: the adapters hold AdaLoraWeights"
+                       r"[\s\S]*Fix: pass lj.adalora_view\(adapters\)[\s\S]*adalora_to_lora"):
+        call()

@@ -42,7 +42,7 @@ from lora_jax._core.paths import (
 
 __all__ = ["LoraWeights", "AdaLoraWeights", "is_lora", "is_adalora", "is_node",
            "flatten_adapters", "map_adapters", "pair_with_params", "check_adapters",
-           "check_floating", "check_scales", "delta", "scale_array"]
+           "check_floating", "check_scales", "delta", "scale_array", "adalora_error"]
 
 
 @register_adapter_node   # resolve refuses params holding one (swapped arguments)
@@ -156,8 +156,21 @@ def flatten_adapters(adapters):
     `LoraWeights` stay whole. Works on adapter sets' trees and flat
     ``{path: node}`` dicts alike.
     """
-    flat, treedef = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=is_node)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        adapters, is_leaf=lambda x: is_node(x) or is_adalora(x))
+    for p, n in flat:
+        if is_adalora(n):
+            raise adalora_error(path_str(p))
     return [(path_str(p), n) for p, n in flat], treedef
+
+
+def adalora_error(path: str) -> Exception:
+    """The error for AdaLoRA adapters passed where LoraWeights are expected."""
+    return error(path, "the adapters hold AdaLoraWeights (AdaLoRA's P, Λ, Q) where a "
+                 "LoraWeights is expected",
+                 "pass lj.adalora_view(adapters) to apply, merge and explain while training, "
+                 "and lora, config = lj.adalora_to_lora(adapters, config) to save, export "
+                 "or summarize the result")
 
 
 def map_adapters(fn, adapters):
@@ -176,7 +189,11 @@ def pair_with_params(params, adapters) -> list[tuple[str, Any, Any]]:
     Raises:
       ValueError: ``adapters`` does not mirror ``params`` (showing where).
     """
-    nodes = mirror(params, adapters, what="the adapter tree", fix=_REBUILD, is_leaf=is_node)
+    nodes = mirror(params, adapters, what="the adapter tree", fix=_REBUILD,
+                   is_leaf=lambda x: is_node(x) or is_adalora(x))
+    for (path, _), n in zip(leaves_with_paths(params), nodes, strict=True):
+        if is_adalora(n):
+            raise adalora_error(path)
     return [(path, x, n) for (path, x), n in zip(leaves_with_paths(params), nodes,
                                                             strict=True)]
 
@@ -228,6 +245,8 @@ def check_adapters(params, adapters, config, *, resolved: Resolved | None = None
 def _check_lora(path: str, node, spec: LeafSpec, config) -> bool:
     """One targeted leaf's node: LoraWeights of the spec's shapes, floating factors,
     a scale per adapter. True when its scale is to be compared with the config's."""
+    if is_adalora(node):
+        raise adalora_error(path)
     if not is_lora(node):
         raise error(
             path, f"the config targets this leaf but adapters hold "
