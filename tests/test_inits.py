@@ -112,7 +112,13 @@ def test_residual_init_same_as_peft(init):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     gen = _gen(4)
-    w = gen.standard_normal((20, 12)).astype(np.float32)      # flax (in, out)
+    # flax (in, out), with a gap after the 3rd singular value: the top-3 subspace is then
+    # well conditioned, so float32 SVDs (ours and torch's) agree for every draw; a
+    # Gaussian matrix's close singular values made it differ by up to 1.8e-5.
+    u, _ = np.linalg.qr(gen.standard_normal((20, 12)))
+    v, _ = np.linalg.qr(gen.standard_normal((12, 12)))
+    sv = np.concatenate([[6.0, 4.5, 3.0], np.linspace(1.0, 0.2, 9)])
+    w = ((u * sv) @ v.T).astype(np.float32)
     lin = torch.nn.Sequential()
     lin.add_module("fc", torch.nn.Linear(20, 12, bias=False))
     with torch.no_grad():
