@@ -101,7 +101,9 @@ from lora_jax._variants.quantize import is_quantized as is_quantized
 from lora_jax._variants.quantize import nf4_levels as nf4_levels
 from lora_jax._variants.quantize import quantize as quantize
 from lora_jax.interop.peft import export_peft as export_peft
+from lora_jax.interop.peft import export_peft_adalora as export_peft_adalora
 from lora_jax.interop.peft import import_peft as import_peft
+from lora_jax.interop.peft import import_peft_adalora as import_peft_adalora
 
 try:
     __version__ = _metadata.version("lora-jax")
@@ -145,9 +147,11 @@ __all__ = [
     "explain",
     "Explanation",
     "export_peft",
+    "export_peft_adalora",
     "extract",
     "Extraction",
     "import_peft",
+    "import_peft_adalora",
     "infer_layouts",
     "init",
     "INITS",

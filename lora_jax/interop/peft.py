@@ -46,13 +46,19 @@ others.
 lora_jax adds, in the safetensors metadata (PEFT ignores it), a sha256 of
 every tensor and the base fingerprint; `import_peft` verifies both when
 present.
+
+AdaLoRA. `export_peft_adalora` / `import_peft_adalora` read and write
+PEFT's AdaLoRA files (``lora_A`` / ``lora_E`` / ``lora_B``, the kept
+triplets of each module, and ``rank_pattern``).
 """
 
+from lora_jax.interop._peft_adalora import export_peft_adalora as export_peft_adalora
+from lora_jax.interop._peft_adalora import import_peft_adalora as import_peft_adalora
 from lora_jax.interop._peft_export import export_peft as export_peft
 from lora_jax.interop._peft_format import CONFIG_NAME as CONFIG_NAME
 from lora_jax.interop._peft_format import WEIGHTS_NAME as WEIGHTS_NAME
 from lora_jax.interop._peft_format import UnsupportedPeftFeature as UnsupportedPeftFeature
 from lora_jax.interop._peft_import import import_peft as import_peft
 
-__all__ = ["export_peft", "import_peft", "UnsupportedPeftFeature", "CONFIG_NAME",
-           "WEIGHTS_NAME"]
+__all__ = ["export_peft", "import_peft", "export_peft_adalora", "import_peft_adalora",
+           "UnsupportedPeftFeature", "CONFIG_NAME", "WEIGHTS_NAME"]
