@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -232,8 +233,8 @@ def _corrupt_each_chunk(tmp_path, variables, ad, cfg, corrupt):
         dst = tmp_path / f"copy{i}"
         shutil.copytree(src, dst)
         g = str(dst) + f[len(str(src)):]
-        data = bytearray(open(g, "rb").read())
-        open(g, "wb").write(bytes(corrupt(data)))
+        data = bytearray(Path(g).read_bytes())
+        Path(g).write_bytes(bytes(corrupt(data)))
         try:
             back, _ = lj.restore(dst, params=variables)
         except lj.CheckpointError as e:
@@ -271,22 +272,22 @@ def test_truncated_file(tmp_path, trained):
 
 def _edit_record(directory, step, fn, rehash=False):
     path = os.path.join(directory, str(step), "lora_jax", "metadata")
-    rec = json.load(open(path))
+    rec = json.loads(Path(path).read_text())
     fn(rec)
     if rehash:
         from lora_jax._checkpoint.record import sha256_json
         rec["config_sha256"] = sha256_json(rec["config"])
         rec["sha256"] = sha256_json({k: v for k, v in rec.items() if k != "sha256"})
-    json.dump(rec, open(path, "w"))
+    Path(path).write_text(json.dumps(rec))
 
 
 def test_unknown_format_version(tmp_path, trained):
     variables, ad = trained
     lj.save(tmp_path, ad, CFG)
-    _edit_record(tmp_path, 0, lambda r: r.update(format_version=2), rehash=True)
-    with pytest.raises(lj.CheckpointError, match="format version 2 is not supported.*upgrade"):
+    _edit_record(tmp_path, 0, lambda r: r.update(format_version=3), rehash=True)
+    with pytest.raises(lj.CheckpointError, match="format version 3 is not supported.*upgrade"):
         lj.restore(tmp_path, params=variables)
-    with pytest.raises(lj.CheckpointError, match="format version 2"):
+    with pytest.raises(lj.CheckpointError, match="format version 3"):
         lj.checkpoint_info(tmp_path)
 
 
@@ -473,7 +474,7 @@ def test_dtype_never_cast_silently(tmp_path, trained):
 def test_failed_saves_leave_previous_step_intact(tmp_path, trained):
     variables, ad = trained
     lj.save(tmp_path, ad, CFG, step=3)
-    before = {f: open(f, "rb").read() for f in _files(tmp_path)}
+    before = {f: Path(f).read_bytes() for f in _files(tmp_path)}
     with pytest.raises(ValueError, match="callable"):
         lj.save(tmp_path, ad, CFG.replace(targets=lambda p, x: "kernel" in p))
     with pytest.raises(TypeError):
@@ -484,7 +485,7 @@ def test_failed_saves_leave_previous_step_intact(tmp_path, trained):
         lj.save(tmp_path, ad, lj.LoraConfig(rank=4, targets=r".*/q/kernel", train="params/ln_f/.*"))
     with pytest.raises(ValueError, match="do not fit the weight"):
         lj.save(tmp_path, ad, CFG, params=_gpt_params(d_model=96))
-    after = {f: open(f, "rb").read() for f in _files(tmp_path)}
+    after = {f: Path(f).read_bytes() for f in _files(tmp_path)}
     assert after == before
     back, _ = lj.restore(tmp_path, params=variables)
     assert_trees_close(back, ad, exact=True)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -48,7 +49,7 @@ def _tree(directory):
     for root, _, files in os.walk(directory):
         for f in files:
             p = os.path.join(root, f)
-            out[os.path.relpath(p, directory)] = open(p, "rb").read()
+            out[os.path.relpath(p, directory)] = Path(p).read_bytes()
     return out
 
 

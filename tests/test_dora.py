@@ -288,7 +288,7 @@ def test_jax_dora_adapter_loads_in_peft(tmp_path, tiny):
                         use_dora=True)
     ad = _dora_adapters(variables, cfg, 10)
     lj.export_peft(tmp_path, ad, cfg, key_map=KEY_MAP, params=variables)
-    pcfg = json.load(open(tmp_path / "adapter_config.json"))
+    pcfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert pcfg["use_dora"] is True
     pm = peft.PeftModel.from_pretrained(_torch_tiny(variables), str(tmp_path)).eval()
     want = _torch_out(pm, ids)

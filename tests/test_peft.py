@@ -8,6 +8,7 @@ import/export refuses. Tied embeddings: tests/test_peft_tied.py."""
 import json
 import os
 import re
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -117,7 +118,7 @@ def test_llama_jax_adapter_loads_in_peft(tmp_path, llama_base, case):
         ad["params"]["model"]["norm"]["weight"] = ad["params"]["model"]["norm"]["weight"] * 1.5
     lj.export_peft(tmp_path, ad, config, key_map="llama", params=variables,
                    task_type="CAUSAL_LM")
-    pcfg = json.load(open(tmp_path / "adapter_config.json"))
+    pcfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert isinstance(pcfg["target_modules"], list)
     peft_model = peft.PeftModel.from_pretrained(_torch_llama(variables), str(tmp_path)).eval()
     want = _torch_logits(peft_model, tokens)
@@ -295,7 +296,7 @@ def test_gpt2_roundtrip_with_fan_in_fan_out(tmp_path, gpt2_base):
     config = lj.LoraConfig(rank=8, alpha=16, targets=gpt2.TARGETS)
     ad = _perturbed(variables, config, 5)
     lj.export_peft(tmp_path / "jax", ad, config, key_map="gpt2")
-    assert json.load(open(tmp_path / "jax" / "adapter_config.json"))["fan_in_fan_out"] is True
+    assert json.loads((tmp_path / "jax" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     pm = peft.PeftModel.from_pretrained(_torch_gpt2(variables), str(tmp_path / "jax")).eval()
     want = _torch_logits(pm, tokens)
     got = np.asarray(model.apply(lj.merge(variables, ad, config), tokens))
@@ -469,13 +470,13 @@ def test_nan_in_imported_adapter(exported):
 def test_truncated_and_flipped_safetensors(exported):
     folder, variables, _, _ = exported
     path = os.path.join(folder, "adapter_model.safetensors")
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(Path(path).read_bytes())
     flipped = bytearray(data)
     flipped[-100] ^= 0x10           # inside the last tensor: safetensors reads it silently
-    open(path, "wb").write(bytes(flipped))
+    Path(path).write_bytes(bytes(flipped))
     with pytest.raises(ValueError, match=r"does not match the sha256.*corrupted"):
         lj.import_peft(folder, variables, key_map="llama")
-    open(path, "wb").write(bytes(data[:-37]))
+    Path(path).write_bytes(bytes(data[:-37]))
     with pytest.raises(ValueError, match=r"adapter_model.safetensors: can't read.*truncated"):
         lj.import_peft(folder, variables, key_map="llama")
 
@@ -483,7 +484,7 @@ def test_truncated_and_flipped_safetensors(exported):
 def test_pickle_refused_and_missing_files(tmp_path, exported):
     folder, variables, _, _ = exported
     os.remove(os.path.join(folder, "adapter_model.safetensors"))
-    open(os.path.join(folder, "adapter_model.bin"), "wb").write(b"\x80\x04not loaded")
+    Path(folder, "adapter_model.bin").write_bytes(b"\x80\x04not loaded")
     with pytest.raises(ValueError, match="pickle, which lora_jax never loads"):
         lj.import_peft(folder, variables, key_map="llama")
     with pytest.raises(ValueError, match="no adapter_config.json"):
