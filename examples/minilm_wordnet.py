@@ -552,10 +552,17 @@ def parse(argv=None) -> Settings:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--runs", default=",".join(d.runs), help="comma-separated subset of "
                    + ",".join(RUNS + EXTRA_RUNS) + " (adalora only when named)")
+    p.add_argument("--method", choices=("lora", "adalora"), default=None,
+                   help="one method only: --method adalora is --runs adalora (compare the "
+                        "two with --runs lora,adalora)")
     p.add_argument("--out", default=d.out, help="directory for the adapter, plots, JSON")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.method is not None:
+        if a.runs != ",".join(d.runs):
+            p.error(f"--method {a.method} and --runs {a.runs} both choose the runs; pass one")
+        a.runs = a.method
     return Settings(steps=a.steps, batch=a.batch, max_len=a.max_len, rank=a.rank,
                     alpha=a.alpha, targets=a.targets, lr_lora=a.lr_lora, lr_full=a.lr_full,
                     lr_probe=a.lr_probe, seed=a.seed, runs=tuple(a.runs.split(",")),

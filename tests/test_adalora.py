@@ -328,14 +328,13 @@ def test_misuse_is_a_clear_error(rng):
         tx.update(jax.tree.map(jnp.zeros_like, ad), tx.init(ad))
 
 
-@pytest.mark.parametrize("entry", ["apply", "merge", "save", "summary", "export_peft"])
+@pytest.mark.parametrize("entry", ["apply", "merge", "summary", "export_peft"])
 def test_lora_entry_points_refuse_adalora_trees_with_the_fix(rng, tmp_path, entry):
     params, fn, cfg = _model(_gen(9))
     ad = lj.adalora_init(params, cfg, key=rng)
     x = jnp.ones((2, 12), jnp.float32)
     call = {"apply": lambda: lj.apply(fn, cfg)(params, ad, x),
             "merge": lambda: lj.merge(params, ad, cfg),
-            "save": lambda: lj.save(str(tmp_path / "ck"), ad, cfg),
             "summary": lambda: lj.summary(params, ad),
             "export_peft": lambda: lj.export_peft(str(tmp_path / "pe"), ad, cfg,
                                                   key_map={".*": "{path}"},
@@ -343,3 +342,93 @@ def test_lora_entry_points_refuse_adalora_trees_with_the_fix(rng, tmp_path, entr
     with pytest.raises(ValueError, match=r"(layers|q)/kernel: the adapters hold AdaLoraWeights"
                        r"[\s\S]*Fix: pass lj.adalora_view\(adapters\)[\s\S]*adalora_to_lora"):
         call()
+
+
+def _leaves_equal(x, y) -> None:
+    assert jax.tree.structure(x) == jax.tree.structure(y)
+    for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
+        assert u.dtype == v.dtype and u.shape == v.shape
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+@pytest.mark.parametrize("base", ["float", "nf4"])
+def test_save_restore_keeps_every_triplet_and_mask(rng, tmp_path, base):
+    gen = _gen(10)
+    params, _, cfg = _model(gen)
+    if base == "nf4":
+        params = lj.quantize(params, targets=r".*/kernel", config=cfg)
+    ad = _trained_like(lj.adalora_init(params, cfg, key=rng), gen)
+    lj.save(str(tmp_path / "ck"), ad, cfg, params=params)
+    for kw in (dict(params=params), dict(like=ad), {}):
+        got, got_cfg = lj.restore(str(tmp_path / "ck"), **kw)
+        if kw:
+            _leaves_equal(got, ad)
+            assert lj.is_adalora(got["layers"]["kernel"])
+        else:   # the flat {path: node} form
+            assert set(got) == {"q/kernel", "layers/kernel"}
+            _leaves_equal(got["layers/kernel"], ad["layers"]["kernel"])
+        assert got_cfg.rank == cfg.rank
+    # the pruned triplets are the zero e entries, restored as they were
+    assert {p: r.tolist() for p, r in lj.adalora_ranks(got).items()} == \
+        {p: r.tolist() for p, r in lj.adalora_ranks(
+            {"q/kernel": ad["q"]["kernel"], "layers/kernel": ad["layers"]["kernel"]}).items()}
+    info = lj.checkpoint_info(str(tmp_path / "ck"))
+    assert info.format_version == 2
+    assert {r[0]: r[1] for r in info.rows} == {"q/kernel": "adalora", "layers/kernel": "adalora"}
+    assert "adalora" in str(info)
+    # a LoRA checkpoint keeps format version 1 (lora_jax 0.2 reads it)
+    lj.save(str(tmp_path / "plain"), lj.init(params, cfg, key=rng), cfg)
+    assert lj.checkpoint_info(str(tmp_path / "plain")).format_version == 1
+
+
+def test_restore_into_the_wrong_kind_is_a_clear_error(rng, tmp_path):
+    gen = _gen(11)
+    params, _, cfg = _model(gen)
+    ad = _trained_like(lj.adalora_init(params, cfg, key=rng), gen)
+    lj.save(str(tmp_path / "ck"), ad, cfg)
+    with pytest.raises(lj.CheckpointError, match=r"layers/kernel was saved as AdaLoraWeights "
+                       r"but the target holds LoraWeights"):
+        lj.restore(str(tmp_path / "ck"), like=lj.init(params, cfg, key=rng))
+    bad = dict(ad, q={"kernel": ad["q"]["kernel"]._replace(e=ad["q"]["kernel"].e[:2])})
+    with pytest.raises(ValueError, match=r"q/kernel: AdaLoraWeights with a \(12, 4\) and e "
+                       r"\(2,\): e must be \(\*stacked, rank\)"):
+        lj.save(str(tmp_path / "bad"), bad, cfg, params=params)
+
+
+@pytest.mark.standard_promotion   # optax's adam
+def test_checkpointer_resume_equals_the_uninterrupted_run(rng, tmp_path):
+    """AdaLoRA's state (EMAs, masks, the step count, Adam's moments) goes through
+    lj.Checkpointer; a run stopped after tinit and resumed makes the same masks and
+    the same factors as the run that never stopped."""
+    gen = _gen(12)
+    params, fn, cfg = _model(gen)
+    ad0 = lj.adalora_init(params, cfg, key=rng)
+    ad0 = jax.tree.map(lambda n: n._replace(e=jnp.full_like(n.e, 0.5)) if lj.is_adalora(n)
+                       else n, ad0, is_leaf=lj.is_adalora)
+    x = jnp.asarray(gen.standard_normal((8, 12)), jnp.float32)
+    y = jnp.asarray(gen.standard_normal((8, 8)), jnp.float32)
+    fwd = lj.apply(fn, cfg)
+    tx = lj.adalora(optax.adam(1e-2), target_r=2, total_step=14, tinit=2, tfinal=3, delta_t=2)
+    step = jax.jit(lj.make_train_step(
+        lambda p, a, x, y: jnp.mean((fwd(p, lj.adalora_view(a), x) - y) ** 2), tx))
+
+    def run(ad, state, n):
+        for _ in range(n):
+            ad, state, _ = step(params, ad, state, x, y)
+        return ad, state
+
+    full_ad, full_state = run(ad0, tx.init(ad0), 12)
+    ad, state = run(ad0, tx.init(ad0), 5)          # past tinit: masks already pruned
+    with lj.Checkpointer(str(tmp_path / "run")) as ck:
+        ck.save(5, ad, cfg, params=params, opt_state=state)
+    with lj.Checkpointer(str(tmp_path / "run")) as ck:   # a fresh process would do this
+        ts, _ = ck.restore_state(params=params, tx=tx)
+    assert ts.step == 5
+    _leaves_equal(ts.adapters, ad)
+    _leaves_equal(ts.opt_state, state)
+    resumed_ad, resumed_state = run(ts.adapters, ts.opt_state, 7)
+    for m_full, m_res in zip(full_state.mask, resumed_state.mask, strict=True):
+        np.testing.assert_array_equal(np.asarray(m_full), np.asarray(m_res))
+    for u, v in zip(jax.tree.leaves(full_ad), jax.tree.leaves(resumed_ad), strict=True):
+        assert rel_err(v, u) <= 1e-6
+    assert int(resumed_state.count) == 12

@@ -156,6 +156,9 @@ def test_minilm_wordnet_flags_and_errors(tmp_path):
                   "--lr-lora", "0.01", "--out", str(tmp_path)])
     assert (s.steps, s.targets, s.runs, s.plots, s.lr_lora) == \
         (7, "all", ("lora", "probe"), False, 0.01)
+    assert mw.parse(["--method", "adalora"]).runs == ("adalora",)
+    with pytest.raises(SystemExit):   # argparse's error: both choose the runs
+        mw.parse(["--method", "adalora", "--runs", "lora"])
     with pytest.raises(ValueError, match="unknown.*'lorra'.*--runs"):
         mw.run(mw.Settings(runs=("lorra",), out=str(tmp_path)))
     with pytest.raises(ValueError, match="targets='qkv'.*--targets all"):

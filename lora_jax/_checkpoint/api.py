@@ -49,7 +49,9 @@ def save(directory, adapters, config: LoraConfig, *, step: int | None = None, pa
 
     Args:
       directory: the checkpoint root; each step is a sub-directory.
-      adapters: the adapter tree.
+      adapters: the adapter tree: `LoraWeights` (DoRA's too), fully-trained
+        arrays, or AdaLoRA's `AdaLoraWeights` (restored as such; its allocator
+        state `lj.AdaLoraState` goes in ``opt_state``).
       config: the adapters' `LoraConfig`.
       step: the step number (default: one after the latest, or 0, skipping
         numbers whose folder exists but is not a lora_jax step).

@@ -50,7 +50,13 @@ from lora_jax._checkpoint.restore import (
 )
 from lora_jax._core.config import LoraConfig
 from lora_jax._core.errors import error, message
-from lora_jax._core.weights import check_adapters, check_scales, flatten_adapters, is_lora
+from lora_jax._core.weights import (
+    check_adapters,
+    check_scales,
+    flatten_adapters,
+    is_lora,
+    lora_shaped,
+)
 
 __all__ = ["Checkpointer", "TrainState"]
 
@@ -344,7 +350,7 @@ class Checkpointer:
         if params is not None:
             skeleton = jax.tree_util.tree_unflatten(treedef, [n for _, n in slots])
             try:
-                check_adapters(params, skeleton, config)
+                check_adapters(params, lora_shaped(skeleton), config)
             except ValueError as e:   # e says what and how to fix; name the step too
                 raise error(where, str(e), kind=CheckpointError) from None
             check_base(params, rec.get("fingerprint"), on_mismatch=on_base_mismatch, what=where)
@@ -356,7 +362,8 @@ class Checkpointer:
                                     check_finite, st_abstract)
         adapters = assemble(rec, slots, treedef, arrays, dtype)
         if config.scale_from == "config":   # the record's config must describe the arrays
-            scales = [(p, n.scale, np.shape(n.a)[-1]) for p, n in flatten_adapters(adapters)[0]
+            flat = flatten_adapters(lora_shaped(adapters))[0]
+            scales = [(p, n.scale, np.shape(n.a)[-1]) for p, n in flat
                       if is_lora(n) and np.ndim(n.scale) == 0]
             try:
                 check_scales(scales, config)

@@ -12,6 +12,7 @@ import numpy as np
 from lora_jax._checkpoint.fingerprint import fingerprint_summary
 from lora_jax._checkpoint.lease import LEASE_FILE
 from lora_jax._checkpoint.manager import bind, config_of, list_steps, pick_step, read_record
+from lora_jax._checkpoint.record import FACTOR_KINDS, fields
 from lora_jax._core.config import LoraConfig
 from lora_jax._core.fmt import table
 
@@ -105,13 +106,13 @@ def inspect_step(mngr, directory, step, *, check_identity: bool = True) -> Check
     config = config_of(rec, where)
     rows = []
     for path, e in rec["entries"].items():
-        if e["kind"] == "lora":
+        if e["kind"] in FACTOR_KINDS:
             a, b = e["a"], e["b"]
-            n = int(np.prod(a["shape"])) + int(np.prod(b["shape"]))
-            nb = (int(np.prod(a["shape"])) * jnp.dtype(a["dtype"]).itemsize
-                  + int(np.prod(b["shape"])) * jnp.dtype(b["dtype"]).itemsize)
+            trained = [e[f] for f in fields(e) if f != "scale"]
+            n = sum(int(np.prod(x["shape"])) for x in trained)
+            nb = sum(int(np.prod(x["shape"])) * jnp.dtype(x["dtype"]).itemsize for x in trained)
             # The scale is data; the table shows the config's value for the path.
-            rows.append((path, "lora", tuple(a["shape"]), tuple(b["shape"]), a["shape"][-1],
+            rows.append((path, e["kind"], tuple(a["shape"]), tuple(b["shape"]), a["shape"][-1],
                          config.scale_for(path), n, nb, a["dtype"]))
         else:
             arr = e["array"]

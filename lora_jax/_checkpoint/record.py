@@ -30,25 +30,54 @@ from lora_jax._core.config import LoraConfig
 from lora_jax._core.errors import error
 from lora_jax._core.paths import path_str
 from lora_jax._core.weights import (
+    AdaLoraWeights,
+    LoraWeights,
     check_adapters,
     check_floating,
     check_scales,
     flatten_adapters,
+    is_adalora,
     is_lora,
+    lora_shaped,
 )
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "fields", "canonical", "sha256_json",
            "array_record", "records", "check_finite_values", "adapter_arrays", "state_arrays",
-           "build_record", "check_record"]
+           "build_record", "check_record", "FACTOR_KINDS", "KIND_NAMES", "kind_of",
+           "build_node"]
 
 FORMAT = "lora_jax.adapter_checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 2 added AdaLoRA entries; a record without them is written as version 1,
+# so lora_jax 0.2 (which reads version 1) still reads every plain LoRA checkpoint.
+_PLAIN_VERSION = 1
 _FIELDS = ("a", "b", "scale")
+_ADALORA_FIELDS = ("a", "e", "b", "scale")
+FACTOR_KINDS = ("lora", "adalora")
 
 
 def fields(e) -> tuple:
-    """The saved fields of a LoraWeights entry (DoRA adds its magnitude ``m``)."""
+    """The saved fields of a factor entry: ``a, b, scale`` (DoRA adds its magnitude
+    ``m``), or AdaLoRA's ``a, e, b, scale``."""
+    if e.get("kind") == "adalora":
+        return _ADALORA_FIELDS
     return _FIELDS + (("m",) if "m" in e else ())
+
+
+def kind_of(node) -> str:
+    """The record's kind of an adapter node: ``lora``, ``adalora`` or ``train``."""
+    return "adalora" if is_adalora(node) else "lora" if is_lora(node) else "train"
+
+
+KIND_NAMES = {"lora": "LoraWeights", "adalora": "AdaLoraWeights",
+              "train": "a fully-trained array"}
+
+
+def build_node(kind: str, d: Mapping):
+    """The adapter node of a factor entry from its ``{field: value}`` mapping."""
+    if kind == "adalora":
+        return AdaLoraWeights(d["a"], d["e"], d["b"], d["scale"])
+    return LoraWeights(d["a"], d["b"], d["scale"], d.get("m"))
 
 
 class CheckpointError(ValueError):
@@ -127,6 +156,9 @@ def _check_fits_config(entries: dict, config: LoraConfig) -> None:
     with the config."""
     scales = []
     for path, node in entries.items():
+        if is_adalora(node):
+            _check_adalora_shapes(path, node)
+            node = lora_shaped(node)
         if is_lora(node):
             check_floating(path, node)
             if np.ndim(node.scale) == 0 and config.scale_from == "config":
@@ -153,11 +185,24 @@ def _check_fits_config(entries: dict, config: LoraConfig) -> None:
     check_scales(scales, config)
 
 
+def _check_adalora_shapes(path: str, node) -> None:
+    want = (*np.shape(node.a)[:-2], np.shape(node.a)[-1]) if np.ndim(node.a) >= 2 else None
+    if want is None or tuple(np.shape(node.e)) != want:
+        raise error(path, f"AdaLoraWeights with a {tuple(np.shape(node.a))} and e "
+                          f"{tuple(np.shape(node.e))}: e must be (*stacked, rank)",
+                    "build adapters with lj.adalora_init")
+    check_floating(path, node)
+
+
 def adapter_arrays(adapters, config, params, check_finite: bool):
     """Returns (arrays item, entries record) for an adapter tree."""
+    flat = flatten_adapters(adapters, adalora=True)[0]
     if params is not None:
-        check_adapters(params, adapters, config)
-    entries = {p: n for p, n in flatten_adapters(adapters)[0] if n is not None}
+        for path, node in flat:
+            if is_adalora(node):
+                _check_adalora_shapes(path, node)
+        check_adapters(params, lora_shaped(adapters), config)
+    entries = {p: n for p, n in flat if n is not None}
     if not entries:
         raise error("Checkpointer.save",
                     "adapters hold no LoraWeights and no trained arrays; there is nothing to save",
@@ -166,21 +211,20 @@ def adapter_arrays(adapters, config, params, check_finite: bool):
         _check_fits_config(entries, config)
     arrays, order = {}, []
     for path, node in entries.items():
-        if is_lora(node):
-            item = {"a": _as_array(node.a), "b": _as_array(node.b),
-                    "scale": _as_array(jnp.asarray(node.scale, jnp.float32))}
-            if node.m is not None:
-                item["m"] = _as_array(node.m)
+        kind = kind_of(node)
+        if kind in FACTOR_KINDS:
+            item = {f: _as_array(getattr(node, f)) for f in node._fields
+                    if f != "scale" and getattr(node, f) is not None}
+            item["scale"] = _as_array(jnp.asarray(node.scale, jnp.float32))
             arrays[path] = item
-            order += [(path, f, item[f]) for f in fields(item)]
+            order += [(path, f, item[f]) for f in fields({"kind": kind, **item})]
         else:
             arrays[path] = _as_array(node)
             order.append((path, "", arrays[path]))
     if check_finite:
         for path, f, x in order:
             check_finite_values(path, f, x, "in the adapter being saved")
-    record: dict[str, dict[str, Any]] = {
-        p: {"kind": "lora" if is_lora(n) else "train"} for p, n in entries.items()}
+    record: dict[str, dict[str, Any]] = {p: {"kind": kind_of(n)} for p, n in entries.items()}
     for (path, f, _), rec in zip(order, records([x for _, _, x in order]), strict=True):
         record[path][f or "array"] = rec
     return arrays, record
@@ -214,8 +258,9 @@ def _version() -> str:
 def build_record(config, entries, state, fingerprint, metadata, step, *, run_id=None,
                  metrics=None) -> dict:
     cfg = config.to_dict()
-    rec = {"format": FORMAT, "format_version": FORMAT_VERSION, "lora_jax_version": _version(),
-           "step": int(step), "run_id": run_id, "config": cfg,
+    adalora = any(e.get("kind") == "adalora" for e in entries.values())
+    rec = {"format": FORMAT, "format_version": FORMAT_VERSION if adalora else _PLAIN_VERSION,
+           "lora_jax_version": _version(), "step": int(step), "run_id": run_id, "config": cfg,
            "config_sha256": sha256_json(cfg), "entries": entries, "state": state or None,
            "fingerprint": fingerprint, "metadata": metadata or {}, "metrics": metrics}
     rec["sha256"] = sha256_json(rec)
@@ -231,8 +276,8 @@ def check_record(rec, where: str) -> Mapping:
     version = rec.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
         raise error(where, f"checkpoint format version {version!r} is not supported; this "
-                           f"lora_jax reads version {FORMAT_VERSION} (the file was written by "
-                           f"lora_jax {rec.get('lora_jax_version')!r})",
+                           f"lora_jax reads versions 1 to {FORMAT_VERSION} (the file was "
+                           f"written by lora_jax {rec.get('lora_jax_version')!r})",
                     "upgrade lora_jax to read it", kind=CheckpointError)
     body = {k: v for k, v in rec.items() if k != "sha256"}
     if sha256_json(rec.get("config")) != rec.get("config_sha256"):
@@ -243,6 +288,14 @@ def check_record(rec, where: str) -> Mapping:
         raise error(where, "the checkpoint metadata does not match its sha256; the file was "
                            "modified or corrupted",
                     "restore another step", kind=CheckpointError)
+    entries = rec.get("entries")
+    bad = sorted(p for p, e in entries.items() if not isinstance(e, Mapping)
+                 or e.get("kind") not in KIND_NAMES) if isinstance(entries, Mapping) else []
+    if not isinstance(entries, Mapping) or bad:
+        raise error(where, f"the checkpoint's entries {bad[:4] or ''} are not LoRA, AdaLoRA or "
+                           f"trained-array entries",
+                    "restore another step, or upgrade lora_jax if a newer one wrote it",
+                    kind=CheckpointError)
     return rec
 
 

@@ -16,15 +16,19 @@ import numpy as np
 
 from lora_jax._checkpoint.manager import ARRAYS_ITEM, STATE_ITEM, orbax_checkpoint
 from lora_jax._checkpoint.record import (
+    FACTOR_KINDS,
+    KIND_NAMES,
     CheckpointError,
     array_record,
+    build_node,
     check_finite_values,
     fields,
+    kind_of,
     records,
 )
 from lora_jax._core.errors import error
 from lora_jax._core.paths import flatten_params, path_str
-from lora_jax._core.weights import LoraWeights, flatten_adapters, is_lora
+from lora_jax._core.weights import flatten_adapters
 
 __all__ = ["expected_nodes", "check_slots", "restore_arrays", "assemble", "abstract_opt_state",
            "state_abstract", "unpack_state"]
@@ -37,7 +41,7 @@ def _default_sharding():
 def _shardings_by_path(shardings) -> dict | jax.sharding.Sharding | None:
     if shardings is None or isinstance(shardings, jax.sharding.Sharding):
         return shardings
-    return dict(flatten_adapters(shardings)[0])
+    return dict(flatten_adapters(shardings, adalora=True)[0])
 
 
 def _sharding(shardings, path, field, like_leaf):
@@ -60,27 +64,20 @@ def expected_nodes(rec, params, like) -> tuple[list[tuple[str, Any]], Any]:
     """
     entries = rec["entries"]
     if like is not None:
-        return flatten_adapters(like)
+        return flatten_adapters(like, adalora=True)
     if params is not None:
         flat, treedef = flatten_params(params)
-        out = []
-        for p, _ in flat:
-            path = path_str(p)
-            e = entries.get(path)
-            if e is None:
-                out.append((path, None))
-            elif e["kind"] == "lora":
-                out.append((path, LoraWeights(*(_sds(e[f]) for f in fields(e)))))
-            else:
-                out.append((path, _sds(e["array"])))
-        return out, treedef
-    nodes = []
-    for path, e in entries.items():
-        if e["kind"] == "lora":
-            nodes.append((path, LoraWeights(*(_sds(e[f]) for f in fields(e)))))
-        else:
-            nodes.append((path, _sds(e["array"])))
-    return nodes, None
+        paths = [path_str(p) for p, _ in flat]
+        return [(p, None if entries.get(p) is None else _abstract_node(entries[p]))
+                for p in paths], treedef
+    return [(p, _abstract_node(e)) for p, e in entries.items()], None
+
+
+def _abstract_node(e):
+    """The node an entry restores to, its arrays as ``jax.ShapeDtypeStruct``."""
+    if e["kind"] in FACTOR_KINDS:
+        return build_node(e["kind"], {f: _sds(e[f]) for f in fields(e)})
+    return _sds(e["array"])
 
 
 def _sds(arec):
@@ -112,14 +109,13 @@ def check_slots(rec, slots, where, dtype, used_like: bool):
                     "paths", kind=CheckpointError)
     for path, node in want.items():
         e = entries[path]
-        pairs = ([(f, getattr(node, f), e[f]) for f in fields(e)] if e["kind"] == "lora"
-                 else [("", node, e["array"])])
-        if (e["kind"] == "lora") != is_lora(node):
-            saved_as = "LoraWeights" if e["kind"] == "lora" else "a fully-trained array"
-            raise error(where, f"{path} was saved as {saved_as} but the target holds "
-                               f"{type(node).__name__}",
+        if e["kind"] != kind_of(node):
+            raise error(where, f"{path} was saved as {KIND_NAMES[e['kind']]} but the target "
+                               f"holds {type(node).__name__}",
                         "build the target for the saved config (lj.checkpoint_info shows it)",
                         kind=CheckpointError)
+        pairs = ([(f, getattr(node, f), e[f]) for f in fields(e)] if e["kind"] in FACTOR_KINDS
+                 else [("", node, e["array"])])
         for field, leaf, arec in pairs:
             name = f"{path}/{field}" if field else path
             if _shape_of(leaf) != tuple(arec["shape"]):
@@ -147,7 +143,7 @@ def restore_arrays(mngr, step, rec, slots, shardings, where, check_finite, state
     abstract = {}
     for path, e in entries.items():
         node = like[path]
-        if e["kind"] == "lora":
+        if e["kind"] in FACTOR_KINDS:
             abstract[path] = {f: jax.ShapeDtypeStruct(
                 tuple(e[f]["shape"]), jnp.dtype(e[f]["dtype"]),
                 sharding=_sharding(sh, path, f, getattr(node, f))) for f in fields(e)}
@@ -168,7 +164,7 @@ def restore_arrays(mngr, step, rec, slots, shardings, where, check_finite, state
     arrays = out[ARRAYS_ITEM]
     order = [(path, f, arrays[path][f] if f else arrays[path], e[f] if f else e["array"])
              for path, e in entries.items()
-             for f in (fields(e) if e["kind"] == "lora" else ("",))]
+             for f in (fields(e) if e["kind"] in FACTOR_KINDS else ("",))]
     got = records([x for _, _, x, _ in order])
     for (path, f, x, arec), rec in zip(order, got, strict=True):
         _verify(rec, arec, f"{path}/{f}" if f else path, where)
@@ -190,20 +186,19 @@ def _verify(got, arec, name, where):
 
 
 def assemble(rec, slots, treedef, arrays, dtype):
-    """The adapter tree from the slots and the restored arrays (``a``, ``b`` cast to ``dtype``)."""
+    """The adapter tree from the slots and the restored arrays (the factors -- all but
+    ``scale`` -- cast to ``dtype``)."""
     entries = rec["entries"]
     nodes = []
     for path, like_node in slots:
         e = entries.get(path) if like_node is not None else None
         if e is None:
             nodes.append(None)
-        elif e["kind"] == "lora":
-            d = arrays[path]
-            a, b, m = d["a"], d["b"], d.get("m")
+        elif e["kind"] in FACTOR_KINDS:
+            d = dict(arrays[path])
             if dtype is not None:
-                a, b = a.astype(dtype), b.astype(dtype)
-                m = None if m is None else m.astype(dtype)
-            nodes.append(LoraWeights(a, b, d["scale"], m))
+                d.update({f: d[f].astype(dtype) for f in fields(e) if f != "scale"})
+            nodes.append(build_node(e["kind"], d))
         else:
             nodes.append(arrays[path])
     if treedef is None:
@@ -226,7 +221,7 @@ def abstract_opt_state(rec, slots, treedef, tx, opt_state_like, *, where):
     for p, node in slots:
         if node is not None:
             e = entries[p]
-            abstract[p] = ({f: _sds(e[f]) for f in fields(e)} if e["kind"] == "lora"
+            abstract[p] = ({f: _sds(e[f]) for f in fields(e)} if e["kind"] in FACTOR_KINDS
                            else _sds(e["array"]))
     return jax.eval_shape(tx.init, assemble(rec, slots, treedef, abstract, None))
 

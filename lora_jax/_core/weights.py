@@ -42,7 +42,8 @@ from lora_jax._core.paths import (
 
 __all__ = ["LoraWeights", "AdaLoraWeights", "is_lora", "is_adalora", "is_node",
            "flatten_adapters", "map_adapters", "pair_with_params", "check_adapters",
-           "check_floating", "check_scales", "delta", "scale_array", "adalora_error"]
+           "check_floating", "check_scales", "delta", "scale_array", "adalora_error",
+           "lora_shaped"]
 
 
 @register_adapter_node   # resolve refuses params holding one (swapped arguments)
@@ -149,19 +150,29 @@ def is_node(x) -> bool:
     return x is None or is_lora(x)
 
 
-def flatten_adapters(adapters):
+def flatten_adapters(adapters, *, adalora: bool = False):
     """``([(path, node), ...], treedef)`` of an adapter-shaped tree.
 
     Nodes are `LoraWeights`, arrays (fully-trained leaves) or ``None``;
     `LoraWeights` stay whole. Works on adapter sets' trees and flat
-    ``{path: node}`` dicts alike.
+    ``{path: node}`` dicts alike. `AdaLoraWeights` nodes are refused with
+    `adalora_error`, unless ``adalora=True`` (checkpoints store them whole).
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(
         adapters, is_leaf=lambda x: is_node(x) or is_adalora(x))
     for p, n in flat:
-        if is_adalora(n):
+        if is_adalora(n) and not adalora:
             raise adalora_error(path_str(p))
     return [(path_str(p), n) for p, n in flat], treedef
+
+
+def lora_shaped(adapters):
+    """``adapters`` with each `AdaLoraWeights` seen as ``LoraWeights(a, b, scale)``:
+    the shapes the config's checks (`check_adapters`) expect, no arithmetic (it works
+    on ``jax.ShapeDtypeStruct`` skeletons too). What the update *is* comes from
+    ``lj.adalora_view``."""
+    return jax.tree.map(lambda n: LoraWeights(n.a, n.b, n.scale) if is_adalora(n) else n,
+                        adapters, is_leaf=lambda x: is_node(x) or is_adalora(x))
 
 
 def adalora_error(path: str) -> Exception:
@@ -282,8 +293,8 @@ def _dtype(x):
 def check_floating(path: str, node) -> None:
     """LoRA factors are trained by gradient descent: floating point only (a, b and
     DoRA's m may differ in dtype; `lj.apply` and `lj.merge` compute in float32)."""
-    for field in ("a", "b", "m"):
-        x = getattr(node, field)
+    for field in ("a", "e", "b", "m"):
+        x = getattr(node, field, None)
         if x is None:
             continue
         dtype = _dtype(x)
