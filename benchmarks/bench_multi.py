@@ -27,8 +27,15 @@ selection from a resident set), and the compile count over 100 swaps.
 XLA's cost/memory analyses of the compiled programs are recorded. Writes
 ``benchmarks/out/bench_multi.json`` and prints a summary.
 
+Training (``train``): one `lj.make_mixed_train_step` step that trains 8
+adapters of rank 8 at once (each example of a 16 x 128 batch assigned one at
+random; Adam per adapter) against one `lj.make_train_step` step of a single
+adapter on the same batch, interleaved; FLOPs from XLA's cost analysis of
+both steps.
+
 Usage:
   python benchmarks/bench_multi.py [--rounds 5] [--swaps 100]
+  python benchmarks/bench_multi.py --skip throughput decode padding swap   # training only
 """
 
 from __future__ import annotations
@@ -275,13 +282,50 @@ def swaps(model, variables, n_swaps: int) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
+def training(model, variables, mcfg, rounds: int, n_adapters: int = 8,
+             batch: int = 16) -> dict:
+    """One step training ``n_adapters`` adapters at once vs one single-adapter step."""
+    import optax
+
+    cfg = lj.LoraConfig(rank=RANK, alpha=ALPHA, targets=gpt.TARGETS)
+    aset = lj.adapter_set({f"t{i}": (random_adapter(variables, cfg, 100 + i), cfg)
+                           for i in range(n_adapters)})
+    tokens = jnp.asarray(gpt.random_tokens(mcfg, batch, seed=3, length=SEQ))  # SEQ + 1 tokens
+    ids = jnp.asarray(np.random.default_rng(4).integers(0, n_adapters, batch), jnp.int32)
+    tx = lj.optimizer(optax.adam(1e-3))
+    per_example = gpt.loss_fn(model.apply)            # written for a batch; one example here
+    mixed = lj.make_mixed_train_step(per_example, tx, jit=False)
+    f = lj.apply(per_example, cfg)
+    single = lj.make_train_step(f, tx, jit=False)
+    ad0 = lj.select_adapter(aset, 0)
+    opt_m, opt_s = lj.mixed_opt_state(tx, aset), tx.init(ad0)
+    res = {"adapters": n_adapters, "batch": batch, "seq": SEQ, "rank": RANK}
+    res["mixed"], c_mixed = analyse(mixed, variables, aset, opt_m, ids, tokens)
+    res["single"], c_single = analyse(single, variables, ad0, opt_s, tokens)
+    for k in ("mixed", "single"):
+        print(f"train {k}: {res[k]['gflop']:.1f} GFLOP, temp {res[k]['temp_mb']:.0f} MB, "
+              f"compile {res[k]['compile_s']:.1f}s", flush=True)
+    runners = {
+        "mixed": lambda: jax.block_until_ready(c_mixed(variables, aset, opt_m, ids, tokens)),
+        "single": lambda: jax.block_until_ready(c_single(variables, ad0, opt_s, tokens)),
+    }
+    t = interleaved(runners, rounds)
+    for k, v in t.items():
+        res[k].update(v)
+    res["mixed_over_single_time"] = t["mixed"]["median_s"] / t["single"]["median_s"]
+    res["paired_mixed_over_single_time"] = statistics.median(
+        x / y for x, y in zip(t["mixed"]["times_s"], t["single"]["times_s"], strict=True))
+    res["mixed_over_single_flops"] = res["mixed"]["gflop"] / res["single"]["gflop"]
+    return res
+
+
 def main():
     global BATCH, SEQ
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--swaps", type=int, default=100)
     ap.add_argument("--skip", nargs="*", default=(),
-                    choices=("throughput", "decode", "padding", "swap"))
+                    choices=("throughput", "decode", "padding", "swap", "train"))
     ap.add_argument("--decode-rounds", type=int, default=15)
     ap.add_argument("--smoke", action="store_true",
                     help="a tiny decoder and batch, to check the script runs (no real figures)")
@@ -324,6 +368,10 @@ def main():
     if "swap" not in args.skip:
         results["swap"] = swaps(model, variables, args.swaps)
         print(json.dumps(results["swap"], indent=1), flush=True)
+    if "train" not in args.skip:
+        results["train"] = training(model, variables, mcfg, args.rounds)
+        print(json.dumps({k: v for k, v in results["train"].items()
+                          if k not in ("mixed", "single")}, indent=1), flush=True)
     results["machine"]["load_avg_end"] = os.getloadavg()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

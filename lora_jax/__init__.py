@@ -78,6 +78,8 @@ from lora_jax._multi.set import adapter_set as adapter_set
 from lora_jax._multi.set import add_adapter as add_adapter
 from lora_jax._multi.set import remove_adapter as remove_adapter
 from lora_jax._multi.set import select_adapter as select_adapter
+from lora_jax._multi.train import make_mixed_train_step as make_mixed_train_step
+from lora_jax._multi.train import mixed_opt_state as mixed_opt_state
 from lora_jax._optim import make_train_step as make_train_step
 from lora_jax._optim import optimizer as optimizer
 from lora_jax._optim import trainable_labels as trainable_labels
@@ -169,11 +171,13 @@ __all__ = [
     "LoraConfig",
     "LoraWarning",
     "LoraWeights",
+    "make_mixed_train_step",
     "make_sharded_train_step",
     "make_train_step",
     "Member",
     "merge",
     "merge_weighted",
+    "mixed_opt_state",
     "nf4_levels",
     "NF4Weight",
     "opt_state_shardings",
