@@ -28,6 +28,7 @@ from jax.extend import core as jcore
 from jax.extend.core import primitives as P
 
 from lora_jax._apply.lazy import A, B, S, reshape_blocks
+from lora_jax._apply.prims import ragged_dot_p
 from lora_jax._core.config import Layout
 from lora_jax._core.errors import error
 
@@ -41,6 +42,9 @@ class _Probe(NamedTuple):
     path: str
     axes: tuple     # one frozenset of original axes per view axis (empty: a new axis)
     shape: tuple    # the view's shape
+    # W[ids] of a weight with >= 3 axes, not yet read: an expert gather when a product
+    # takes the result as its weight, a row lookup (an embedding) for any other use
+    lookup: tuple | None = None     # (desc, batching, rows, whole) original axes
 
 
 @dataclasses.dataclass
@@ -117,6 +121,8 @@ def _dot(eqn, probes, facts_of, use):
         return
     side = 0 if probes[0] is not None else 1
     probe = probes[side]
+    if probe.lookup is not None:
+        _expert_gather(probe.lookup, facts_of[probe.path], use)
     contract, batch = (lc, lb) if side == 0 else (rc, rb)
     free = [i for i in range(len(probe.shape)) if i not in contract and i not in batch]
     c, b, f = _origs(probe, contract), _origs(probe, batch), _origs(probe, free)
@@ -134,6 +140,8 @@ def _dot(eqn, probes, facts_of, use):
 
 
 def _conv(eqn, probes, facts_of, use):
+    for p in probes:
+        _settle(p, facts_of)
     if probes[0] is not None:
         facts_of[probes[0].path].opaque.append(f"{use} (the weight is the convolution input)")
     probe = probes[1]
@@ -153,11 +161,13 @@ def _conv(eqn, probes, facts_of, use):
 
 
 def _gather(eqn, probes, facts_of, use):
+    """Facts of a gather from the weight; an output probe for ``W[ids]`` of a weight
+    with >= 3 axes, whose meaning its next use decides (`_settle`)."""
     if probes[1] is not None:
         facts_of[probes[1].path].opaque.append(f"{use} (the weight is used as indices)")
     probe = probes[0]
     if probe is None:
-        return
+        return None
     facts = facts_of[probe.path]
     dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
     batching = set(dn.operand_batching_dims)
@@ -171,13 +181,68 @@ def _gather(eqn, probes, facts_of, use):
             whole.append(i)
         else:
             facts.opaque.append(f"{use} (a window of the weight, not whole rows)")
-            return
+            return None
     desc = f"{use} (row lookup over {_axes_str(_origs(probe, rows))})"
+    lookup = (desc, _origs(probe, batching), _origs(probe, rows), _origs(probe, whole))
+    if (len(probe.shape) >= 3 and len(rows) == 1 and not batching and probe.lookup is None
+            and tuple(dn.collapsed_slice_dims) == tuple(rows)):
+        out_axes: list = [frozenset()] * len(eqn.outvars[0].aval.shape)
+        for j, i in zip(dn.offset_dims, whole, strict=True):
+            out_axes[j] = probe.axes[i]
+        return probe._replace(axes=tuple(out_axes), shape=tuple(eqn.outvars[0].aval.shape),
+                              lookup=lookup)
+    _commit_lookup(facts, lookup)
+    return None
+
+
+def _commit_lookup(facts: Facts, lookup) -> None:
+    desc, batching, rows, whole = lookup
     facts.uses.append(desc)
     facts.lookups += 1
-    facts.pin(_origs(probe, batching), S, desc)
-    facts.pin(_origs(probe, rows), A, desc)
-    facts.pin(_origs(probe, whole), B, desc)
+    facts.pin(batching, S, desc)
+    facts.pin(rows, A, desc)
+    facts.pin(whole, B, desc)
+
+
+def _settle(probe: _Probe | None, facts_of) -> bool:
+    """A gathered weight used other than as a product's weight: it was a row lookup.
+    True when ``probe`` was such a gather (its use is then not opaque)."""
+    if probe is None or probe.lookup is None:
+        return False
+    _commit_lookup(facts_of[probe.path], probe.lookup)
+    return True
+
+
+def _expert_gather(lookup: tuple, facts: Facts, use: str) -> None:
+    """``W[ids]`` whose result a product takes as its weight: the indexed axis holds
+    the experts (stacked), one slice per token."""
+    desc, _, rows, _ = lookup
+    facts.pin(rows, S, f"{desc}, then {use} (an expert gather)")
+
+
+def _ragged_dot(eqn, probes, facts_of, use):
+    """``lax.ragged_dot``'s grouped weight: the group axis holds the experts (stacked),
+    the contracted axis is the input (or, transposed, the output) side."""
+    if probes[0] is not None:
+        _settle(probes[0], facts_of)
+        facts_of[probes[0].path].opaque.append(f"{use} (the weight is the ragged operand)")
+    probe = probes[1]
+    if probe is None:
+        return
+    _settle(probe, facts_of)
+    facts = facts_of[probe.path]
+    dn = eqn.params["ragged_dot_dimension_numbers"]
+    (_, rc), (_, rb) = dn.dot_dimension_numbers
+    groups = tuple(dn.rhs_group_dimensions)
+    free = [i for i in range(len(probe.shape)) if i not in rc and i not in rb
+            and i not in groups]
+    g, c, f = _origs(probe, groups), _origs(probe, rc), _origs(probe, free)
+    desc = f"{use} over groups {_axes_str(g)} contracting {_axes_str(c)}"
+    facts.uses.append(desc)
+    facts.pin(g | _origs(probe, rb), S, desc)
+    facts.products += 1
+    if c or f:
+        facts.dots.append((c, f, desc))
 
 
 def _shape_op(eqn, probe: _Probe, facts: Facts, use: str):
@@ -200,6 +265,8 @@ def _shape_op(eqn, probe: _Probe, facts: Facts, use: str):
         return _reshape(probe, p["new_sizes"], facts, use)
     if prim is P.squeeze_p:
         return _squeeze(probe, p["dimensions"], facts, use)
+    if probe.lookup is not None:    # a gathered weight is only followed to a product
+        return None
     if prim is P.broadcast_in_dim_p:
         axes: list = [frozenset()] * len(p["shape"])
         for i, j in enumerate(p["broadcast_dimensions"]):
@@ -240,7 +307,8 @@ def infer_jaxpr(jaxpr, inputs: dict, facts_of: dict, *, where: str = "") -> list
         for v, o in zip(eqn.outvars, outs, strict=False):
             if o is not None:
                 env[v] = o
-    return [env.get(v) if isinstance(v, jcore.Var) else None for v in jaxpr.outvars]
+    outs = [env.get(v) if isinstance(v, jcore.Var) else None for v in jaxpr.outvars]
+    return [None if _settle(o, facts_of) else o for o in outs]
 
 
 def _products(fn):
@@ -278,7 +346,7 @@ def _opaque_call(eqn, probes, facts_of, use, where):
 
 def _opaque(eqn, probes, facts_of, use, where):
     for p in probes:
-        if p is not None:
+        if p is not None and not _settle(p, facts_of):
             facts_of[p.path].opaque.append(f"{use} (no low-rank rule)")
     return [None] * len(eqn.outvars)
 
@@ -290,7 +358,11 @@ def _eqn(eqn, probes, facts_of, use, where) -> list:
     # a one-operand op on the weight (the other inputs are literals or other values)
     live = [p for p in probes if p is not None]
     if probes[0] is not None and len(live) == 1:
-        out = _shape_op(eqn, probes[0], facts_of[probes[0].path], use)
+        gathered = probes[0].lookup is not None
+        out = _shape_op(eqn, probes[0], Facts(()) if gathered else facts_of[probes[0].path],
+                        use)
+        if out is None and gathered:      # gathered rows used as values: an embedding
+            _settle(probes[0], facts_of)
         return [out] + [None] * (len(eqn.outvars) - 1)
     return _opaque(eqn, probes, facts_of, use, where)
 
@@ -324,7 +396,8 @@ def _scan(eqn, probes, facts_of, use, where) -> list:
 _RULES = {
     P.dot_general_p: _products(_dot),
     P.conv_general_dilated_p: _products(_conv),
-    P.gather_p: _products(_gather),
+    P.gather_p: lambda eqn, probes, facts_of, use, where:
+        [_gather(eqn, probes, facts_of, use)] + [None] * (len(eqn.outvars) - 1),
     P.jit_p: _call, P.closed_call_p: _call, P.call_p: _call, P.remat_p: _call,
     P.scan_p: _scan,
     P.cond_p: _cond,
@@ -332,6 +405,7 @@ _RULES = {
 }
 if getattr(lax, "split_p", None) is not None:
     _RULES[lax.split_p] = _split
+_RULES[ragged_dot_p] = _products(_ragged_dot)
 
 
 def probe_for(path: str, shape) -> _Probe:

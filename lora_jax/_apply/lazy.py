@@ -330,6 +330,44 @@ class LazyWeight:
         return dataclasses.replace(lw, a=factor(self.a, self.a_axis, B),
                                    b=factor(self.b, self.b_axis, A), g=g)
 
+    def take_stacked(self, indices, params) -> LazyWeight:
+        """``W[ids]`` along the one stacked axis (``lax.gather``): an MoE layer that
+        gathers each token's expert weight. The factors are gathered the same way,
+        so ``a[ids]``, ``b[ids]`` are the tokens' own experts' factors; the index
+        axes become the view's stacked axes (a product then batches over them).
+        Raises `NotLowRank` for any other gather from a stacked weight."""
+        gdn = params["dimension_numbers"]
+        sizes = tuple(params["slice_sizes"])
+        lw = self.canonical()
+        if lw.count(S) != 1:
+            raise NotLowRank("a gather from a weight with several stacked axes")
+        spos = lw.dims.index((S, 0))
+        whole = all(sizes[i] == n for i, n in enumerate(lw.shape) if i != spos)
+        if (not whole or sizes[spos] != 1 or tuple(gdn.collapsed_slice_dims) != (spos,)
+                or tuple(gdn.start_index_map) != (spos,) or gdn.operand_batching_dims
+                or indices.shape[-1:] != (1,)):
+            raise NotLowRank("a gather from a stacked weight that does not take whole "
+                             "slices along its stacked axis (only W[ids] is low-rank)")
+        kw = dict(indices_are_sorted=params["indices_are_sorted"],
+                  unique_indices=params["unique_indices"], mode=params["mode"],
+                  fill_value=params["fill_value"])
+        n_batch = indices.ndim - 1
+
+        def take(f):          # f: (E, ...): its slices for every index, index axes first
+            dn = lax.GatherDimensionNumbers(
+                offset_dims=tuple(range(n_batch, n_batch + f.ndim - 1)),
+                collapsed_slice_dims=(0,), start_index_map=(0,))
+            return lax.gather(f, indices, dn, (1, *f.shape[1:]), **kw)
+
+        kept = [d for i, d in enumerate(lw.dims) if i != spos]
+        out_rank = n_batch + len(kept)
+        dims, k_kept, k_batch = [], iter(kept), iter(range(n_batch))
+        for j in range(out_rank):
+            dims.append(next(k_kept) if j in gdn.offset_dims else (S, next(k_batch)))
+        g = None if lw.g is None else take(lw.g)
+        out = lw._with(lambda w: lax.gather(w, indices, gdn, sizes, **kw))
+        return dataclasses.replace(out, a=take(lw.a), b=take(lw.b), dims=tuple(dims), g=g)
+
     def _relabel(self, new_kind, new_shape, w_op) -> LazyWeight:
         """New view with per-axis kinds; factors reshaped to match (canonical order)."""
         new_dims = _label(new_kind)

@@ -2,7 +2,8 @@
 
 `lowrank_dot` (matmuls, through `lora_jax._apply.kernel` when the product
 flattens to 2-D), `lowrank_conv` (a conv with an r-channel kernel, then a
-1x1 up-projection) and `lowrank_gather` (embedding rows: ``a[ids] @ b``).
+1x1 up-projection), `lowrank_gather` (embedding rows: ``a[ids] @ b``) and
+`lowrank_ragged_dot` (grouped matmuls over expert-stacked weights: MoE).
 Each raises `NotLowRank` when the use has no low-rank form; DoRA's scale
 ``g`` is applied here (`dora_scaled`).
 """
@@ -18,7 +19,7 @@ from lora_jax._apply.kernel import fuse_concat, matmul_kernel
 from lora_jax._apply.lazy import A, B, LazyWeight, NotLowRank, S, factor_labels, transpose_to
 from lora_jax._core.dtypes import promote
 
-__all__ = ["lowrank_dot", "lowrank_conv", "lowrank_gather", "dora_scaled"]
+__all__ = ["lowrank_dot", "lowrank_conv", "lowrank_gather", "lowrank_ragged_dot", "dora_scaled"]
 
 
 def _matmul_plan(x, lw: LazyWeight, xc, wc, first_is_a):
@@ -269,3 +270,48 @@ def lowrank_gather(lw: LazyWeight, indices, *, params):
     d = jnp.moveaxis(d, -1, feat)
     return dora_scaled(lw, (base.astype(acc) + d.astype(acc)).astype(out_dtype),
                         _feature_labels(y_ndim=base.ndim, feat=feat))
+
+
+def lowrank_ragged_dot(x, lw: LazyWeight, group_sizes, *, params, lora_input=None):
+    """``ragged_dot(x, W + s a b, sizes)`` as ``ragged_dot(x, W) + s ragged_dot(ragged_dot(x,
+    a), b)``, all grouped by the same ``sizes``; raises `NotLowRank`.
+
+    An MoE layer's experts, stacked ``W: (E, in, out)`` and run on tokens sorted
+    by expert (``lax.ragged_dot``), with per-expert factors ``a: (E, in, r)``,
+    ``b: (E, r, out)``: each token meets its own expert's adapter, at ``2 r
+    (in + out)`` FLOPs per token. Needs ``lax.ragged_dot``'s form -- tokens
+    ``(m, k)`` ragged along axis 0, the weight's group axis its stacked axis,
+    one contracted axis (input or output: a transposed weight works) -- and
+    no ``group_offset``; DoRA is not low-rank here.
+    """
+    dn = params["ragged_dot_dimension_numbers"]
+    (lc, rc), (lb, rb) = dn.dot_dimension_numbers
+    if (x.ndim != 2 or lw.ndim != 3 or lb or rb or tuple(lc) != (1,) or len(rc) != 1
+            or tuple(dn.lhs_ragged_dimensions) != (0,) or len(dn.rhs_group_dimensions) != 1
+            or params.get("group_offset") is not None):
+        raise NotLowRank("a ragged_dot_general other than lax.ragged_dot's (tokens, k) x "
+                         "(groups, k, n) form")
+    gdim, cdim = dn.rhs_group_dimensions[0], rc[0]
+    fdim = ({0, 1, 2} - {gdim, cdim}).pop()
+    kinds = (lw.dims[gdim][0], lw.dims[cdim][0], lw.dims[fdim][0])
+    if kinds not in ((S, A, B), (S, B, A)):
+        raise NotLowRank("the ragged_dot's group axis is not the weight's stacked axis, or "
+                         "it does not contract the input (or the output) axis")
+    if lw.g is not None:
+        raise NotLowRank("DoRA on a ragged_dot (its column norm per expert has no grouped form)")
+    first_is_a = kinds[1] == A
+    lw = lw.canonical()
+    b = lw.b * lw.scale.astype(lw.b.dtype)
+    f1, f2 = (lw.a, b) if first_is_a else (jnp.swapaxes(b, 1, 2), jnp.swapaxes(lw.a, 1, 2))
+    out_dtype = _out_dtype(params["preferred_element_type"], x.dtype, lw.dtype)
+    acc = _acc_dtype(out_dtype, f1.dtype)
+    precision = params["precision"]
+    base = lax.ragged_dot_general(
+        x, lw.frozen(), group_sizes, dn, precision=precision,
+        preferred_element_type=acc if acc != out_dtype else params["preferred_element_type"])
+    xl = (x if lora_input is None else lora_input(x)).astype(f1.dtype)
+    t = lax.ragged_dot(xl, f1, group_sizes, precision=precision,
+                       preferred_element_type=f1.dtype)
+    d = lax.ragged_dot(t, f2, group_sizes, precision=precision,
+                       preferred_element_type=f1.dtype)
+    return (base.astype(acc) + d.astype(acc)).astype(out_dtype)

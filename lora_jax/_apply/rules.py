@@ -19,8 +19,14 @@ from jax.extend import core as jcore
 from jax.extend.core import primitives as P
 
 from lora_jax._apply.interp import bind, densify_output, evaluate, is_lazy
-from lora_jax._apply.lazy import NotLowRank
-from lora_jax._apply.lowrank import lowrank_conv, lowrank_dot, lowrank_gather
+from lora_jax._apply.lazy import NotLowRank, S
+from lora_jax._apply.lowrank import (
+    lowrank_conv,
+    lowrank_dot,
+    lowrank_gather,
+    lowrank_ragged_dot,
+)
+from lora_jax._apply.prims import ragged_dot_p
 
 __all__ = ["RULES", "FALLBACK_WHY"]
 
@@ -124,14 +130,26 @@ def _gather(trace, eqn, invals):
     lw, idx = invals
     if is_lazy(idx) or not is_lazy(lw):
         raise NotLowRank("the adapted weight is used as gather indices")
+    if lw.count(S):      # W[ids] of a stacked (expert) weight: still a lazy weight
+        return [lw.take_stacked(idx, eqn.params)]
     out = lowrank_gather(lw, idx, params=eqn.params)
     trace.took(lw.path, "lowrank_gather")
+    return [out]
+
+
+def _ragged_dot(trace, eqn, invals):
+    x, lw, sizes = invals
+    if is_lazy(x) or is_lazy(sizes) or not is_lazy(lw):
+        raise NotLowRank("the adapted weight is the ragged_dot's tokens, not its grouped weight")
+    out = lowrank_ragged_dot(x, lw, sizes, params=eqn.params, lora_input=trace.lora_input)
+    trace.took(lw.path, "lowrank_ragged_dot")
     return [out]
 
 
 RULES[P.dot_general_p] = _dot
 RULES[P.conv_general_dilated_p] = _conv
 RULES[P.gather_p] = _gather
+RULES[ragged_dot_p] = _ragged_dot
 
 
 # ----------------------------------------------------------------------------- control flow
