@@ -357,12 +357,21 @@ def _rewrite_tensors(folder, fn, keep_meta=False):
     ("bias", "all", "bias='all'"),
     ("peft_type", "LOHA", "peft_type='LOHA'"),
     ("fan_in_fan_out", True, "fan_in_fan_out=true"),
-    ("target_parameters", ["experts.down_proj"], "target_parameters"),
 ])
 def test_unsupported_peft_variants_refused(exported, field, value, what):
     folder, variables, _, _ = exported
     _edit_config(folder, **{field: value})
     with pytest.raises(lj.interop.UnsupportedPeftFeature, match=re.escape(what) + ".*Fix"):
+        lj.import_peft(folder, variables, key_map="llama")
+
+
+def test_target_parameters_the_key_map_does_not_place_are_refused(exported):
+    # (expert weights themselves are supported: tests/test_peft_experts.py)
+    folder, variables, _, _ = exported
+    _edit_config(folder, target_parameters=["experts.down_proj"])
+    with pytest.raises(ValueError, match=r"target_parameters \['experts.down_proj'\] match no "
+                       r"parameter the key map maps as an expert weight.*Fix: map them with "
+                       r"kind 'experts'"):
         lj.import_peft(folder, variables, key_map="llama")
 
 

@@ -12,6 +12,11 @@ says how the arrays correspond:
   transpose; PEFT's ``fan_in_fan_out``);
 * ``"embedding"``: ``(vocab, dim)`` in both;
 * ``"vector"``: 1-D (biases, norm weights), identical.
+* ``"experts"``: MoE expert weights, a 3-D torch ``nn.Parameter`` ``(E, out, in)``
+  (PEFT's ``target_parameters``; transformers' experts run ``F.linear`` per expert)
+  whose lora_jax leaf is ``(E, in, out)``;
+* ``"experts_in_out"``: a torch ``(E, in, out)`` expert parameter (a module with
+  ``is_transposed = True``), identical to the leaf.
 
 The reverse direction never parses names: it maps every path of a
 skeleton (the params) forward and inverts that table.
@@ -45,7 +50,7 @@ from lora_jax._core.paths import leaves_with_paths, unflatten_params
 __all__ = ["KeyMap", "HFName", "KEY_MAPS", "resolve_key_map", "to_hf_state_dict",
            "from_hf_state_dict", "layer_names", "tied_head"]
 
-KINDS = ("linear", "conv1d", "embedding", "vector")
+KINDS = ("linear", "conv1d", "embedding", "vector", "experts", "experts_in_out")
 _LEAF_KIND = {"kernel": "linear", "embedding": "embedding"}
 
 
@@ -267,10 +272,17 @@ def to_torch_layout(value: np.ndarray, kind: str, name: str) -> np.ndarray:
                         "give this leaf another kind in the key map, or '{i}' in its "
                         "template for a stacked (nn.scan) leaf")
         return np.ascontiguousarray(value.T)
+    if kind == "experts":
+        if value.ndim != 3:
+            raise error(name, f"an 'experts' weight must be 3-D (E, in, out), got shape "
+                              f"{value.shape}", "give this leaf another kind in the key map")
+        return np.ascontiguousarray(np.swapaxes(value, 1, 2))
     return np.ascontiguousarray(value)
 
 
 def from_torch_layout(value: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "experts":
+        return np.ascontiguousarray(np.swapaxes(value, 1, 2))
     return np.ascontiguousarray(value.T) if kind == "linear" else value
 
 

@@ -24,6 +24,7 @@ from lora_jax.interop._keymap import (
     resolve_key_map,
     to_torch_layout,
 )
+from lora_jax.interop._peft_experts import DEFAULT_ORDER, EXPERT_KINDS, expert_factors, nested_keys
 from lora_jax.interop._peft_format import (
     CONFIG_NAME,
     FACTOR_KEYS,
@@ -100,10 +101,18 @@ def _loftq_record(config: LoraConfig, checked) -> dict:
 def _peft_config(config: LoraConfig, out: _Exported, base_model_name_or_path,
                  task_type, loftq: dict) -> dict:
     modules, saved = out.modules, out.saved_modules
-    ranks = [r for r, _ in modules.values()]
+    ranks = [r for r, _ in (*modules.values(), *out.experts.values())]
     r0 = config.rank if config.rank in ranks else max(set(ranks), key=ranks.count)
-    alphas = [a for r, a in modules.values() if r == r0] or [a for _, a in modules.values()]
+    every_ra = [*modules.values(), *out.experts.values()]
+    alphas = [a for r, a in every_ra if r == r0] or [a for _, a in every_ra]
     a0 = config.alpha if config.alpha in alphas else max(set(alphas), key=alphas.count)
+    odd = {n: ra for n, ra in out.experts.items() if ra != (r0, a0)}
+    if odd:
+        raise error("lj.export_peft", f"expert weights {sorted(odd)[:4]} have (rank, alpha) "
+                                      f"{sorted(set(odd.values()))[:3]} but the file's r and "
+                                      f"lora_alpha are {(r0, a0)}; lora_jax writes no "
+                                      f"rank_pattern for target_parameters",
+                    "give the expert weights the config's rank and alpha")
     # A tied head is no target (PEFT ties it to the embedding), but PEFT gives
     # it its own scaling from the patterns: they must name it when needed.
     every = {**modules, **out.heads}
@@ -122,7 +131,7 @@ def _peft_config(config: LoraConfig, out: _Exported, base_model_name_or_path,
         "rank_pattern": rank_pattern,
         "alpha_pattern": {k: _json_number(v) for k, v in alpha_pattern.items()},
         "use_dora": config.use_dora, "lora_bias": False, "layer_replication": None,
-        "target_parameters": None, "trainable_token_indices": None,
+        "target_parameters": sorted(out.experts) or None, "trainable_token_indices": None,
         "loftq_config": loftq, "eva_config": None, "corda_config": None,
         "megatron_config": None, "megatron_core": "megatron.core",
         "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
@@ -136,7 +145,8 @@ def _json_number(x: float):
 
 def export_peft(directory, adapters, config: LoraConfig, *, key_map, params=None,
                 adapter_name: str = "default", base_model_name_or_path: str | None = None,
-                task_type: str | None = None, tied=(), overwrite: bool = False) -> str:
+                task_type: str | None = None, tied=(), overwrite: bool = False,
+                expert_order=DEFAULT_ORDER) -> str:
     """Writes adapters in PEFT's format (``PeftModel.from_pretrained`` loads them).
 
     Args:
@@ -162,6 +172,12 @@ def export_peft(directory, adapters, config: LoraConfig, *, key_map, params=None
         PEFT's forward adapts the lookup and the head alike, as `lj.apply`
         does.
       overwrite: replace existing adapter files.
+      expert_order: for MoE expert weights (key-map kinds ``"experts"`` /
+        ``"experts_in_out"``, written as PEFT's ``target_parameters``): the
+        parameter names of one torch module in the order its ``__init__``
+        registers them, which decides PEFT's nesting (``.base_layer``) of their
+        adapters. The default knows transformers' names (``gate_up_proj``
+        before ``down_proj``).
 
     An ``init="loftq"`` adapter is recorded as PEFT's
     ``init_lora_weights="loftq"`` with its ``loftq_config`` (bits from the
@@ -197,10 +213,10 @@ def export_peft(directory, adapters, config: LoraConfig, *, key_map, params=None
     loftq = _loftq_record(config, checked)
     nodes = _export_nodes(adapters, km)
     ties = export_ties(adapters, nodes, config, tied, params, km)
-    out = _export_tensors(nodes, config, ties)
+    out = _export_tensors(nodes, config, ties, expert_order)
     if out.saved_modules:
         _complete_saved_modules(out.tensors, out.saved_modules, params, km, nodes)
-    if not out.modules:
+    if not out.modules and not out.experts:
         raise error("lj.export_peft", "the adapters hold no LoraWeights (only fully-trained "
                                       "leaves); PEFT needs at least one LoRA module",
                     "check the config: its targets must adapt at least one weight")
@@ -220,6 +236,7 @@ class _Exported(NamedTuple):
     fan_in_fan_out: bool   # some module is a GPT-2 style Conv1D
     heads: dict            # output head tied to an adapted embedding -> (r, alpha)
     tied: bool             # some exported embedding is tied to the output head
+    experts: dict          # torch expert parameter (target_parameters) -> (r, alpha)
 
 
 def _export_nodes(adapters, km) -> list[tuple[str, Any, HFName]]:
@@ -239,13 +256,16 @@ def _export_nodes(adapters, km) -> list[tuple[str, Any, HFName]]:
     return [(p, n, hf) for p, n, hf in mapped if hf is not None]
 
 
-def _export_tensors(nodes, config: LoraConfig, ties: dict) -> _Exported:
+def _export_tensors(nodes, config: LoraConfig, ties: dict, expert_order) -> _Exported:
     """PEFT's tensors for every node: LoRA factors, and the weights of modules_to_save
     (with the copies a tied head needs)."""
-    out = _Exported({}, {}, [], False, {}, bool(ties))
+    out = _Exported({}, {}, [], False, {}, bool(ties), {})
     fan_in_fan_out = False
+    experts = {}
     for path, node, hf in nodes:
-        if is_lora(node):
+        if is_lora(node) and hf.kind in EXPERT_KINDS:
+            experts[hf.name] = (path, node)
+        elif is_lora(node):
             _add_lora_tensors(out, path, node, hf, config)
             fan_in_fan_out |= hf.kind == "conv1d"
         else:
@@ -257,7 +277,35 @@ def _export_tensors(nodes, config: LoraConfig, ties: dict) -> _Exported:
             out.saved_modules.append(hf.module)
         if path in ties:
             _add_head_copies(out, hf, ties[path])
+    if experts:
+        _add_expert_tensors(out, experts, config, expert_order)
     return out._replace(fan_in_fan_out=fan_in_fan_out)
+
+
+def _add_expert_tensors(out: _Exported, experts: dict, config: LoraConfig, order) -> None:
+    """MoE expert weights' ``lora_A`` / ``lora_B`` (PEFT's ``target_parameters``)."""
+    prefixes = nested_keys(list(experts), order)
+    for name, (path, node) in experts.items():
+        layout = config.layout_for(path)
+        if node.m is not None or layout is None or \
+                (layout.n_stacked, layout.n_in, layout.n_out, layout.order) != (1, 1, 1, None):
+            why = ("DoRA (PEFT's ParamWrapper has no DoRA)" if node.m is not None else
+                   f"layout {layout} (the default: one adapter over every expert)"
+                   if layout is None else f"layout {layout}")
+            raise error(path, f"an expert weight ({name}) exports as PEFT's target_parameters "
+                              f"only with plain LoRA on lj.Layout(1, 1, 1) (experts, in, out); "
+                              f"this adapter has {why}",
+                        "config = lj.configure(config, fn, params, *args) reads the layout; "
+                        "plain LoRA only")
+        scale = np.asarray(node.scale, np.float32)
+        if scale.ndim:
+            raise error(path, f"scale has shape {scale.shape}: this is an adapter set",
+                        "export each adapter separately (adapter_name=...)")
+        lora_a, lora_b = expert_factors(path, np.asarray(node.a), np.asarray(node.b))
+        out.tensors[f"{PREFIX}{prefixes[name]}.lora_A.weight"] = lora_a
+        out.tensors[f"{PREFIX}{prefixes[name]}.lora_B.weight"] = lora_b
+        r = node.a.shape[-1]
+        out.experts[name] = (r, _alpha_for_export(path, config, r, float(scale)))
 
 
 def _add_head_copies(out: _Exported, hf: HFName, head: str) -> None:

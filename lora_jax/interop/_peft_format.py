@@ -45,7 +45,6 @@ _SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")
 _UNSUPPORTED = {
     "lora_bias": "lora_bias (a trainable bias on lora_B)",
     "layer_replication": "layer_replication (repeated layers sharing base weights)",
-    "target_parameters": "target_parameters (LoRA on bare nn.Parameters)",
     "trainable_token_indices": "trainable_token_indices (TrainableTokens)",
     "alora_invocation_tokens": "aLoRA (alora_invocation_tokens)",
     "use_qalora": "QA-LoRA (use_qalora)",
@@ -65,6 +64,7 @@ _IGNORED = {
     "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
     "alpha_pattern", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
     "megatron_core", "qalora_group_size", "ensure_weight_tying", "runtime_config", "use_dora",
+    "target_parameters",   # read by lora_jax.interop._peft_experts
     *_UNSUPPORTED,
 }
 

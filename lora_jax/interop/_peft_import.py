@@ -28,6 +28,7 @@ from lora_jax.interop._keymap import (
     tied_head,
     to_torch_layout,
 )
+from lora_jax.interop._peft_experts import DEFAULT_ORDER, take_experts
 from lora_jax.interop._peft_format import (
     CONFIG_NAME,
     META_FP,
@@ -49,7 +50,8 @@ __all__ = ["import_peft"]
 
 
 def import_peft(directory, params, *, key_map, adapter_name: str = "default", dtype=None,
-                on_base_mismatch: str = "error", check_finite: bool = True, tied=()):
+                on_base_mismatch: str = "error", check_finite: bool = True, tied=(),
+                expert_order=DEFAULT_ORDER):
     """Reads a PEFT LoRA adapter into ``(adapters, config)`` for ``params``.
 
     The adapter tree mirrors ``params``; the returned `LoraConfig` targets
@@ -79,6 +81,10 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
         declare theirs). A file that keeps them tied (PEFT's
         ``ensure_weight_tying``) imports exactly; one that adapted only the
         lookup or only the head is refused.
+      expert_order: MoE expert weights (PEFT's ``target_parameters``, key-map
+        kinds ``"experts"`` / ``"experts_in_out"``): one torch module's
+        parameter names in registration order, which decides where PEFT
+        nested their adapters (see `lj.export_peft`).
 
     Raises:
       UnsupportedPeftFeature: lora_bias, trained biases, base-modifying
@@ -107,13 +113,21 @@ def import_peft(directory, params, *, key_map, adapter_name: str = "default", dt
     src = _read_adapter(adapter_folder(directory, adapter_name, "lj.import_peft"))
     tables = _skeleton_tables(params, km)
     ties = _import_ties(tables, km, tied_paths(tied, "lj.import_peft"))
+    all_tensors = src.tensors
+    experts = {}
+    if src.pcfg.get("target_parameters"):
+        rest = dict(src.tensors)
+        experts = take_experts(rest, src.pcfg, tables.by_param, dict(tables.flat), expert_order,
+                               src.st_path)
+        src = src._replace(tensors=rest)
     pieces = _classify_tensors(src, tables, ties)
     _resolve_ties(pieces, ties, src)
     _check_untied_heads(pieces, tables, km, src)
-    _check_all_placed(pieces, tables, km, src.st_path)
+    _check_all_placed(pieces, tables, km, src.st_path, len(experts))
     _check_targeted(pieces.factors, tables, src)
     per_path = _gather_per_path(pieces.factors, tables.by_module, src)
-    config = _build_config(src.pcfg, per_path, pieces.trained, src.tensors, dtype, src.st_path,
+    per_path.update(_expert_entries(experts, tables, src))
+    config = _build_config(src.pcfg, per_path, pieces.trained, all_tensors, dtype, src.st_path,
                            params).replace(tied=tuple(ties))
     adapters = _assemble_adapters(params, tables, per_path, pieces.trained, config)
     _check_imported(params, adapters, config, src.st_path, check_finite)
@@ -475,8 +489,10 @@ def _head_copies(pieces: _Pieces, embed: HFName, head: tuple, embed_path: str) -
 # ---------------------------------------------------------------- import: factors
 
 
-def _check_all_placed(pieces: _Pieces, tables: _Tables, km, st_path: str) -> None:
-    """Every key must have found its leaf, and some must be LoRA factors."""
+def _check_all_placed(pieces: _Pieces, tables: _Tables, km, st_path: str,
+                      n_experts: int = 0) -> None:
+    """Every key must have found its leaf, and some must be LoRA factors (of modules, or
+    of ``n_experts`` expert weights)."""
     if pieces.unplaced:
         raise error(st_path, f"{len(pieces.unplaced)} keys don't map to any leaf of params "
                              f"through key map {getattr(km, 'name', 'custom')!r}, e.g. "
@@ -485,7 +501,7 @@ def _check_all_placed(pieces: _Pieces, tables: _Tables, km, st_path: str) -> Non
                              f"produces from params' paths (e.g. {sorted(tables.by_module)[:3]})",
                     "pass the key map (and prefix, e.g. KEY_MAPS['bert'].with_prefix('bert.')) "
                     "of the model the adapter was trained on")
-    if not pieces.factors:
+    if not pieces.factors and not n_experts:
         raise error(st_path, "no LoRA factors found (no lora_A / lora_B tensors)",
                     "check the file: it should be a PEFT LoRA adapter's "
                     "adapter_model.safetensors")
@@ -521,6 +537,27 @@ def _gather_per_path(factors: dict, by_module: dict, src: _Source) -> dict[str, 
                         "unstack the model")
         entry.layers[layer] = (ab["A"].T, ab["B"].T, ab.get("M"))
     return per_path
+
+
+def _expert_entries(experts: dict, tables: _Tables, src: _Source) -> dict[str, _PathFactors]:
+    """`_PathFactors` of the expert weights (``a (E, in, r)``, ``b (E, r, out)``)."""
+    out = {}
+    for path, (a, b) in experts.items():
+        module = tables.by_path[path].module
+        r = a.shape[-1]
+        want = int(pattern_value(src.pcfg.get("rank_pattern"), module, src.pcfg["r"]))
+        if want != r:
+            raise error(src.st_path, f"{module}: its expert factors have rank {r} but "
+                                     f"adapter_config.json gives it {want}; the config and "
+                                     f"weights don't belong together", "re-export the adapter")
+        if src.pcfg.get("use_dora"):
+            raise error(src.st_path, f"{module}: use_dora with target_parameters (PEFT's "
+                                     f"ParamWrapper has no DoRA)", "re-export the adapter",
+                        kind=UnsupportedPeftFeature)
+        alpha = float(pattern_value(src.pcfg.get("alpha_pattern"), module,
+                                    src.pcfg["lora_alpha"]))
+        out[path] = _PathFactors(r, alpha, {None: (a, b, None)})
+    return out
 
 
 def _check_module_factors(module: str, ab: dict, use_dora: bool, st_path: str) -> None:
@@ -670,6 +707,9 @@ def _layouts(per_path: dict, params) -> dict:
     layouts = {}
     for path, e in per_path.items():
         a, b, _ = next(iter(e.layers.values()))
+        if a.ndim == 3:         # expert weights: (E, in, r), (E, r, out)
+            layouts[path] = Layout(1, 1, 1)
+            continue
         stacked = None not in e.layers
         lay = _infer_layout(path, shapes[path], stacked, a.shape[0], b.shape[1])
         if lay is not None and lay != Layout(0, len(shapes[path]) - 1, 1):
