@@ -558,7 +558,8 @@ ERROR_CASES = [
     _case("member-not-a-lora-pair", ValueError,
           r"q: adapter 'a' has a \(12, 2\) and b \(10, 2\), not a LoRA pair",
           lambda e: lj.adapter_set({"a": (_b_transposed(e), e.cfg)})),
-    _case("member-dora", ValueError, "q: adapter 'a' is a DoRA adapter here",
+    _case("member-dora", ValueError, "q: adapter 'a' has a DoRA magnitude m here but its config "
+          "has use_dora=False",
           lambda e: lj.adapter_set({"a": (_with_magnitude(e), e.cfg)})),
     _case("member-without-lora", ValueError, "adapter 'a' holds no LoraWeights",
           lambda e: lj.adapter_set({"a": ({"q": None, "v": None, "stack": None}, e.cfg)})),

@@ -49,6 +49,16 @@ class Combination(NamedTuple):
     report: Analysis
 
 
+def _refuse_dora(aset: AdapterSet, where: str) -> None:
+    if aset.config.use_dora:
+        raise error(f"lj.{where}", "the set holds DoRA adapters: a weighted sum of DoRA "
+                                   "updates is not a DoRA adapter (each one rescales its own "
+                                   "W + s a b to its magnitudes), so there is nothing exact to "
+                                   "combine",
+                    "merge each DoRA adapter alone (lj.merge with lj.select_adapter), or "
+                    "combine plain LoRA adapters")
+
+
 def _weights(aset: AdapterSet, weights, where: str) -> list:
     """``[(member index, weight), ...]`` validated; errors name ``where``."""
     if isinstance(weights, Mapping):
@@ -203,6 +213,7 @@ def combine(aset: AdapterSet, weights, *, method: str = "svd",
       4
     """
     check_set(aset, "combine")
+    _refuse_dora(aset, "combine")
     _check_method(method, rank)
     pairs = _weights(aset, weights, "lj.combine")
     flat, treedef = flatten_adapters(aset.adapters)
@@ -300,6 +311,7 @@ def merge_weighted(params, aset: AdapterSet, weights):
       1.5
     """
     check_set(aset, "merge_weighted")
+    _refuse_dora(aset, "merge_weighted")
     pairs = _weights(aset, weights, "lj.merge_weighted")
     w = np.zeros((aset.n,), np.float32)
     for i, x in pairs:

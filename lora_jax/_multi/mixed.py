@@ -23,6 +23,7 @@ from lora_jax._apply.transform import apply
 from lora_jax._core.errors import error
 from lora_jax._core.weights import LoraWeights, check_adapters, is_node
 from lora_jax._multi.set import AdapterSet, adapter_ids, check_set
+from lora_jax._variants.dora import dora_norms
 
 __all__ = ["apply_mixed"]
 
@@ -46,20 +47,37 @@ def _ids_array(aset: AdapterSet, ids):
     return ids.astype(jnp.int32)
 
 
-def _example_adapters(aset: AdapterSet, i):
-    """The adapter of one example (a vmapped index): zero scale for the base."""
+def _example_adapters(aset: AdapterSet, i, base_norms=None):
+    """The adapter of one example (a vmapped index): zero scale for the base (and,
+    in a DoRA set, the base weight's own column norms as magnitude: ``g = 1``)."""
     n = aset.n
     valid = (i >= 0) & (i < n)
     j = jnp.clip(i, 0, n - 1)
 
-    def one(node):
+    def one(node, norm):
         if node is None:
             return None
         a = lax.dynamic_index_in_dim(node.a, j, 0, keepdims=False)
         b = lax.dynamic_index_in_dim(node.b, j, 0, keepdims=False)
         s = lax.dynamic_index_in_dim(node.scale, j, 0, keepdims=False)
-        return LoraWeights(a, b, jnp.where(valid, s, jnp.zeros_like(s)))
-    return jax.tree.map(one, aset.adapters, is_leaf=is_node)
+        m = None
+        if node.m is not None:
+            m = lax.dynamic_index_in_dim(node.m, j, 0, keepdims=False)
+            m = jnp.where(valid, m, norm.astype(m.dtype))
+        return LoraWeights(a, b, jnp.where(valid, s, jnp.zeros_like(s)), m)
+    norms = base_norms if base_norms is not None else jax.tree.map(
+        lambda node: None, aset.adapters, is_leaf=is_node)
+    return jax.tree.map(one, aset.adapters, norms, is_leaf=is_node)
+
+
+def _base_norms(params, aset: AdapterSet):
+    """A DoRA set's base column norms ``||W||`` per adapted leaf (None for plain LoRA)."""
+    if not aset.config.use_dora:
+        return None
+    zero = jax.tree.map(lambda node: None if node is None else LoraWeights(
+        node.a[0], node.b[0], jnp.zeros((), jnp.float32), node.m[0]), aset.adapters,
+        is_leaf=is_node)
+    return dora_norms(params, zero, aset.config)
 
 
 def _arg_axes(in_axes, args) -> list:
@@ -197,10 +215,11 @@ def apply_mixed(fn: Callable, *, in_axes=0, out_axes: int = 0,
         ids = _ids_array(adapter_set, adapter_ids)
         leaves, where, per_arg = _split_args(args, _arg_axes(in_axes, args), ids.shape[0])
         inner = apply(fn, adapter_set.config, strict=strict)
+        norms = _base_norms(params, adapter_set)
 
         def one(i, batched):
             ex_args = _example_args(leaves, where, per_arg, batched)
-            out = inner(params, _example_adapters(adapter_set, i), *ex_args, **kwargs)
+            out = inner(params, _example_adapters(adapter_set, i, norms), *ex_args, **kwargs)
             return _squeeze_examples(out, out_axes)
 
         batched = [leaves[pos] for pos, _ in where]

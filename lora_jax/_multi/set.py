@@ -4,6 +4,7 @@ An `AdapterSet` holds several named adapters for the same base as *one*
 pytree. Every `LoraWeights` of it has a leading adapter axis::
 
     a: (n, *stacked, in, R)    b: (n, *stacked, R, out)    scale: (n,)
+    m: (n, *stacked, out)      (DoRA sets only: every member a DoRA adapter)
 
 so one adapter is ``x[i]`` of every leaf, and a stacked (``nn.scan``) leaf
 keeps its layer axis right after the adapter axis -- the layout
@@ -207,7 +208,8 @@ def _check_member(name, adapters, config, where: str):
 
 
 def _check_member_node(name, path: str, node, config: LoraConfig) -> None:
-    """One adapted leaf of adapter ``name``: a plain LoRA pair of the config's rank."""
+    """One adapted leaf of adapter ``name``: a LoRA pair of the config's rank (with a
+    DoRA magnitude exactly when its config has ``use_dora``)."""
     if not is_lora(node):
         raise error(path, f"adapter {name!r} has a fully-trained leaf here (LoraConfig.train). "
                           f"An adapter set holds LoRA factors only",
@@ -218,11 +220,11 @@ def _check_member_node(name, path: str, node, config: LoraConfig) -> None:
         raise error(path, f"adapter {name!r} has a {sa} and b {sb}, not a LoRA pair "
                           f"(*stacked, in, r) / (*stacked, r, out)",
                     "pass adapters made by lj.init, lj.restore or lj.truncate")
-    if getattr(node, "m", None) is not None:
-        raise error(path, f"adapter {name!r} is a DoRA adapter here (it has a magnitude m). "
-                          f"Adapter sets hold plain LoRA adapters (as PEFT, mixed batches "
-                          f"exclude DoRA)",
-                    "serve DoRA adapters alone with lj.apply, or merge them into the base")
+    if (getattr(node, "m", None) is not None) != config.use_dora:
+        has = "has a DoRA magnitude m" if node.m is not None else "has no DoRA magnitude m"
+        raise error(path, f"adapter {name!r} {has} here but its config has "
+                          f"use_dora={config.use_dora}",
+                    "pass the config the adapter was made with")
     if np.ndim(node.scale) != 0:
         raise error(path, f"adapter {name!r} has a scale of shape "
                           f"{tuple(np.shape(node.scale))}; one adapter has a scalar scale (is "
@@ -271,48 +273,75 @@ def _build(items, where: str) -> AdapterSet:
                                f"  only in {name!r}: {sorted(p1 - p0)[:5]}",
                         "build every adapter with lj.init from the same params")
     members = tuple(Member(n, cfg, ranks) for n, cfg, _, _, ranks in checked)
+    _check_one_kind(members, where)
     nodes, padded = [], {}
     for k, (path, _) in enumerate(flat0):
         here = [(m, flat[k][1]) for m, (_, _, flat, _, _) in zip(members, checked, strict=True)]
-        loras = [(m, x) for m, x in here if x is not None]
-        if not loras:
-            nodes.append(None)
-            continue
-        m0, x0 = loras[0]
-        lead, n_in, n_out = np.shape(x0.a)[:-2], np.shape(x0.a)[-2], np.shape(x0.b)[-1]
-        dtype = (jnp.dtype(x0.a.dtype), jnp.dtype(x0.b.dtype))
-        for m, x in loras[1:]:
-            got = (np.shape(x.a)[:-2], np.shape(x.a)[-2], np.shape(x.b)[-1])
-            if got != (lead, n_in, n_out):
-                raise error(path, f"adapter {m.name!r} has (stacked, in, out) = {got}, adapter "
-                                  f"{m0.name!r} has {(lead, n_in, n_out)}",
-                            "the adapters must be for the same base weights with the same "
-                            "LoraConfig.layouts")
-            if (jnp.dtype(x.a.dtype), jnp.dtype(x.b.dtype)) != dtype:
-                raise error(path, f"adapter {m.name!r} has a/b dtypes "
-                                  f"{jnp.dtype(x.a.dtype).name}/{jnp.dtype(x.b.dtype).name}, "
-                                  f"adapter {m0.name!r} has {dtype[0].name}/{dtype[1].name}",
-                            "cast them to one dtype first, e.g. "
-                            "jax.tree.map(lambda x: x.astype(jnp.float32), adapters)")
-        r_max = max(np.shape(x.a)[-1] for _, x in loras)
-        padded[path] = r_max
-        a = np.zeros((len(here), *lead, n_in, r_max), dtype[0])
-        b = np.zeros((len(here), *lead, r_max, n_out), dtype[1])
-        scale = np.zeros((len(here),), np.float32)
-        for i, (_, x) in enumerate(here):
-            if x is None:
-                continue  # this adapter leaves the weight alone: zero factors
-            r = np.shape(x.a)[-1]
-            a[i, ..., :r] = np.asarray(x.a)
-            b[i, ..., :r, :] = np.asarray(x.b)
-            scale[i] = float(x.scale)
-        nodes.append(LoraWeights(jnp.asarray(a), jnp.asarray(b), jnp.asarray(scale)))
+        node = _stack_path(path, here, members[0].config.use_dora)
+        if node is not None:
+            padded[path] = node.a.shape[-1]
+        nodes.append(node)
     paths = list(padded)
     # Each member keeps its own scale (alpha / rank of its config): the stored ones win.
     config = targets_config(members[0].config, members, paths).with_ranks(padded).replace(
         scale_from="adapters")
     adapters = jax.tree_util.tree_unflatten(treedef0, nodes)
     return AdapterSet(adapters, config, members)
+
+
+def _check_one_kind(members, where: str) -> None:
+    """A set holds DoRA adapters only, or plain LoRA adapters only."""
+    dora = [m.name for m in members if m.config.use_dora]
+    if dora and len(dora) < len(members):
+        plain = [m.name for m in members if not m.config.use_dora]
+        raise error(where, f"adapters {dora} are DoRA adapters and {plain} are not; a set "
+                           f"holds one kind (a DoRA weight is (W + s a b) scaled to the "
+                           f"magnitudes m, a plain LoRA weight is not scaled)",
+                    "build one set per kind, or merge the DoRA adapters into the base first")
+
+
+def _stack_path(path: str, here: list, dora: bool):
+    """The set's `LoraWeights` at ``path`` from ``[(member, node or None)]``: ranks
+    zero-padded to the largest, scales kept (and DoRA magnitudes stacked); None
+    when no member adapts it."""
+    loras = [(m, x) for m, x in here if x is not None]
+    if not loras:
+        return None
+    m0, x0 = loras[0]
+    lead, n_in, n_out = np.shape(x0.a)[:-2], np.shape(x0.a)[-2], np.shape(x0.b)[-1]
+    dtype = (jnp.dtype(x0.a.dtype), jnp.dtype(x0.b.dtype))
+    for m, x in loras[1:]:
+        got = (np.shape(x.a)[:-2], np.shape(x.a)[-2], np.shape(x.b)[-1])
+        if got != (lead, n_in, n_out):
+            raise error(path, f"adapter {m.name!r} has (stacked, in, out) = {got}, adapter "
+                              f"{m0.name!r} has {(lead, n_in, n_out)}",
+                        "the adapters must be for the same base weights with the same "
+                        "LoraConfig.layouts")
+        if (jnp.dtype(x.a.dtype), jnp.dtype(x.b.dtype)) != dtype:
+            raise error(path, f"adapter {m.name!r} has a/b dtypes "
+                              f"{jnp.dtype(x.a.dtype).name}/{jnp.dtype(x.b.dtype).name}, "
+                              f"adapter {m0.name!r} has {dtype[0].name}/{dtype[1].name}",
+                        "cast them to one dtype first, e.g. "
+                        "jax.tree.map(lambda x: x.astype(jnp.float32), adapters)")
+    if dora and len(loras) < len(here):
+        raise error(path, f"DoRA adapters {[m.name for m, x in here if x is None]} leave "
+                          f"this weight alone while {[m.name for m, _ in loras]} adapt it; "
+                          f"a DoRA set needs every adapter on the same weights (the "
+                          f"magnitude that leaves a weight unchanged depends on the base)",
+                    "give every DoRA adapter of the set the same targets")
+    r_max = max(np.shape(x.a)[-1] for _, x in loras)
+    a = np.zeros((len(here), *lead, n_in, r_max), dtype[0])
+    b = np.zeros((len(here), *lead, r_max, n_out), dtype[1])
+    scale = np.zeros((len(here),), np.float32)
+    for i, (_, x) in enumerate(here):
+        if x is None:
+            continue  # this adapter leaves the weight alone: zero factors
+        r = np.shape(x.a)[-1]
+        a[i, ..., :r] = np.asarray(x.a)
+        b[i, ..., :r, :] = np.asarray(x.b)
+        scale[i] = float(x.scale)
+    m = jnp.asarray(np.stack([np.asarray(x.m) for _, x in loras])) if dora else None
+    return LoraWeights(jnp.asarray(a), jnp.asarray(b), jnp.asarray(scale), m)
 
 
 def _items(members) -> list:
@@ -458,8 +487,9 @@ def _take(adapters, i):
     def one(node):
         if node is None:
             return None
-        return LoraWeights(*(lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
-                             for x in (node.a, node.b, node.scale)))
+        return LoraWeights(*(None if x is None else lax.dynamic_index_in_dim(x, i, 0,
+                                                                            keepdims=False)
+                             for x in (node.a, node.b, node.scale, node.m)))
     return jax.tree.map(one, adapters, is_leaf=is_node)
 
 
@@ -508,7 +538,7 @@ def select_adapter(aset: AdapterSet, name, *, trim: bool = False):
         r = member.rank_for(path)
         if r == 0:
             return None
-        return LoraWeights(node.a[..., :r], node.b[..., :r, :], node.scale)
+        return LoraWeights(node.a[..., :r], node.b[..., :r, :], node.scale, node.m)
     return map_adapters(cut, out)
 
 
