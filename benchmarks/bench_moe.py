@@ -11,9 +11,9 @@ ways of running the experts (the forms `lj.apply` has low-rank rules for):
   per-token product (memory-hungry: a weight copy per token; small sizes only).
 
 For each form, three jitted steps on the same batch, interleaved round-robin
-(medians reported), each forming the input gradient as a block inside a
-network does: ``lora`` (loss and the adapters' gradients through
-`lj.apply`), ``frozen`` (the frozen model's loss and input gradient: the
+(``--rounds`` rounds of 3 calls each; medians reported), each forming the
+input gradient as a block inside a network does: ``lora`` (loss and the
+adapters' gradients through `lj.apply`), ``frozen`` (the frozen model's loss and input gradient: the
 floor the adapter adds to) and ``full`` (loss and the experts' weight
 gradients: full fine-tuning). XLA's ``cost_analysis()`` FLOPs of each, next
 to the hand count of the low-rank terms, ``6 T r (d + f)`` per adapted
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -102,18 +101,12 @@ def run_form(name, fn, params, x, rank, rounds):
                   "temp_mb": compiled[k].memory_analysis().temp_size_in_bytes / 1e6}
     runners = {k: (lambda c=compiled[k], a=steps[k][1]: jax.block_until_ready(c(*a)))
                for k in steps}
-    for run in runners.values():
-        run()
-    times = {k: [] for k in runners}
-    for r in range(rounds):
-        for k, run in runners.items():
-            t0 = time.perf_counter()
-            run()
-            times[k].append(time.perf_counter() - t0)
-        print(f"  {name} round {r + 1}/{rounds}: " +
-              ", ".join(f"{k} {v[-1] * 1e3:.1f}ms" for k, v in times.items()), flush=True)
-    for k, v in times.items():
-        res[k]["median_ms"] = statistics.median(v) * 1e3
+    timed = _common.interleaved(runners, rounds, reps=3)
+    for k, v in timed.items():
+        res[k]["median_ms"] = v["median_s"] * 1e3
+        res[k]["q1_ms"], res[k]["q3_ms"] = v["q1_s"] * 1e3, v["q3_s"] * 1e3
+    print(f"  {name}: " + ", ".join(f"{k} {res[k]['median_ms']:.2f}ms" for k in steps),
+          flush=True)
     t, d, f = x.shape[0], params["up"].shape[1], params["up"].shape[2]
     res["hand_lowrank_gflop"] = 2 * 6 * t * rank * (d + f) / 1e9     # up and down
     res["lora_minus_frozen_gflop"] = res["lora"]["gflop"] - res["frozen"]["gflop"]

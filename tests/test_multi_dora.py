@@ -17,8 +17,8 @@ import pytest
 import lora_jax as lj
 from tests._asserts import rel_err
 from tests.conftest import SEED
-
-D_IN, D_H, D_OUT, T = 8, 12, 10, 3
+from tests.test_multi_train import D_H, D_IN, D_OUT, T
+from tests.test_multi_train import _model as two_layer_model
 
 
 def _gen(k=0):
@@ -26,13 +26,7 @@ def _gen(k=0):
 
 
 def _model(gen):
-    params = {"l1": {"kernel": jnp.asarray(gen.standard_normal((D_IN, D_H)) * 0.4, jnp.float32)},
-              "l2": {"kernel": jnp.asarray(gen.standard_normal((D_H, D_OUT)) * 0.4,
-                                           jnp.float32)}}
-
-    def fn(p, x):
-        return jnp.tanh(x @ p["l1"]["kernel"]) @ p["l2"]["kernel"]
-
+    params, fn, _ = two_layer_model(gen)
     return params, fn
 
 
