@@ -235,3 +235,43 @@ def test_moe_adapters_compose_with_checkpoints_sets_and_peft_style_merge(rng, tm
     with pytest.warns(lj.LoraWarning, match=r"moe/experts: lj.apply materialized"):
         got = lj.apply(fn, dcfg)(params, dad, x)
     assert rel_err(got, fn(lj.merge(params, dad, dcfg), x)) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["rslora", "pissa", "adalora"])
+def test_expert_adapters_of_every_kind_equal_the_merged_experts(rng, variant):
+    gen = _gen(6)
+    ids, sizes = _routing(gen)
+    fn = _forms(ids, sizes)["ragged"]
+    params = _params(gen)
+    x = jnp.asarray(gen.standard_normal((T, D)), jnp.float32)
+    base = lj.LoraConfig(rank=R, alpha=2 * R, targets="moe/experts",
+                         use_rslora=variant == "rslora",
+                         init="pissa" if variant == "pissa" else "kaiming")
+    cfg = lj.configure(base, fn, params, x)
+    if variant == "pissa":       # per expert: the top singular directions, the residual base
+        original = params
+        params, ad = lj.init(params, cfg, key=rng, return_params=True)
+        view = ad
+        # residual + s a b is the original experts; a holds each expert's top directions
+        assert rel_err(lj.merge(params, ad, cfg)["moe"]["experts"],
+                       original["moe"]["experts"]) <= 1e-5
+        top = np.linalg.svd(np.asarray(original["moe"]["experts"], np.float64),
+                            compute_uv=False)[:, :R]
+        got_sv = np.linalg.svd(np.asarray(
+            lj.merge(jax.tree.map(jnp.zeros_like, params), ad, cfg)["moe"]["experts"],
+            np.float64), compute_uv=False)[:, :R]
+        np.testing.assert_allclose(got_sv, top, rtol=1e-4)
+    elif variant == "adalora":
+        ad = lj.adalora_init(params, cfg, key=rng)
+        ad = jax.tree.map(lambda n: n._replace(
+            e=jnp.asarray(gen.standard_normal(n.e.shape), n.e.dtype),
+            b=jnp.asarray(gen.standard_normal(n.b.shape) * 0.3, n.b.dtype))
+            if lj.is_adalora(n) else n, ad, is_leaf=lj.is_adalora)
+        view = lj.adalora_view(ad)
+    else:
+        ad = view = _with_b(lj.init(params, cfg, key=rng), gen)
+    assert lj.explain(fn, cfg, params, view, x).n_fallbacks == 0
+    got = lj.apply(fn, cfg)(params, view, x)
+    want = fn(lj.merge(params, view, cfg), x)
+    assert rel_err(got, want) <= 1e-5
+    assert rel_err(want, fn(params, x)) > 1e-4          # the adapter acts

@@ -195,3 +195,55 @@ def test_bad_arguments_are_clear_errors(rng):
         lj.mixed_opt_state(tx, {"l1": None})
     with pytest.raises(ValueError, match=r"adapter_ids hold \[3\]"):
         step(params, aset, opt, jnp.asarray([3] * len(ids)), x, y)
+
+
+@pytest.mark.standard_promotion
+@pytest.mark.parametrize("base", ["float", "nf4"])
+def test_stacked_layers_on_any_base_train_as_separate_steps(rng, base):
+    """Scanned (stacked) layers, on a float or an NF4 base: the mixed step equals one
+    step per adapter on its examples."""
+    gen = _gen(5)
+    n_layers = 3
+    params = {"q": {"kernel": jnp.asarray(gen.standard_normal((D_IN, D_H)) * 0.4, jnp.float32)},
+              "layers": {"kernel": jnp.asarray(gen.standard_normal((n_layers, D_H, D_H)) * 0.3,
+                                               jnp.float32)}}
+
+    def fn(p, x):
+        h = x @ p["q"]["kernel"]
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), h, p["layers"]["kernel"])[0]
+
+    def loss(p, x, y):
+        return jnp.mean((fn(p, x) - y) ** 2)
+
+    x0 = jnp.zeros((1, T, D_IN), jnp.float32)
+    members = {}
+    for i, r in enumerate((2, 4)):
+        cfg = lj.configure(lj.LoraConfig(rank=r, alpha=2 * r, targets=r".*/kernel"), fn,
+                           params, x0)
+        ad = lj.init(params, cfg, key=jax.random.fold_in(rng, i))
+        ad = jax.tree.map(lambda n: n._replace(b=jnp.asarray(
+            gen.standard_normal(n.b.shape) * 0.2, n.b.dtype)) if lj.is_lora(n) else n,
+            ad, is_leaf=lj.is_lora)
+        members[f"r{r}"] = (ad, cfg)
+    if base == "nf4":
+        params = lj.quantize(params, targets=r".*/kernel", config=members["r2"][1])
+    aset = lj.adapter_set(members)
+    tx = lj.optimizer(optax.adam(LR))
+    step = lj.make_mixed_train_step(loss, tx, donate=False)
+    opt = lj.mixed_opt_state(tx, aset)
+    batches = [(np.array([0, 1, 1, 0, 1], np.int32),
+                gen.standard_normal((5, T, D_IN)).astype(np.float32),
+                gen.standard_normal((5, T, D_H)).astype(np.float32)) for _ in range(2)]
+    for ids, x, y in batches:
+        aset, opt, _ = step(params, aset, opt, jnp.asarray(ids), x, y)
+    for i, (name, (ad, cfg)) in enumerate(members.items()):
+        f = lj.apply(fn, cfg)
+        single = lj.make_train_step(lambda p, a, x, y, f=f: jnp.mean((f(p, a, x) - y) ** 2),
+                                    tx, donate=False)
+        state = tx.init(ad)
+        for ids, x, y in batches:
+            ad, state, _ = single(params, ad, state, x[ids == i], y[ids == i])
+        got = lj.select_adapter(aset, name, trim=True)
+        for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(ad), strict=True):
+            if np.ndim(u):
+                assert rel_err(u, v) <= 1e-5, (name, base)
