@@ -43,6 +43,7 @@ from lora_jax.interop._peft_format import (
     PREFIX,
     WEIGHTS_NAME,
     atomic_write,
+    read_config_json,
     read_safetensors,
     sha,
 )
@@ -210,11 +211,7 @@ def _read(folder: str):
             raise error(folder, f"no {os.path.basename(p)}",
                         "point at the folder PEFT's save_pretrained (or "
                         "lj.export_peft_adalora) wrote, saved with safetensors")
-    try:
-        with open(cfg_path, encoding="utf-8") as fh:
-            pcfg = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(cfg_path, f"not valid JSON ({e})", "re-save the adapter") from e
+    pcfg = read_config_json(cfg_path)
     if not isinstance(pcfg, dict) or pcfg.get("peft_type") != "ADALORA":
         got = pcfg.get("peft_type") if isinstance(pcfg, dict) else type(pcfg).__name__
         raise error(cfg_path, f"peft_type={got!r}: not an AdaLoRA adapter (ADALORA)",

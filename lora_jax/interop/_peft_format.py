@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -19,7 +20,7 @@ from lora_jax.interop._files import safetensors_modules
 __all__ = ["CONFIG_NAME", "FACTOR_KEYS", "META_CFG", "META_FP", "META_SHA", "PEFT_VERSION",
            "PREFIX", "UnsupportedPeftFeature", "WEIGHTS_NAME", "adapter_folder", "atomic_write",
            "check_peft_config", "is_saved_module", "pattern_value", "peft_targets",
-           "read_safetensors", "sha"]
+           "read_safetensors", "sha", "read_config_json"]
 
 
 CONFIG_NAME = "adapter_config.json"
@@ -105,6 +106,16 @@ def atomic_write(path: str, data: bytes) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def read_config_json(cfg_path: str):
+    """``adapter_config.json`` parsed; an unreadable or invalid file is an error naming it."""
+    try:
+        with open(cfg_path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(cfg_path, f"not valid JSON ({e})",
+                    "re-export the adapter (or re-save it with PEFT's save_pretrained)") from e
 
 
 def check_peft_config(cfg, where: str) -> None:

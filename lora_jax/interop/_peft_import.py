@@ -41,6 +41,7 @@ from lora_jax.interop._peft_format import (
     is_saved_module,
     pattern_value,
     peft_targets,
+    read_config_json,
     read_safetensors,
     sha,
 )
@@ -203,12 +204,7 @@ def _read_adapter(folder: str) -> _Source:
         raise error(folder, f"no {WEIGHTS_NAME}{why}",
                     "save the adapter with safetensors (save_pretrained(..., "
                     "safe_serialization=True))")
-    try:
-        with open(cfg_path, encoding="utf-8") as fh:
-            pcfg = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(cfg_path, f"not valid JSON ({e})",
-                    "re-export the adapter (or re-save it with PEFT's save_pretrained)") from e
+    pcfg = read_config_json(cfg_path)
     check_peft_config(pcfg, cfg_path)
     tensors, meta = read_safetensors(st_path)
     _check_sums(st_path, tensors, meta)
