@@ -17,7 +17,7 @@ import pytest
 import lora_jax as lj
 from tests._asserts import rel_err
 from tests.conftest import SEED
-from tests.test_multi_train import D_H, D_IN, D_OUT, T
+from tests.test_multi_train import D_H, D_IN, D_OUT, T, assert_equals_separate_steps
 from tests.test_multi_train import _model as two_layer_model
 
 
@@ -87,17 +87,7 @@ def test_training_dora_adapters_at_once_equals_separate_steps(rng):
                         gen.standard_normal((7, T, D_OUT)).astype(np.float32)))
     for ids, x, y in batches:
         aset, opt, _ = step(params, aset, opt, jnp.asarray(ids), x, y)
-    for i, (name, (ad, cfg)) in enumerate(members.items()):
-        f = lj.apply(fn, cfg)
-        single = lj.make_train_step(lambda p, a, x, y, f=f: jnp.mean((f(p, a, x) - y) ** 2), tx,
-                                    donate=False)
-        state = tx.init(ad)
-        for ids, x, y in batches:
-            ad, state, _ = single(params, ad, state, x[ids == i], y[ids == i])
-        got = lj.select_adapter(aset, name, trim=True)
-        for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(ad), strict=True):
-            if np.ndim(u):
-                assert rel_err(u, v) <= 1e-5, name
+    assert_equals_separate_steps(aset, fn, params, members, tx, batches)
 
 
 def test_dora_sets_save_restore_and_refuse_what_has_no_exact_meaning(rng, tmp_path):
