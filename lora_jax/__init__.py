@@ -80,6 +80,7 @@ from lora_jax._multi.set import remove_adapter as remove_adapter
 from lora_jax._multi.set import select_adapter as select_adapter
 from lora_jax._multi.train import make_mixed_train_step as make_mixed_train_step
 from lora_jax._multi.train import mixed_opt_state as mixed_opt_state
+from lora_jax._multi.train import reset_opt_state as reset_opt_state
 from lora_jax._optim import make_train_step as make_train_step
 from lora_jax._optim import optimizer as optimizer
 from lora_jax._optim import trainable_labels as trainable_labels
@@ -190,6 +191,7 @@ __all__ = [
     "PRESETS",
     "quantize",
     "remove_adapter",
+    "reset_opt_state",
     "restore",
     "restore_set",
     "restore_state",

@@ -253,3 +253,43 @@ def assert_equals_separate_steps(aset, fn, params, members, tx, batches) -> None
         for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(ad), strict=True):
             if np.ndim(u):
                 assert rel_err(u, v) <= 1e-5, name
+
+
+@pytest.mark.standard_promotion
+def test_a_new_tenant_in_a_slot_trains_from_scratch_without_recompiling(rng):
+    gen = _gen(6)
+    params, fn, loss = _model(gen)
+    members = _members(params, gen)
+    aset = lj.adapter_set(members)
+    tx = lj.optimizer(optax.adam(LR))
+    step = lj.make_mixed_train_step(loss, tx, donate=False)
+    opt = lj.mixed_opt_state(tx, aset)
+    ids = jnp.asarray([0, 1, 2, 1, 0, 2], jnp.int32)
+    x = jnp.asarray(gen.standard_normal((6, T, D_IN)), jnp.float32)
+    y = jnp.asarray(gen.standard_normal((6, T, D_OUT)), jnp.float32)
+    for _ in range(2):
+        aset, opt, _ = step(params, aset, opt, ids, x, y)
+    cfg4 = members["r4"][1]
+    newcomer = _members(params, _gen(60))["r4"][0]           # same config, new factors
+    # the reference works on the set's padded form (the form the slots' states are for)
+    before = {n: lj.select_adapter(aset, n) for n in ("r2", "r8")}
+    slots = {n: aset.index(n) for n in ("r2", "r8")}
+    states = {n: jax.tree.map(lambda s, i=i: s[i], opt) for n, i in slots.items()}
+    aset = lj.add_adapter(aset, "r4", newcomer, cfg4, replace=True)
+    opt = lj.reset_opt_state(tx, aset, opt, "r4")
+    before["r4"] = lj.select_adapter(aset, "r4")
+    with CompileCounter() as cc:
+        aset, opt, _ = step(params, aset, opt, ids, x, y)
+    assert cc.count == 0
+    # the newcomer took one fresh step; the others went on from where they were
+    f = lj.apply(fn, aset.config)
+    single = lj.make_train_step(lambda p, a, x, y: jnp.mean((f(p, a, x) - y) ** 2), tx,
+                                donate=False)
+    for name, ad in before.items():
+        state = states[name] if name in states else tx.init(ad)
+        mine = np.asarray(ids) == aset.index(name)
+        want, _, _ = single(params, ad, state, x[mine], y[mine])
+        got = lj.select_adapter(aset, name)
+        for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            if np.ndim(u):
+                assert rel_err(u, v) <= 1e-5, name

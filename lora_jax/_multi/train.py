@@ -27,9 +27,9 @@ import optax
 
 from lora_jax._core.errors import error
 from lora_jax._multi.mixed import apply_mixed
-from lora_jax._multi.set import AdapterSet, adapter_ids, check_set
+from lora_jax._multi.set import AdapterSet, adapter_ids, check_set, index_of, select_adapter
 
-__all__ = ["make_mixed_train_step", "mixed_opt_state"]
+__all__ = ["make_mixed_train_step", "mixed_opt_state", "reset_opt_state"]
 
 
 def mixed_opt_state(tx: optax.GradientTransformation, aset: AdapterSet):
@@ -56,6 +56,43 @@ def mixed_opt_state(tx: optax.GradientTransformation, aset: AdapterSet):
     """
     check_set(aset, "mixed_opt_state")
     return jax.vmap(tx.init)(aset.adapters)
+
+
+def reset_opt_state(tx: optax.GradientTransformation, aset: AdapterSet, opt_state, name):
+    """``opt_state`` with adapter ``name``'s slot started afresh (``tx.init`` of it).
+
+    For a new tenant in an existing slot: `lj.add_adapter` with ``replace=True``
+    and the same config keeps the set's shapes and structure, and this resets
+    its optimizer state; the jitted mixed step then runs without recompiling.
+
+    Args:
+      tx: the transformation the state was built with (`mixed_opt_state`).
+      aset: the set, holding the new adapter at ``name``.
+      opt_state: the set's optimizer state.
+      name: the adapter's name (or index).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, lora_jax as lj
+      >>> params = {"w": jnp.ones((8, 4))}
+      >>> cfg = lj.LoraConfig(rank=2, targets="w")
+      >>> aset = lj.adapter_set({n: (lj.init(params, cfg, key=jax.random.key(i)), cfg)
+      ...                        for i, n in enumerate("ab")})
+      >>> tx = lj.optimizer(optax.adam(1e-3))
+      >>> state = jax.tree.map(lambda x: x + 1, lj.mixed_opt_state(tx, aset))
+      >>> aset = lj.add_adapter(aset, "b", lj.init(params, cfg, key=jax.random.key(9)), cfg,
+      ...                       replace=True)
+      >>> jax.tree.leaves(lj.reset_opt_state(tx, aset, state, "b"))[0].tolist()  # counts
+      [1, 0]
+    """
+    check_set(aset, "reset_opt_state")
+    i = index_of(aset, name, "lj.reset_opt_state")
+    fresh = tx.init(select_adapter(aset, i))
+    try:
+        return jax.tree.map(lambda full, new: full.at[i].set(new), opt_state, fresh)
+    except ValueError as e:
+        raise error("lj.reset_opt_state", f"opt_state does not have the structure of tx's state "
+                                          f"for this set ({e})",
+                    "pass the state from lj.mixed_opt_state(tx, aset) and the same tx") from None
 
 
 def _lr_scale(lr_scale, n: int):
