@@ -395,6 +395,7 @@ def test_restore_into_the_wrong_kind_is_a_clear_error(rng, tmp_path):
         lj.save(str(tmp_path / "bad"), bad, cfg, params=params)
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion   # optax's adam
 def test_checkpointer_resume_equals_the_uninterrupted_run(rng, tmp_path):
     """AdaLoRA's state (EMAs, masks, the step count, Adam's moments) goes through

@@ -119,6 +119,7 @@ def test_the_default_layout_is_refused_naming_the_fix(rng):
             lj.apply(fn, cfg)(params, ad, x)
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion     # optax's adam
 def test_experts_in_scanned_layers_train_without_dense_updates(rng):
     """(layers, experts, in, out) under nn.scan-style lax.scan: Layout(2, 1, 1) read from the

@@ -67,6 +67,7 @@ def test_mixed_batch_of_dora_adapters_equals_each_alone(rng):
         assert rel_err(got[e], want) <= 1e-5, name
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion     # optax's adam
 def test_training_dora_adapters_at_once_equals_separate_steps(rng):
     gen = _gen(2)

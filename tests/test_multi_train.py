@@ -69,6 +69,7 @@ def _batches(gen, n_steps, n_ex=7):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion          # optax's adam
 def test_one_step_equals_a_separate_step_per_adapter_on_its_examples(rng):
     gen = _gen(1)
@@ -197,6 +198,7 @@ def test_bad_arguments_are_clear_errors(rng):
         step(params, aset, opt, jnp.asarray([3] * len(ids)), x, y)
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 @pytest.mark.parametrize("base", ["float", "nf4"])
 def test_stacked_layers_on_any_base_train_as_separate_steps(rng, base):

@@ -86,6 +86,7 @@ def _inputs(gen):
     return x, ids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transposed", [False, True], ids=["out_in", "in_out"])
 def test_exported_expert_adapter_loads_in_peft_with_the_same_outputs(rng, tmp_path, transposed):
     torch = pytest.importorskip("torch")
