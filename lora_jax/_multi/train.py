@@ -193,14 +193,16 @@ def make_mixed_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *
         n = aset.n
         scale = _lr_scale(lr_scale, n)
         valid = (ids >= 0) & (ids < n)
-        counts = jnp.zeros((n,), jnp.float32).at[jnp.where(valid, ids, 0)].add(
-            valid.astype(jnp.float32))
-        weight = jnp.where(valid, 1.0 / jnp.maximum(counts[jnp.clip(ids, 0, n - 1)], 1.0), 0.0)
+        counts = jnp.zeros((n,), jnp.int32).at[jnp.where(valid, ids, 0)].add(
+            valid.astype(jnp.int32))
+        slot = jnp.clip(ids, 0, n - 1)
 
         def total(adapters):
             per_ex = losses_of(params, dataclasses.replace(aset, adapters=adapters), ids, *batch)
-            per_adapter = jnp.zeros((n,), jnp.float32).at[jnp.clip(ids, 0, n - 1)].add(
-                (weight * per_ex).astype(jnp.float32))
+            # 1 / (the example's adapter's count), in the loss's own dtype (float64 stays exact)
+            own = jnp.maximum(counts[slot], 1).astype(per_ex.dtype)
+            weight = jnp.where(valid, jnp.ones_like(own) / own, jnp.zeros_like(own))
+            per_adapter = jnp.zeros((n,), per_ex.dtype).at[slot].add(weight * per_ex)
             return jnp.sum(weight * per_ex), per_adapter
 
         grads, per_adapter = jax.grad(total, has_aux=True)(aset.adapters)
@@ -216,7 +218,7 @@ def make_mixed_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *
 
         new_adapters = jax.tree.map(keep_idle, new_adapters, aset.adapters)
         new_state = jax.tree.map(keep_idle, new_state, opt_state)
-        losses = jnp.where(active, per_adapter, jnp.nan)
+        losses = jnp.where(active, per_adapter, jnp.full_like(per_adapter, jnp.nan))
         return dataclasses.replace(aset, adapters=new_adapters), new_state, losses
 
     if not jit:
