@@ -17,8 +17,9 @@ How it is built (the modules, for whoever extends it):
   frozen weight in its current view plus ``a``, ``b``, ``scale`` and one
   label per view axis (stacked / input / output). Shape-only ops are pushed
   into the factors.
-* `lora_jax._apply.lowrank` -- `lowrank_dot`, `lowrank_conv` and
-  `lowrank_gather`, the only places a low-rank product is formed.
+* `lora_jax._apply.lowrank` -- `lowrank_dot`, `lowrank_conv`,
+  `lowrank_gather` and `lowrank_ragged_dot` (MoE experts), the only places a
+  low-rank product is formed.
 * `lora_jax._apply.kernel` -- the matmul kernel. Matmuls that flatten to
   ``(M, K) @ (K, N)`` (Dense, DenseGeneral, Einsum, tied projections) go
   through one ``custom_vjp``: its training forward is a single dot of
@@ -89,7 +90,7 @@ class Explanation:
     Attributes:
       rules: ``{path: {rule: count}}`` for every targeted leaf; rules are
         ``"lowrank_dot"``, ``"lowrank_conv"``, ``"lowrank_gather"``,
-        ``"materialized"`` (see ``fallbacks``) and ``"unused"``.
+        ``"lowrank_ragged_dot"``, ``"materialized"`` (see ``fallbacks``) and ``"unused"``.
       fallbacks: ``{path: [(primitive, why), ...]}`` for each use that
         materialized ``W + scale * a @ b``.
     """
