@@ -276,3 +276,36 @@ def test_expert_adapters_of_every_kind_equal_the_merged_experts(rng, variant):
     want = fn(lj.merge(params, view, cfg), x)
     assert rel_err(got, want) <= 1e-5
     assert rel_err(want, fn(params, x)) > 1e-4          # the adapter acts
+
+
+def test_mixed_batches_of_expert_adapters_for_the_vmappable_forms(rng):
+    """`lj.apply_mixed` maps the model over examples with `jax.vmap`: the einsum and gather
+    forms go through it; `ragged_dot` does not (jax 0.10 has no vmap rule for it) and the
+    error says what to do instead."""
+    gen = _gen(7)
+    params = _params(gen)
+    ids_t = jnp.asarray(gen.integers(0, E, (3, T)), jnp.int32)     # each example's routing
+
+    def gather(p, x, ids):           # one example: x (1, T, D), ids (1, T)
+        return jnp.tanh(jnp.einsum("btd,btdf->btf", x, p["moe"]["experts"][ids]))
+
+    x = jnp.asarray(gen.standard_normal((3, T, D)), jnp.float32)
+    cfg = lj.configure(lj.LoraConfig(rank=R, targets="moe/experts"), gather, params, x[:1],
+                       ids_t[:1])
+    members = {n: (_with_b(lj.init(params, cfg, key=jax.random.fold_in(rng, i)), gen), cfg)
+               for i, n in enumerate(("one", "two"))}
+    aset = lj.adapter_set(members)
+    names = ["two", "__base__", "one"]
+    got = jax.jit(lj.apply_mixed(gather))(params, aset, lj.adapter_ids(aset, names), x, ids_t)
+    for e, name in enumerate(names):
+        want = (gather(params, x[e:e + 1], ids_t[e:e + 1]) if name == "__base__" else
+                lj.apply(gather, cfg)(params, members[name][0], x[e:e + 1], ids_t[e:e + 1]))
+        assert rel_err(got[e], want[0]) <= 1e-5, name
+    sizes = jnp.asarray([T // E] * E, jnp.int32)
+
+    def ragged(p, x, ids):
+        return jax.lax.ragged_dot(x[0], p["moe"]["experts"], sizes)[None]
+
+    with pytest.raises(NotImplementedError, match=r"lj.apply_mixed: fn uses lax.ragged_dot, "
+                       r"which jax.vmap cannot map[\s\S]*Fix: write the experts as a gather"):
+        lj.apply_mixed(ragged)(params, aset, lj.adapter_ids(aset, names), x, ids_t)

@@ -223,8 +223,17 @@ def apply_mixed(fn: Callable, *, in_axes=0, out_axes: int = 0,
             return _squeeze_examples(out, out_axes)
 
         batched = [leaves[pos] for pos, _ in where]
-        return jax.vmap(one, in_axes=(0, [ax for _, ax in where]), out_axes=out_axes)(
-            ids, batched)
+        try:
+            return jax.vmap(one, in_axes=(0, [ax for _, ax in where]), out_axes=out_axes)(
+                ids, batched)
+        except NotImplementedError as e:
+            if "ragged_dot" not in str(e):
+                raise
+            raise error("lj.apply_mixed", f"fn uses lax.ragged_dot, which jax.vmap cannot map "
+                                          f"over examples in this jax ({e})",
+                        "write the experts as a gather (W[ids]) or a batched einsum for mixed "
+                        "batches, or run one adapter at a time with lj.apply",
+                        kind=NotImplementedError) from None
 
     return mixed
 
