@@ -312,3 +312,19 @@ def test_a_new_tenant_in_a_slot_trains_from_scratch_without_recompiling(rng):
         for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             if np.ndim(u):
                 assert rel_err(u, v) <= 1e-5, name
+
+
+@pytest.mark.standard_promotion
+def test_names_work_as_ids_jitted_or_not(rng):
+    gen = _gen(7)
+    params, _, loss = _model(gen)
+    tx = lj.optimizer(optax.sgd(LR))
+    ids, x, y = _batches(gen, 1)[0]
+    names = ["__base__" if i < 0 else list(RANKS)[i] for i in ids]
+    outs = []
+    for jit in (True, False):
+        aset = lj.adapter_set(_members(params, _gen(7)))
+        step = lj.make_mixed_train_step(loss, tx, jit=jit)
+        aset, _, losses = step(params, aset, lj.mixed_opt_state(tx, aset), names, x, y)
+        outs.append(np.asarray(losses))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6)

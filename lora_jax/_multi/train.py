@@ -124,7 +124,8 @@ def make_mixed_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *
 
     One step trains every adapter of the set ``aset`` on its own examples:
     example ``e`` of ``batch`` uses adapter ``adapter_ids[e]`` (as in
-    `lj.apply_mixed`; ``-1`` or ``"__base__"``: the example trains nothing).
+    `lj.apply_mixed`: an int array from `lj.adapter_ids`, or a list of names;
+    ``-1`` or ``"__base__"``: the example trains nothing).
     Adapter ``i`` gets the gradient of the *mean* of ``loss_fn`` over its
     examples and ``tx``'s update from its own optimizer state -- the same
     result as ``lj.make_train_step(lj.apply(loss_fn, ...), tx)`` run once per
@@ -223,4 +224,14 @@ def make_mixed_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *
 
     if not jit:
         return step
-    return jax.jit(step, donate_argnums=(1, 2) if donate else ())
+    compiled = jax.jit(step, donate_argnums=(1, 2) if donate else ())
+
+    def jitted(params, aset, opt_state, ids, *batch, lr_scale=None):
+        # names are host data: turned into ids before the jitted step (a jit argument
+        # can't be a str)
+        check_set(aset, "make_mixed_train_step")
+        if isinstance(ids, (list, tuple)) and ids and all(isinstance(n, str) for n in ids):
+            ids = adapter_ids(aset, ids)
+        return compiled(params, aset, opt_state, ids, *batch, lr_scale=lr_scale)
+
+    return jitted
