@@ -309,3 +309,22 @@ def test_mixed_batches_of_expert_adapters_for_the_vmappable_forms(rng):
     with pytest.raises(NotImplementedError, match=r"lj.apply_mixed: fn uses lax.ragged_dot, "
                        r"which jax.vmap cannot map[\s\S]*Fix: write the experts as a gather"):
         lj.apply_mixed(ragged)(params, aset, lj.adapter_ids(aset, names), x, ids_t)
+
+
+def test_a_looked_up_3d_table_used_as_activations_stays_a_lookup():
+    """Only a gather whose result a product batches over (a per-token weight) is an expert
+    gather; rows of a 3-D table used as activations are an embedding lookup, and the
+    weight they meet is read as usual."""
+    gen = _gen(8)
+    params = {"table": jnp.asarray(gen.standard_normal((20, 4, 8)), jnp.float32),
+              "w": jnp.asarray(gen.standard_normal((8, 5)), jnp.float32)}
+    tok = jnp.asarray(gen.integers(0, 20, 6), jnp.int32)
+
+    def fn(p, x):
+        return jnp.einsum("thd,dk->thk", p["table"][tok], p["w"]) * x
+
+    report = lj.infer_layouts(fn, params, jnp.ones(()), config=lj.LoraConfig(
+        rank=2, targets="table|w"))
+    got = {p: lay for p, lay in report.layouts.items()}
+    assert (got["table"].n_stacked, got["table"].n_in, got["table"].n_out) == (0, 1, 2)
+    assert (got["w"].n_stacked, got["w"].n_in, got["w"].n_out) == (0, 1, 1)

@@ -113,17 +113,33 @@ def _squeeze(probe: _Probe, dims, facts: Facts, use: str):
                           shape=tuple(probe.shape[i] for i in keep))
 
 
+def _per_token_weight(probe: _Probe, batch) -> bool:
+    """Whether gathered rows ``W[ids]`` enter a product as a per-token weight: it batches
+    over the index axes (einsum ``"td,tdf->tf"``). Rows used as activations keep them
+    free (an embedding lookup)."""
+    index_axes = [i for i, ax in enumerate(probe.axes) if not ax]
+    return bool(index_axes) and all(i in batch for i in index_axes)
+
+
 def _dot(eqn, probes, facts_of, use):
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    probes = list(probes)
+    for side, batch in ((0, lb), (1, rb)):
+        p = probes[side]
+        if p is not None and p.lookup is not None and not _per_token_weight(p, batch):
+            _settle(p, facts_of)          # looked-up rows used as activations
+            probes[side] = None
+    if probes[0] is None and probes[1] is None:
+        return
     if probes[0] is not None and probes[1] is not None:
         for p in probes:
             facts_of[p.path].opaque.append(f"{use} (both operands are adapted weights)")
         return
     side = 0 if probes[0] is not None else 1
     probe = probes[side]
+    contract, batch = (lc, lb) if side == 0 else (rc, rb)
     if probe.lookup is not None:
         _expert_gather(probe.lookup, facts_of[probe.path], use)
-    contract, batch = (lc, lb) if side == 0 else (rc, rb)
     free = [i for i in range(len(probe.shape)) if i not in contract and i not in batch]
     c, b, f = _origs(probe, contract), _origs(probe, batch), _origs(probe, free)
     facts = facts_of[probe.path]
