@@ -201,6 +201,7 @@ def test_view_through_apply_equals_merge_at_the_low_rank_floor(rng, base):
         assert all(float(jnp.max(jnp.abs(v))) > 0 for v in (node.a, node.e, node.b)), path
 
 
+@pytest.mark.slow
 def test_to_lora_is_exact_with_per_layer_ranks(rng):
     gen = _gen(3)
     params, fn, cfg = _model(gen)
@@ -351,6 +352,7 @@ def _leaves_equal(x, y) -> None:
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["float", "nf4"])
 def test_save_restore_keeps_every_triplet_and_mask(rng, tmp_path, base):
     gen = _gen(10)

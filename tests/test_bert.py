@@ -145,6 +145,7 @@ def test_matches_transformers_bertmodel(rng, jit):
     assert_close(out.pooler_output, ref.pooler_output.numpy(), what="pooler_output")
 
 
+@pytest.mark.slow
 def test_load_from_bertfor_checkpoint_with_prefix_and_old_names(rng):
     v = _init(TINY, rng)
     state = {"bert." + k.replace("LayerNorm.weight", "LayerNorm.gamma")

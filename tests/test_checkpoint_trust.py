@@ -350,6 +350,7 @@ def test_a_full_disk_is_one_clear_error_and_earlier_steps_survive(tmp_path, base
     assert lj.Checkpointer(tmp_path, read_only=True).steps == [0, 1]
 
 
+@pytest.mark.slow
 def test_inspecting_a_corrupted_step_prints_nothing_on_stderr(tmp_path, base):
     """The error is the message; no Orbax traceback ("Event loop is closed") leaks."""
     _, ad = base

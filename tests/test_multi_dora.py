@@ -44,6 +44,7 @@ def _dora(params, gen, ranks=(2, 4, 4)):
     return out
 
 
+@pytest.mark.slow
 def test_mixed_batch_of_dora_adapters_equals_each_alone(rng):
     gen = _gen(1)
     params, fn = _model(gen)

@@ -314,6 +314,7 @@ def test_a_new_tenant_in_a_slot_trains_from_scratch_without_recompiling(rng):
                 assert rel_err(u, v) <= 1e-5, name
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_names_work_as_ids_jitted_or_not(rng):
     gen = _gen(7)

@@ -135,6 +135,7 @@ def test_llama_jax_adapter_loads_in_peft(tmp_path, llama_base, case):
             assert mod.scaling["default"] == pytest.approx(config.scale_for(path), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_llama_peft_adapter_imports(tmp_path, llama_base):
     model, variables, tokens = llama_base
     torch.manual_seed(SEED)
@@ -713,6 +714,7 @@ def test_layers_to_transform_into_stacked_layers(tmp_path, scan_base, use_dora):
             lj.import_peft(tmp_path, params, key_map=km)
 
 
+@pytest.mark.slow
 def test_stacked_export_loads_in_peft(tmp_path, scan_base):
     state, model, variables, tokens = scan_base
     config = _scan_config(model, variables, tokens, rank=4, alpha=8,

@@ -158,6 +158,7 @@ def test_exported_adalora_loads_in_peft_with_our_outputs(tmp_path, nothing_kept)
         assert e.shape == (1, 1) and float(e[0, 0]) == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stacked", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_round_trip_keeps_the_view(tmp_path, stacked):
     gen = _gen(3)

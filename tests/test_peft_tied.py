@@ -364,6 +364,7 @@ def test_tied_file_into_untied_model_refused(tied_export, tied_base):
     assert rel_err(got, ref) <= TOL
 
 
+@pytest.mark.slow
 def test_untied_model_with_ensure_weight_tying(tmp_path, tied_base):
     """On an untied model PEFT ties nothing (ensure_weight_tying only warns): its separate
     embedding and head adapters import as such."""

@@ -137,6 +137,7 @@ def test_save_restore_on_quantized_base(tmp_path, rng, method):
                                                 config=LORA))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_restore_onto_dequantized_base(tmp_path, rng, method):
     params, q, dq, ad, _ = _setup(rng, method)
