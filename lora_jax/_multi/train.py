@@ -106,6 +106,14 @@ def _lr_scale(lr_scale, n: int):
     return s
 
 
+def _as_ids(aset, ids):
+    """The set checked, and ``ids`` with a list of adapter names turned into indices."""
+    check_set(aset, "make_mixed_train_step")
+    if isinstance(ids, (list, tuple)) and ids and all(isinstance(n, str) for n in ids):
+        return adapter_ids(aset, ids)
+    return ids
+
+
 def _per_example_loss(loss_fn: Callable) -> Callable:
     def one(params, *args, **kwargs):
         loss = loss_fn(params, *args, **kwargs)
@@ -187,10 +195,7 @@ def make_mixed_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *
     losses_of = apply_mixed(_per_example_loss(loss_fn), in_axes=in_axes, out_axes=0)
 
     def step(params, aset, opt_state, ids, *batch, lr_scale=None):
-        check_set(aset, "make_mixed_train_step")
-        if isinstance(ids, (list, tuple)) and ids and all(isinstance(n, str) for n in ids):
-            ids = adapter_ids(aset, ids)
-        ids = jnp.asarray(ids)
+        ids = jnp.asarray(_as_ids(aset, ids))
         n = aset.n
         scale = _lr_scale(lr_scale, n)
         valid = (ids >= 0) & (ids < n)
@@ -229,9 +234,6 @@ def make_mixed_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *
     def jitted(params, aset, opt_state, ids, *batch, lr_scale=None):
         # names are host data: turned into ids before the jitted step (a jit argument
         # can't be a str)
-        check_set(aset, "make_mixed_train_step")
-        if isinstance(ids, (list, tuple)) and ids and all(isinstance(n, str) for n in ids):
-            ids = adapter_ids(aset, ids)
-        return compiled(params, aset, opt_state, ids, *batch, lr_scale=lr_scale)
+        return compiled(params, aset, opt_state, _as_ids(aset, ids), *batch, lr_scale=lr_scale)
 
     return jitted
