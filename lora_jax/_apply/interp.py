@@ -77,9 +77,11 @@ class Trace:
 
     def __init__(self, record: Record, rules: dict, *, strict: bool = False,
                  dropout: float = 0.0, custom_grad: bool = True, key=None, site: tuple = (),
-                 counters: list | None = None, fallback_why: dict | None = None):
+                 counters: list | None = None, fallback_why: dict | None = None,
+                 shared: dict | None = None):
         self.record, self.strict, self.dropout, self.key = record, strict, dropout, key
         self.rules, self.fallback_why = rules, fallback_why or {}
+        self.shared = shared or {}
         self.custom_grad = custom_grad
         self.site = site
         self._counters = [0, 0] if counters is None else counters  # keys drawn, outputs
@@ -93,13 +95,13 @@ class Trace:
         return Trace(self.record, self.rules, strict=self.strict, dropout=self.dropout,
                      custom_grad=self.custom_grad, key=self.key,
                      site=self.site + (id(eqn),), counters=self._counters,
-                     fallback_why=self.fallback_why)
+                     fallback_why=self.fallback_why, shared=self.shared)
 
     def child(self, key=None) -> Trace:
         """Fresh state for a rebuilt body at the current site."""
         return Trace(self.record, self.rules, strict=self.strict, dropout=self.dropout,
                      custom_grad=self.custom_grad, key=key, site=self.site,
-                     fallback_why=self.fallback_why)
+                     fallback_why=self.fallback_why, shared=self.shared)
 
     def next_key(self):
         """A fresh key for one dropout site or one rebuilt body."""
@@ -170,7 +172,12 @@ def evaluate(trace: Trace, jaxpr, consts, args) -> list:
         env[v] = x
     for v, x in zip(jaxpr.invars, args, strict=True):
         env[v] = x
-    for eqn in jaxpr.eqns:
+    siblings = _siblings(jaxpr, trace.shared)
+    producer = {v: k for k, e in enumerate(jaxpr.eqns) for v in e.outvars} if siblings else {}
+    done: set = set()
+
+    def run(i: int):
+        eqn = jaxpr.eqns[i]
         invals = [read(v) for v in eqn.invars]
         if any(is_lazy(x) for x in invals):
             outs = _apply_rule(trace.at(eqn), eqn, invals)
@@ -178,7 +185,107 @@ def evaluate(trace: Trace, jaxpr, consts, args) -> list:
             outs = bind(eqn, invals)
         for v, x in zip(eqn.outvars, outs, strict=True):
             env[v] = x
+        done.add(i)
+
+    for i in range(len(jaxpr.eqns)):
+        if i in done:
+            continue
+        if i in siblings:
+            _run_shared(trace, jaxpr.eqns, i, siblings[i], producer, env, done, run)
+            if i in done:
+                continue
+        run(i)
     return [read(v) for v in jaxpr.outvars]
+
+
+# The equations a sibling's weight operand may need evaluated ahead of their
+# turn (a cast, a reshape of the kernel: DenseGeneral, a compute dtype).
+_AHEAD = 4
+
+
+def _siblings(jaxpr, shared: dict) -> dict:
+    """``{i: [j, ...]}``: later equations of eqn i's primitive that share an operand.
+
+    Only primitives with a rule in ``shared`` (`Trace.shared`) count; the
+    group is decided when eqn ``i`` is reached (`_run_shared`).
+    """
+    if not shared:
+        return {}
+    by_operand: dict = {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        if eqn.primitive in shared:
+            for v in eqn.invars:
+                if isinstance(v, jcore.Var):
+                    by_operand.setdefault((eqn.primitive, v), []).append(i)
+    out: dict = {}
+    for idx in by_operand.values():
+        for n, i in enumerate(idx[:-1]):
+            out.setdefault(i, []).extend(j for j in idx[n + 1:] if j not in out.get(i, ()))
+    return out
+
+
+def _run_shared(trace: Trace, eqns, i: int, later: list, producer: dict, env: dict, done: set,
+                run) -> None:
+    """Evaluates eqn ``i`` together with the later ones that share its plain operand.
+
+    A sibling whose other operand is not computed yet joins if the few
+    equations producing it (`_AHEAD`) can run now; they are evaluated ahead
+    of their turn (pure, so the order does not matter). The shared rule
+    decides who joins; whoever does not is evaluated in its own turn.
+    """
+    def val(v):
+        return v.val if isinstance(v, jcore.Literal) else env.get(v, _MISSING)
+
+    first = [val(v) for v in eqns[i].invars]
+    if _MISSING in first or sum(is_lazy(x) for x in first) != 1:
+        return
+    plain = eqns[i].invars[[is_lazy(x) for x in first].index(False)]
+    group = [i]
+    for j in later:
+        if j in done or plain not in eqns[j].invars:
+            continue
+        ahead = _ahead_of(eqns, j, producer, env, done | set(group))
+        if ahead is None:
+            continue
+        for k in ahead:
+            run(k)
+        group.append(j)
+    invals = [[val(v) for v in eqns[k].invars] for k in group]
+    if len(group) < 2 or any(_MISSING in vs for vs in invals):
+        return
+    outs = trace.shared[eqns[i].primitive](
+        [trace.at(eqns[k]) for k in group], [eqns[k] for k in group], invals)
+    for k, o in zip(group, outs, strict=True):
+        if o is not None:
+            for v, x in zip(eqns[k].outvars, o, strict=True):
+                env[v] = x
+            done.add(k)
+
+
+class _Missing:
+    pass
+
+
+_MISSING = _Missing()
+
+
+def _ahead_of(eqns, j: int, producer: dict, env: dict, blocked: set) -> list | None:
+    """The not-yet-run equations eqn ``j``'s operands need, if few, ready and none of
+    ``blocked`` (run already, or members of the group); else None."""
+    need: list = []
+    stack = [v for v in eqns[j].invars if isinstance(v, jcore.Var) and v not in env]
+    while stack:
+        v = stack.pop()
+        k = producer.get(v)
+        if k is None or k in blocked or k >= j or eqns[k].effects:
+            return None
+        if k in need:
+            continue
+        need.append(k)
+        if len(need) > _AHEAD:
+            return None
+        stack.extend(u for u in eqns[k].invars if isinstance(u, jcore.Var) and u not in env)
+    return sorted(need)
 
 
 def _apply_rule(trace: Trace, eqn, invals) -> list:

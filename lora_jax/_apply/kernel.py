@@ -23,7 +23,7 @@ from jax import lax
 from lora_jax._apply.lazy import is_array
 from lora_jax._core.dtypes import promote
 
-__all__ = ["matmul_kernel", "fuse_concat"]
+__all__ = ["matmul_kernel", "shared_matmul_kernel", "fuse_concat"]
 
 
 # A NaN payload no arithmetic produces (quiet NaNs come out as 0x7FC00000).
@@ -44,7 +44,7 @@ def _tied_to(tree, x):
 
 
 @functools.lru_cache(maxsize=None)
-def matmul_kernel(precision, out_dtype, concat: bool):
+def matmul_kernel(precision, out_dtype, concat: bool, same_input: bool = False):
     """``y = x @ view(w) + (xl @ a) @ (s * b)`` on 2-D operands, with its VJP.
 
     ``view(w)`` is the frozen weight as a (K, N) array: ``w`` is the stored
@@ -53,15 +53,12 @@ def matmul_kernel(precision, out_dtype, concat: bool):
     alive. ``x``: (M, K); ``xl``: the LoRA input (dropout applied); ``a``:
     (K, r); ``b``: (r, N); ``s``: scalar. The low-rank terms are formed in
     the adapters' dtype; ``concat`` (all dtypes equal) computes the training
-    forward as one dot over ``[x | xl a]`` and ``[W ; s b]``.
+    forward as one dot over ``[x | xl a]`` and ``[W ; s b]`` and, when
+    ``same_input`` (no dropout: ``xl`` is ``x``), the input's gradient as one
+    dot over ``[g | dt]`` and ``[W | a]``.
     """
-    def dot(u, v, cu, cv, dtype=None, like=None, flip=False):
-        # On a mesh with Explicit axes a product that contracts a sharded
-        # axis must name its output's sharding: that of ``like`` (the array
-        # the result is the cotangent of), transposed with ``flip``.
-        spec = None if like is None else _explicit_spec(like, flip)
-        return lax.dot_general(u, v, (((cu,), (cv,)), ((), ())), precision=precision,
-                               preferred_element_type=dtype, out_sharding=spec)
+    dot = _dot_fn(precision)
+    dense, scaled = _dense, _scaled
 
     def forward(x, xl, w, a, sb, train):
         ad = a.dtype
@@ -72,23 +69,6 @@ def matmul_kernel(precision, out_dtype, concat: bool):
             acc = promote(out_dtype, ad)
             y = (dot(x, w, 1, 0, acc) + dot(t, sb, 1, 0, ad).astype(acc)).astype(out_dtype)
         return y, t
-
-    def dense(view, w, after):
-        # A stored container is densified where it is used, tied to the
-        # activation (`after`: x forward, the cotangent backward) by a data
-        # dependency, so that XLA neither hoists every dequantization to the
-        # start nor merges the backward's recomputation with the forward's
-        # (either keeps all dense weights alive). An optimization barrier
-        # does not do it: XLA:CPU removes barriers before scheduling.
-        if not is_array(w):
-            w = _tied_to(w, after)
-        return view(w)
-
-    def scaled(s, v):
-        # s * v formed in the wider dtype and rounded once to v's (explicit: valid
-        # under strict promotion, where a float32 scale and bf16/f64 factors don't mix)
-        wide = promote(s.dtype, v.dtype)
-        return (s.astype(wide) * v.astype(wide)).astype(v.dtype)
 
     def matmul(view, x, xl, w, a, b, s):
         return forward(x, xl, dense(view, w, x), a, scaled(s, b), False)[0]
@@ -104,8 +84,13 @@ def matmul_kernel(precision, out_dtype, concat: bool):
         ad = a.dtype
         ga = g.astype(ad)
         dt = dot(ga, sb, 1, 1, ad, like=t)                  # (M, r)
-        dx = dot(g, w, 1, 1, promote(g.dtype, x.dtype), like=x).astype(x.dtype)
-        dxl = dot(dt, a, 1, 1, ad, like=xl).astype(xl.dtype)
+        if concat and same_input and is_array(w_src):
+            # both terms of dx in one product: [g | dt] @ [W | a].T
+            dx = dot(jnp.concatenate([g, dt], 1), jnp.concatenate([w, a], 1), 1, 1, x.dtype)
+            dxl = jnp.zeros_like(xl)
+        else:
+            dx = dot(g, w, 1, 1, promote(g.dtype, x.dtype), like=x).astype(x.dtype)
+            dxl = dot(dt, a, 1, 1, ad, like=xl).astype(xl.dtype)
         # via (r, K): transposes dt only
         da = dot(dt, xl.astype(ad), 0, 0, ad, like=a, flip=True).T
         db = scaled(s, dot(t, ga, 0, 0, ad, like=b)).astype(b.dtype)  # transposes t only
@@ -114,6 +99,120 @@ def matmul_kernel(precision, out_dtype, concat: bool):
         (dw,) = pull(dot(x, g, 0, 0, promote(g.dtype, w.dtype), like=w)
                      .astype(w.dtype))
         return dx, dxl, dw, da.astype(a.dtype), db, jnp.zeros_like(s)
+
+    kernel = jax.custom_vjp(matmul, nondiff_argnums=(0,))
+    kernel.defvjp(fwd, bwd)
+    return kernel
+
+
+def _dense(view, w, after):
+    """``view(w)``: a stored container densified where it is used.
+
+    Tied to the activation (``after``: x forward, the cotangent backward) by
+    a data dependency, so that XLA neither hoists every dequantization to the
+    start nor merges the backward's recomputation with the forward's (either
+    keeps all dense weights alive). An optimization barrier does not do it:
+    XLA:CPU removes barriers before scheduling.
+    """
+    if not is_array(w):
+        w = _tied_to(w, after)
+    return view(w)
+
+
+def _scaled(s, v):
+    """``s * v`` formed in the wider dtype and rounded once to v's (explicit: valid
+    under strict promotion, where a float32 scale and bf16/f64 factors don't mix)."""
+    wide = promote(s.dtype, v.dtype)
+    return (s.astype(wide) * v.astype(wide)).astype(v.dtype)
+
+
+def _dot_fn(precision):
+    def dot(u, v, cu, cv, dtype=None, like=None, flip=False):
+        # On a mesh with Explicit axes a product that contracts a sharded
+        # axis must name its output's sharding: that of ``like`` (the array
+        # the result is the cotangent of), transposed with ``flip``.
+        spec = None if like is None else _explicit_spec(like, flip)
+        return lax.dot_general(u, v, (((cu,), (cv,)), ((), ())), precision=precision,
+                               preferred_element_type=dtype, out_sharding=spec)
+    return dot
+
+
+@functools.lru_cache(maxsize=None)
+def shared_matmul_kernel(precision, out_dtypes: tuple, concat: bool):
+    """``y_i = x @ view_i(w_i) + (x @ a_i) @ (s_i * b_i)`` for weights sharing one input.
+
+    The projections that read the same activation (q, k and v; gate and up)
+    share their thin products: one ``x @ [a_1 | a_2 | ...]`` forward, and in
+    the backward one ``[dt_1 | dt_2 | ...] @ [a_1 | ...].T`` for the input's
+    gradient and one ``x.T @ [dt_1 | ...]`` for every ``a``'s -- three
+    passes over ``x`` instead of three per projection. Operands as in
+    `matmul_kernel` (tuples, one entry per weight; the factors of all
+    weights share one dtype); no dropout (the LoRA input is ``x`` itself).
+    """
+    dot = _dot_fn(precision)
+
+    def split(t, ranks):
+        cuts = [sum(ranks[:i]) for i in range(1, len(ranks))]
+        return jnp.split(t, cuts, axis=-1)
+
+    def forward(x, ws, as_, sbs, train):
+        ad = as_[0].dtype
+        a_cat = jnp.concatenate(as_, 1)
+        t_cat = dot(x.astype(ad), a_cat, 1, 0, ad)
+        ts = split(t_cat, [a.shape[1] for a in as_])
+        ys = []
+        for w, t, sb, od in zip(ws, ts, sbs, out_dtypes, strict=True):
+            if train:
+                ys.append(dot(jnp.concatenate([x, t], 1), jnp.concatenate([w, sb], 0),
+                              1, 0, od))
+            else:
+                acc = promote(od, ad)
+                ys.append((dot(x, w, 1, 0, acc) + dot(t, sb, 1, 0, ad).astype(acc)).astype(od))
+        return tuple(ys), t_cat
+
+    def matmul(views, x, ws, as_, bs, ss):
+        sbs = [_scaled(s, b) for s, b in zip(ss, bs, strict=True)]
+        dense = [_dense(v, w, x) for v, w in zip(views, ws, strict=True)]
+        return forward(x, dense, as_, sbs, False)[0]
+
+    def fwd(views, x, ws, as_, bs, ss):
+        sbs = [_scaled(s, b) for s, b in zip(ss, bs, strict=True)]
+        dense = [_dense(v, w, x) for v, w in zip(views, ws, strict=True)]
+        train = concat and all(is_array(w) for w in ws)
+        ys, t_cat = forward(x, dense, as_, sbs, train)
+        return ys, (x, ws, as_, bs, ss, sbs, t_cat)
+
+    def bwd(views, res, gs):
+        x, w_srcs, as_, bs, ss, sbs, t_cat = res
+        ad = as_[0].dtype
+        ranks = [a.shape[1] for a in as_]
+        ts = split(t_cat, ranks)
+        a_cat = jnp.concatenate(as_, 1)
+        xa = x.astype(ad)
+        dx_dtype = promote(promote(*(g.dtype for g in gs)), x.dtype)
+        dts, dbs, dws, dense = [], [], [], []
+        for view, w_src, b, s, sb, t, g in zip(views, w_srcs, bs, ss, sbs, ts, gs, strict=True):
+            w, pull = jax.vjp(lambda w, view=view, g=g: _dense(view, w, g), w_src)
+            dense.append(w)
+            ga = g.astype(ad)
+            dts.append(dot(ga, sb, 1, 1, ad, like=t))                          # (M, r_i)
+            dbs.append(_scaled(s, dot(t, ga, 0, 0, ad, like=b)).astype(b.dtype))
+            # dead code unless params are differentiated too (XLA then drops it)
+            (dw,) = pull(dot(x, g, 0, 0, promote(g.dtype, w.dtype), like=w).astype(w.dtype))
+            dws.append(dw)
+        dt_cat = jnp.concatenate(dts, 1)
+        if concat and all(is_array(w) for w in w_srcs):
+            # every term of dx in one product: [g_1 | ... | dt] @ [W_1 | ... | a].T
+            dx = dot(jnp.concatenate([*gs, dt_cat], 1), jnp.concatenate([*dense, a_cat], 1),
+                     1, 1, dx_dtype)
+        else:
+            dx = dot(dt_cat, a_cat, 1, 1, ad, like=x).astype(dx_dtype)
+            for g, w in zip(gs, dense, strict=True):
+                dx = dx + dot(g, w, 1, 1, dx_dtype, like=x)
+        da_cat = dot(dt_cat, xa, 0, 0, ad, like=a_cat, flip=True).T     # transposes dt only
+        das = [da.astype(a.dtype) for da, a in zip(split(da_cat, ranks), as_, strict=True)]
+        return (dx.astype(x.dtype), tuple(dws), tuple(das), tuple(dbs),
+                tuple(jnp.zeros_like(s) for s in ss))
 
     kernel = jax.custom_vjp(matmul, nondiff_argnums=(0,))
     kernel.defvjp(fwd, bwd)

@@ -15,11 +15,12 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from lora_jax._apply.kernel import fuse_concat, matmul_kernel
+from lora_jax._apply.kernel import fuse_concat, matmul_kernel, shared_matmul_kernel
 from lora_jax._apply.lazy import A, B, LazyWeight, NotLowRank, S, factor_labels, transpose_to
 from lora_jax._core.dtypes import promote
 
-__all__ = ["lowrank_dot", "lowrank_conv", "lowrank_gather", "lowrank_ragged_dot", "dora_scaled"]
+__all__ = ["lowrank_dot", "lowrank_dot_shared", "lowrank_conv", "lowrank_gather",
+           "lowrank_ragged_dot", "dora_scaled"]
 
 
 def _matmul_plan(x, lw: LazyWeight, xc, wc, first_is_a):
@@ -114,6 +115,49 @@ def lowrank_dot(x, lw: LazyWeight, *, x_is_lhs: bool, dimension_numbers, precisi
     return dora_scaled(lw, y, labels)
 
 
+def lowrank_dot_shared(x, uses: list) -> list:
+    """Several ``dot_general(x, W_i + s_i a_i b_i)`` on one ``x``, sharing ``x @ a``.
+
+    ``uses``: one ``(lw, dimension_numbers, precision, preferred_element_type)``
+    per product, ``x`` the left operand of each. Returns one entry per use:
+    its output, or None for a use that cannot join (it then goes through
+    `lowrank_dot` on its own). Products join when they flatten to
+    ``(M, K) @ (K, N)`` with the same ``K`` and precision, their factors
+    share a dtype, and they are plain LoRA (no DoRA scale); fewer than two
+    joining products give all None. Equal to separate `lowrank_dot` calls up
+    to rounding (one ``x @ [a_1 | a_2 | ...]`` instead of one per product).
+    """
+    plans = []
+    for lw, dn, precision, pet in uses:
+        (lc, rc), (lb, rb) = dn
+        plan = None
+        kinds = {lw.dims[i][0] for i in rc}
+        if lw.g is None and not lb and not rb and kinds in ({A}, {B}):
+            plan = _matmul_plan(x, lw, lc, rc, kinds == {A})
+        if plan is not None:
+            view, w_src, f1, f2, out_shape = plan
+            plan = (view, w_src, f1, f2, lw.scale, out_shape, precision,
+                    _out_dtype(pet, x.dtype, lw.dtype), lw.dtype)
+        plans.append(plan)
+    first = next((p for p in plans if p is not None), None)
+    if first is None:
+        return [None] * len(uses)
+    k, precision, ad = first[2].shape[0], first[6], first[2].dtype
+    join = [p is not None and p[2].shape[0] == k and p[6] == precision and p[2].dtype == ad
+            and p[3].dtype == ad for p in plans]
+    if sum(join) < 2:
+        return [None] * len(uses)
+    members = [p for p, j in zip(plans, join, strict=True) if j]
+    out_dtypes = tuple(p[7] for p in members)
+    same = all(x.dtype == p[8] == ad == p[7] for p in members)
+    kernel = shared_matmul_kernel(precision, out_dtypes, same and fuse_concat())
+    ys = kernel(tuple(p[0] for p in members), x.reshape(-1, k), tuple(p[1] for p in members),
+                tuple(p[2] for p in members), tuple(p[3] for p in members),
+                tuple(p[4] for p in members))
+    it = iter(y.reshape(p[5]) for y, p in zip(ys, members, strict=True))
+    return [next(it) if j else None for j in join]
+
+
 def _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
                  preferred_element_type, out_sharding, lora_input, custom_grad):
     """`lowrank_dot` without DoRA's scale (arguments checked there)."""
@@ -131,7 +175,7 @@ def _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
             xl = x if lora_input is None else lora_input(x)
             k = f1_2d.shape[0]
             same = x.dtype == lw.dtype == f1.dtype == f2.dtype == out_dtype
-            kernel = matmul_kernel(precision, out_dtype, same and fuse_concat())
+            kernel = matmul_kernel(precision, out_dtype, same and fuse_concat(), xl is x)
             y = kernel(view, x.reshape(-1, k), xl.reshape(-1, k), w_src, f1_2d, f2_2d,
                        lw.scale)
             return y.reshape(out_shape)

@@ -23,12 +23,13 @@ from lora_jax._apply.lazy import NotLowRank, S
 from lora_jax._apply.lowrank import (
     lowrank_conv,
     lowrank_dot,
+    lowrank_dot_shared,
     lowrank_gather,
     lowrank_ragged_dot,
 )
 from lora_jax._apply.prims import ragged_dot_p
 
-__all__ = ["RULES", "FALLBACK_WHY"]
+__all__ = ["RULES", "SHARED", "FALLBACK_WHY"]
 
 
 FALLBACK_WHY = {
@@ -117,6 +118,33 @@ def _dot(trace, eqn, invals):
     return [out]
 
 
+def _dot_shared(traces, eqns, invals_list) -> list:
+    """Matmuls of one plain ``x`` with several adapted weights (q, k, v): `lowrank_dot_shared`.
+
+    Returns each equation's outputs, or None for one left to `_dot`. Not
+    with dropout (each projection draws its own mask, as PEFT's do) or
+    ``custom_grad=False``.
+    """
+    trace = traces[0]
+    if trace.dropout_active or not trace.custom_grad:
+        return [None] * len(eqns)
+    x = next(v for v in invals_list[0] if not is_lazy(v))
+    uses, where = [], []
+    for k, (eqn, (lhs, rhs)) in enumerate(zip(eqns, invals_list, strict=True)):
+        if lhs is x and is_lazy(rhs):
+            p = eqn.params
+            uses.append((rhs, p["dimension_numbers"], p["precision"],
+                         p["preferred_element_type"]))
+            where.append(k)
+    outs = lowrank_dot_shared(x, uses) if len(uses) > 1 else [None] * len(uses)
+    result: list = [None] * len(eqns)
+    for k, (lw, *_), y in zip(where, uses, outs, strict=True):
+        if y is not None:
+            traces[k].took(lw.path, "lowrank_dot")
+            result[k] = [y]
+    return result
+
+
 def _conv(trace, eqn, invals):
     x, lw = invals
     if is_lazy(x) or not is_lazy(lw):
@@ -147,6 +175,8 @@ def _ragged_dot(trace, eqn, invals):
 
 
 RULES[P.dot_general_p] = _dot
+# Rules for several equations of one primitive sharing an operand (`evaluate`).
+SHARED: dict = {P.dot_general_p: _dot_shared}
 RULES[P.conv_general_dilated_p] = _conv
 RULES[P.gather_p] = _gather
 RULES[ragged_dot_p] = _ragged_dot

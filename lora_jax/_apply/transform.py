@@ -71,7 +71,7 @@ import numpy as np
 from lora_jax._apply.infer import check_layouts
 from lora_jax._apply.interp import Record, Trace, densify_output, evaluate
 from lora_jax._apply.lazy import LazyWeight
-from lora_jax._apply.rules import FALLBACK_WHY, RULES
+from lora_jax._apply.rules import FALLBACK_WHY, RULES, SHARED
 from lora_jax._core.config import LoraConfig, LoraWarning
 from lora_jax._core.errors import error, message
 from lora_jax._core.leaf import is_container
@@ -227,7 +227,7 @@ def _rewrite(fn, config, params, adapters, args, kwargs, *, lora_rng, strict,
     if lora_rng is not None and config.dropout > 0:
         key = lora_rng
     trace = Trace(record, RULES, strict=strict, dropout=config.dropout,
-                  custom_grad=custom_grad, key=key, fallback_why=FALLBACK_WHY)
+                  custom_grad=custom_grad, key=key, fallback_why=FALLBACK_WHY, shared=SHARED)
     outs = evaluate(trace, closed.jaxpr, closed.consts, run)
     outs = [densify_output(trace, o, "function") for o in outs]
     out = jax.tree.unflatten(jax.tree.structure(out_shape), outs)
