@@ -319,25 +319,20 @@ def training(model, variables, mcfg, rounds: int, n_adapters: int = 8,
     return res
 
 
-def main():
+PARTS = ("throughput", "decode", "padding", "swap", "train")
+
+
+def setup(smoke: bool, rounds: int):
+    """What every part runs on: ``(results, model config, model, variables, adapter set,
+    tokens, ids)``, ``results`` holding the metadata and the setup record."""
     global BATCH, SEQ
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--swaps", type=int, default=100)
-    ap.add_argument("--skip", nargs="*", default=(),
-                    choices=("throughput", "decode", "padding", "swap", "train"))
-    ap.add_argument("--decode-rounds", type=int, default=15)
-    ap.add_argument("--smoke", action="store_true",
-                    help="a tiny decoder and batch, to check the script runs (no real figures)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "bench_multi.json"))
-    args = ap.parse_args()
     results = {
         **_common.metadata(),
         "setup": dict(model="examples/gpt.py REFERENCE", adapters=N_ADAPTERS, rank=RANK,
-                      batch=BATCH, seq=SEQ, rounds=args.rounds),
+                      batch=BATCH, seq=SEQ, rounds=rounds),
     }
     mcfg = gpt.REFERENCE
-    if args.smoke:
+    if smoke:
         mcfg = gpt.GPTConfig(vocab=97, d_model=64, n_heads=4, n_layers=2, d_mlp=128, max_len=16)
         BATCH, SEQ = 8, 16
         results["setup"].update(model="smoke", batch=BATCH, seq=SEQ)
@@ -348,30 +343,56 @@ def main():
     tokens = gpt.random_tokens(mcfg, BATCH, seed=1, length=SEQ)[:, :-1]
     ids = np.random.default_rng(2).integers(0, N_ADAPTERS, BATCH).astype(np.int32)
     results["setup"]["adapters_present"] = int(len(np.unique(ids)))
-    if "throughput" not in args.skip:
+    return results, mcfg, model, variables, aset, tokens, ids
+
+
+def run_part(part: str, results, mcfg, model, variables, aset, tokens, ids, *, rounds: int,
+             decode_rounds: int, n_swaps: int) -> None:
+    """Runs one of `PARTS` on `setup`'s objects, into ``results[part]``, and prints it."""
+    if part == "throughput":
         results["throughput"] = throughput(model, variables, aset.config, aset, tokens, ids,
-                                           args.rounds)
+                                           rounds)
         print(json.dumps([results["throughput"][k] for k in ("ratios", "paired_ratios")],
                          indent=1), flush=True)
-    if "decode" not in args.skip:
+    elif part == "decode":
         # Not in the issue's spec, an extra regime: one token per sequence (a decode
         # step's shape, without a KV cache), where per-call costs dominate.
         results["decode"] = throughput(model, variables, aset.config, aset, tokens[:, :1], ids,
-                                       args.decode_rounds)
+                                       decode_rounds)
         print(json.dumps([results["decode"][k] for k in ("ratios", "paired_ratios")],
                          indent=1), flush=True)
-    if "padding" not in args.skip:
+    elif part == "padding":
         results["padding"] = padding_vs_grouping(model, variables, tokens, ids,
-                                                 max(1, args.rounds // 2 + 1))
+                                                 max(1, rounds // 2 + 1))
         print("padding vs grouping:", results["padding"]["padded_over_grouped_throughput"],
               flush=True)
-    if "swap" not in args.skip:
-        results["swap"] = swaps(model, variables, args.swaps)
+    elif part == "swap":
+        results["swap"] = swaps(model, variables, n_swaps)
         print(json.dumps(results["swap"], indent=1), flush=True)
-    if "train" not in args.skip:
-        results["train"] = training(model, variables, mcfg, args.rounds)
+    elif part == "train":
+        results["train"] = training(model, variables, mcfg, rounds)
         print(json.dumps({k: v for k, v in results["train"].items()
                           if k not in ("mixed", "single")}, indent=1), flush=True)
+    else:
+        raise ValueError(f"unknown part {part!r}; the parts are {PARTS}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--swaps", type=int, default=100)
+    ap.add_argument("--skip", nargs="*", default=(), choices=PARTS)
+    ap.add_argument("--decode-rounds", type=int, default=15)
+    ap.add_argument("--smoke", action="store_true",
+                    help="a tiny decoder and batch, to check the script runs (no real figures)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "bench_multi.json"))
+    args = ap.parse_args()
+    objects = setup(args.smoke, args.rounds)
+    results = objects[0]
+    for part in PARTS:
+        if part not in args.skip:
+            run_part(part, *objects, rounds=args.rounds, decode_rounds=args.decode_rounds,
+                     n_swaps=args.swaps)
     results["machine"]["load_avg_end"] = os.getloadavg()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
