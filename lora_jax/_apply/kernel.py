@@ -23,7 +23,7 @@ from jax import lax
 from lora_jax._apply.lazy import is_array
 from lora_jax._core.dtypes import promote
 
-__all__ = ["matmul_kernel", "shared_matmul_kernel", "fuse_concat"]
+__all__ = ["matmul_kernel", "shared_matmul_kernel", "fuse_concat", "explicit_spec"]
 
 
 # A NaN payload no arithmetic produces (quiet NaNs come out as 0x7FC00000).
@@ -44,7 +44,8 @@ def _tied_to(tree, x):
 
 
 @functools.lru_cache(maxsize=None)
-def matmul_kernel(precision, out_dtype, concat: bool, same_input: bool = False):
+def matmul_kernel(precision, out_dtype, concat: bool, same_input: bool = False,
+                  out_spec=None):
     """``y = x @ view(w) + (xl @ a) @ (s * b)`` on 2-D operands, with its VJP.
 
     ``view(w)`` is the frozen weight as a (K, N) array: ``w`` is the stored
@@ -55,19 +56,24 @@ def matmul_kernel(precision, out_dtype, concat: bool, same_input: bool = False):
     the adapters' dtype; ``concat`` (all dtypes equal) computes the training
     forward as one dot over ``[x | xl a]`` and ``[W ; s b]`` and, when
     ``same_input`` (no dropout: ``xl`` is ``x``), the input's gradient as one
-    dot over ``[g | dt]`` and ``[W | a]``.
+    dot over ``[g | dt]`` and ``[W | a]``. ``out_spec``: the 2-D
+    PartitionSpec the model named for this product's output (on a mesh with
+    Explicit axes; tensor-parallel weights), or None.
     """
     dot = _dot_fn(precision)
     dense, scaled = _dense, _scaled
 
     def forward(x, xl, w, a, sb, train):
         ad = a.dtype
-        t = dot(xl.astype(ad), a, 1, 0, ad)
+        t_spec, y_spec = _forward_specs(x, w, out_spec)
+        t = dot(xl.astype(ad), a, 1, 0, ad, spec=t_spec)
         if train:
-            y = dot(jnp.concatenate([x, t], 1), jnp.concatenate([w, sb], 0), 1, 0, out_dtype)
+            y = dot(jnp.concatenate([x, t], 1), jnp.concatenate([w, sb], 0), 1, 0, out_dtype,
+                    spec=y_spec)
         else:
             acc = promote(out_dtype, ad)
-            y = (dot(x, w, 1, 0, acc) + dot(t, sb, 1, 0, ad).astype(acc)).astype(out_dtype)
+            y = (dot(x, w, 1, 0, acc, spec=y_spec) +
+                 dot(t, sb, 1, 0, ad, spec=y_spec).astype(acc)).astype(out_dtype)
         return y, t
 
     def matmul(view, x, xl, w, a, b, s):
@@ -86,7 +92,8 @@ def matmul_kernel(precision, out_dtype, concat: bool, same_input: bool = False):
         dt = dot(ga, sb, 1, 1, ad, like=t)                  # (M, r)
         if concat and same_input and is_array(w_src):
             # both terms of dx in one product: [g | dt] @ [W | a].T
-            dx = dot(jnp.concatenate([g, dt], 1), jnp.concatenate([w, a], 1), 1, 1, x.dtype)
+            dx = dot(jnp.concatenate([g, dt], 1), jnp.concatenate([w, a], 1), 1, 1, x.dtype,
+                     like=x)
             dxl = jnp.zeros_like(xl)
         else:
             dx = dot(g, w, 1, 1, promote(g.dtype, x.dtype), like=x).astype(x.dtype)
@@ -127,18 +134,36 @@ def _scaled(s, v):
 
 
 def _dot_fn(precision):
-    def dot(u, v, cu, cv, dtype=None, like=None, flip=False):
+    def dot(u, v, cu, cv, dtype=None, like=None, flip=False, spec=None):
         # On a mesh with Explicit axes a product that contracts a sharded
-        # axis must name its output's sharding: that of ``like`` (the array
-        # the result is the cotangent of), transposed with ``flip``.
-        spec = None if like is None else _explicit_spec(like, flip)
+        # axis must name its output's sharding: ``spec``, or that of ``like``
+        # (the array the result is the cotangent of), transposed with ``flip``.
+        if spec is None and like is not None:
+            spec = explicit_spec(like, flip)
         return lax.dot_general(u, v, (((cu,), (cv,)), ((), ())), precision=precision,
                                preferred_element_type=dtype, out_sharding=spec)
     return dot
 
 
+def _forward_specs(x, w, out_spec):
+    """``(t_spec, y_spec)`` for ``t = x @ a`` and ``y`` on a mesh with Explicit axes.
+
+    ``t`` keeps x's row sharding and a replicated rank axis; ``y`` is what the
+    model named for its product (``out_spec``, made 2-D by the caller), else
+    x's rows by W's columns -- what the model's own ``x @ W`` gives when
+    nothing contracted is sharded. (None, None) elsewhere: XLA chooses.
+    """
+    xs = explicit_spec(x)
+    if xs is None:
+        return None, None
+    if out_spec is None:
+        ws = explicit_spec(w)
+        out_spec = jax.sharding.PartitionSpec(xs[0], None if ws is None else ws[1])
+    return jax.sharding.PartitionSpec(xs[0], None), out_spec
+
+
 @functools.lru_cache(maxsize=None)
-def shared_matmul_kernel(precision, out_dtypes: tuple, concat: bool):
+def shared_matmul_kernel(precision, out_dtypes: tuple, concat: bool, out_specs: tuple):
     """``y_i = x @ view_i(w_i) + (x @ a_i) @ (s_i * b_i)`` for weights sharing one input.
 
     The projections that read the same activation (q, k and v; gate and up)
@@ -147,7 +172,8 @@ def shared_matmul_kernel(precision, out_dtypes: tuple, concat: bool):
     gradient and one ``x.T @ [dt_1 | ...]`` for every ``a``'s -- three
     passes over ``x`` instead of three per projection. Operands as in
     `matmul_kernel` (tuples, one entry per weight; the factors of all
-    weights share one dtype); no dropout (the LoRA input is ``x`` itself).
+    weights share one dtype); no dropout (the LoRA input is ``x`` itself);
+    ``out_specs``: each product's ``out_spec`` (see `matmul_kernel`).
     """
     dot = _dot_fn(precision)
 
@@ -158,16 +184,19 @@ def shared_matmul_kernel(precision, out_dtypes: tuple, concat: bool):
     def forward(x, ws, as_, sbs, train):
         ad = as_[0].dtype
         a_cat = jnp.concatenate(as_, 1)
-        t_cat = dot(x.astype(ad), a_cat, 1, 0, ad)
+        t_spec = _forward_specs(x, ws[0], out_specs[0])[0]
+        t_cat = dot(x.astype(ad), a_cat, 1, 0, ad, spec=t_spec)
         ts = split(t_cat, [a.shape[1] for a in as_])
         ys = []
-        for w, t, sb, od in zip(ws, ts, sbs, out_dtypes, strict=True):
+        for w, t, sb, od, spec in zip(ws, ts, sbs, out_dtypes, out_specs, strict=True):
+            y_spec = _forward_specs(x, w, spec)[1]
             if train:
                 ys.append(dot(jnp.concatenate([x, t], 1), jnp.concatenate([w, sb], 0),
-                              1, 0, od))
+                              1, 0, od, spec=y_spec))
             else:
                 acc = promote(od, ad)
-                ys.append((dot(x, w, 1, 0, acc) + dot(t, sb, 1, 0, ad).astype(acc)).astype(od))
+                ys.append((dot(x, w, 1, 0, acc, spec=y_spec) +
+                           dot(t, sb, 1, 0, ad, spec=y_spec).astype(acc)).astype(od))
         return tuple(ys), t_cat
 
     def matmul(views, x, ws, as_, bs, ss):
@@ -204,7 +233,7 @@ def shared_matmul_kernel(precision, out_dtypes: tuple, concat: bool):
         if concat and all(is_array(w) for w in w_srcs):
             # every term of dx in one product: [g_1 | ... | dt] @ [W_1 | ... | a].T
             dx = dot(jnp.concatenate([*gs, dt_cat], 1), jnp.concatenate([*dense, a_cat], 1),
-                     1, 1, dx_dtype)
+                     1, 1, dx_dtype, like=x)
         else:
             dx = dot(dt_cat, a_cat, 1, 1, ad, like=x).astype(dx_dtype)
             for g, w in zip(gs, dense, strict=True):
@@ -219,7 +248,7 @@ def shared_matmul_kernel(precision, out_dtypes: tuple, concat: bool):
     return kernel
 
 
-def _explicit_spec(x, flip: bool = False):
+def explicit_spec(x, flip: bool = False):
     """``x``'s PartitionSpec (axes reversed with ``flip``) on a mesh with Explicit
     axes; None elsewhere (Auto axes, no mesh), where XLA chooses."""
     sharding = getattr(jax.typeof(x), "sharding", None)

@@ -12,10 +12,17 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
 
-from lora_jax._apply.kernel import fuse_concat, matmul_kernel, shared_matmul_kernel
+from lora_jax._apply.kernel import (
+    explicit_spec,
+    fuse_concat,
+    matmul_kernel,
+    shared_matmul_kernel,
+)
 from lora_jax._apply.lazy import A, B, LazyWeight, NotLowRank, S, factor_labels, transpose_to
 from lora_jax._core.dtypes import promote
 
@@ -115,11 +122,28 @@ def lowrank_dot(x, lw: LazyWeight, *, x_is_lhs: bool, dimension_numbers, precisi
     return dora_scaled(lw, y, labels)
 
 
+def _spec_2d(out_sharding, n_lead: int):
+    """The PartitionSpec a product's output was given, for its ``(M, N)`` form: the
+    first ``n_lead`` axes (x's) become rows, the rest (W's) columns; None if none."""
+    spec = getattr(out_sharding, "spec", out_sharding)
+    if spec is None:
+        return None
+
+    def merged(entries):
+        names = []
+        for e in entries:
+            names.extend(() if e is None else (e,) if isinstance(e, str) else tuple(e))
+        return None if not names else names[0] if len(names) == 1 else tuple(names)
+
+    spec = tuple(spec)
+    return PartitionSpec(merged(spec[:n_lead]), merged(spec[n_lead:]))
+
+
 def lowrank_dot_shared(x, uses: list) -> list:
     """Several ``dot_general(x, W_i + s_i a_i b_i)`` on one ``x``, sharing ``x @ a``.
 
-    ``uses``: one ``(lw, dimension_numbers, precision, preferred_element_type)``
-    per product, ``x`` the left operand of each. Returns one entry per use:
+    ``uses``: one ``(lw, dimension_numbers, precision, preferred_element_type,
+    out_sharding)`` per product, ``x`` the left operand of each. Returns one entry per use:
     its output, or None for a use that cannot join (it then goes through
     `lowrank_dot` on its own). Products join when they flatten to
     ``(M, K) @ (K, N)`` with the same ``K`` and precision, their factors
@@ -128,7 +152,7 @@ def lowrank_dot_shared(x, uses: list) -> list:
     to rounding (one ``x @ [a_1 | a_2 | ...]`` instead of one per product).
     """
     plans = []
-    for lw, dn, precision, pet in uses:
+    for lw, dn, precision, pet, sharding in uses:
         (lc, rc), (lb, rb) = dn
         plan = None
         kinds = {lw.dims[i][0] for i in rc}
@@ -137,7 +161,8 @@ def lowrank_dot_shared(x, uses: list) -> list:
         if plan is not None:
             view, w_src, f1, f2, out_shape = plan
             plan = (view, w_src, f1, f2, lw.scale, out_shape, precision,
-                    _out_dtype(pet, x.dtype, lw.dtype), lw.dtype)
+                    _out_dtype(pet, x.dtype, lw.dtype), lw.dtype,
+                    _spec_2d(sharding, x.ndim - len(lc)))
         plans.append(plan)
     first = next((p for p in plans if p is not None), None)
     if first is None:
@@ -150,7 +175,8 @@ def lowrank_dot_shared(x, uses: list) -> list:
     members = [p for p, j in zip(plans, join, strict=True) if j]
     out_dtypes = tuple(p[7] for p in members)
     same = all(x.dtype == p[8] == ad == p[7] for p in members)
-    kernel = shared_matmul_kernel(precision, out_dtypes, same and fuse_concat())
+    kernel = shared_matmul_kernel(precision, out_dtypes, same and fuse_concat(),
+                                  tuple(p[9] for p in members))
     ys = kernel(tuple(p[0] for p in members), x.reshape(-1, k), tuple(p[1] for p in members),
                 tuple(p[2] for p in members), tuple(p[3] for p in members),
                 tuple(p[4] for p in members))
@@ -175,7 +201,8 @@ def _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
             xl = x if lora_input is None else lora_input(x)
             k = f1_2d.shape[0]
             same = x.dtype == lw.dtype == f1.dtype == f2.dtype == out_dtype
-            kernel = matmul_kernel(precision, out_dtype, same and fuse_concat(), xl is x)
+            kernel = matmul_kernel(precision, out_dtype, same and fuse_concat(), xl is x,
+                                   _spec_2d(out_sharding, x.ndim - len(xc)))
             y = kernel(view, x.reshape(-1, k), xl.reshape(-1, k), w_src, f1_2d, f2_2d,
                        lw.scale)
             return y.reshape(out_shape)
@@ -188,10 +215,14 @@ def _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
     xl = xl.astype(f1.dtype)
     nbat = len(wb)
     # t = x . f1 over the contracted axes: (batch, x free, f1 free)
-    t = lax.dot_general(xl, f1, ((tuple(xc), tuple(pos1(dims[i]) for i in wc)),
-                                 (tuple(xb), tuple(pos1(dims[i]) for i in wb))),
-                        precision=precision, preferred_element_type=f1.dtype)
+    t_dn = ((tuple(xc), tuple(pos1(dims[i]) for i in wc)),
+            (tuple(xb), tuple(pos1(dims[i]) for i in wb)))
     x_free = [i for i in range(x.ndim) if i not in xc and i not in xb]
+    xs = explicit_spec(x)    # Explicit mesh axes: t keeps x's sharding, the rank axis none
+    t_spec = None if xs is None else PartitionSpec(
+        *(xs[i] for i in (*xb, *x_free)), *([None] * (f1.ndim - len(wc) - len(wb))))
+    t = lax.dot_general(xl, f1, t_dn, precision=precision, preferred_element_type=f1.dtype,
+                        out_sharding=t_spec)
     f1_used = {pos1(dims[i]) for i in (*wc, *wb)}
     f1_labels = factor_labels(lw, first_is_a)
     t_labels: list = [("batch", i) for i in range(nbat)] + [("x", i) for i in x_free] + \
@@ -213,6 +244,8 @@ def _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
     want = [("batch", i) for i in range(nbat)] + \
         (x_part + w_free if x_is_lhs else w_free + x_part)
     d = transpose_to(d, d_labels, want)
+    if xs is not None:       # the update takes the sharding the model gave the product
+        d = jax.sharding.reshard(d, explicit_spec(base))
     return (base.astype(acc) + d.astype(acc)).astype(out_dtype)
 
 

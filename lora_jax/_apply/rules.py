@@ -134,7 +134,7 @@ def _dot_shared(traces, eqns, invals_list) -> list:
         if lhs is x and is_lazy(rhs):
             p = eqn.params
             uses.append((rhs, p["dimension_numbers"], p["precision"],
-                         p["preferred_element_type"]))
+                         p["preferred_element_type"], p.get("out_sharding")))
             where.append(k)
     outs = lowrank_dot_shared(x, uses) if len(uses) > 1 else [None] * len(uses)
     result: list = [None] * len(eqns)

@@ -213,7 +213,8 @@ def make_sharded_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
     model. ``jax.make_mesh`` defaults to ``Explicit`` axes in jax 0.10,
     where every op of the model must resolve its output sharding itself
     (the reference decoder's embedding lookup does not; `lj.apply` is
-    tested there for data-parallel and FSDP-style layouts only); pass
+    tested there for data-parallel, FSDP-style and tensor-parallel layouts
+    of models that name their products' ``out_sharding``); pass
     ``axis_types=(AxisType.Auto,) * n``.
 
     Args:
