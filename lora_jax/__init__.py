@@ -70,6 +70,9 @@ from lora_jax._multi.combine import merge_weighted as merge_weighted
 from lora_jax._multi.io import restore_set as restore_set
 from lora_jax._multi.io import save_set as save_set
 from lora_jax._multi.mixed import apply_mixed as apply_mixed
+from lora_jax._multi.mixture import Router as Router
+from lora_jax._multi.mixture import apply_mixture as apply_mixture
+from lora_jax._multi.mixture import init_router as init_router
 from lora_jax._multi.set import BASE as BASE
 from lora_jax._multi.set import AdapterSet as AdapterSet
 from lora_jax._multi.set import Member as Member
@@ -131,6 +134,7 @@ __all__ = [
     "analyze",
     "apply",
     "apply_mixed",
+    "apply_mixture",
     "BASE",
     "base_fingerprint",
     "BaseMismatchError",
@@ -157,6 +161,7 @@ __all__ = [
     "import_peft_adalora",
     "infer_layouts",
     "init",
+    "init_router",
     "INITS",
     "inspect",
     "Int8Weight",
@@ -195,6 +200,7 @@ __all__ = [
     "restore",
     "restore_set",
     "restore_state",
+    "Router",
     "save",
     "save_set",
     "select_adapter",

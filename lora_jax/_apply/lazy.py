@@ -39,6 +39,7 @@ from jax import lax
 
 from lora_jax._core.errors import error
 from lora_jax._core.leaf import as_matrix, dense_float32, is_container
+from lora_jax._core.weights import LoraWeights
 from lora_jax._variants import dora as _dora
 
 __all__ = ["LazyWeight", "NotLowRank", "S", "A", "B", "is_array", "transpose_to", "factor_labels",
@@ -76,6 +77,17 @@ class LazyWeight:
         axis, so every shape op moves it exactly as it moves ``b``. The
         adapted weight is ``(W + s a b) * g`` over the output axes: products
         scale their result (or, contracting the output axes, their input).
+      router: a mixture of adapters only (else None; `lj.apply_mixture`):
+        ``(*S, *A, n)``, laid out like ``a`` with its rank axis replaced by the
+        ``n`` adapters, so every shape op moves it exactly as it moves ``a``.
+        ``a`` then holds the ``n`` adapters' factors side by side along its
+        rank axis (adapter ``i``'s block is columns ``i r .. (i + 1) r``), ``b``
+        their ``b``s, each times its own scale, and ``scale`` is 1: a matmul
+        weights each token's block ``i`` of ``x a`` by its gate ``g_i(x)``, the
+        softmax (top-k) of ``x router``. There is no dense form (the update
+        depends on each token): `materialize` raises.
+      gating: with ``router``, the static `lora_jax._apply.gating.Gating`
+        (top-k, temperature).
     """
 
     path: str
@@ -87,6 +99,8 @@ class LazyWeight:
     dims: tuple
     pending: tuple = ()
     g: Any = None
+    router: Any = None
+    gating: Any = None
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -114,6 +128,30 @@ class LazyWeight:
             g = jnp.asarray(weights.m, jnp.float32) / lax.stop_gradient(norm)
             g = jnp.reshape(g, (*stacked, 1, *outs))
         return cls(path, w, jnp.dtype(spec.dtype), a, b, scale, dims, g=g)
+
+    @classmethod
+    def mixture(cls, path, w, weights, spec, router, gating) -> LazyWeight:
+        """The lazy form of one leaf of an adapter *set* gated per token (see ``router``).
+
+        ``weights``: the set's `LoraWeights` here, ``a (n, *stacked, in, r)``,
+        ``b (n, *stacked, r, out)``, ``scale (n,)`` (plain LoRA: DoRA sets are
+        refused by the caller); ``router``: ``(*stacked, in, n)``; ``gating``: a
+        `lora_jax._apply.gating.Gating`. The ``n`` adapters become one rank
+        ``n r`` pair (each ``b`` times its own scale, scale 1), with the router
+        reshaped as ``a`` is.
+        """
+        n, r = weights.a.shape[0], weights.a.shape[-1]
+        a = jnp.moveaxis(weights.a, 0, -2)                       # (*S, in, n, r)
+        a = jnp.reshape(a, (*a.shape[:-2], n * r))
+        scale = lax.stop_gradient(jnp.asarray(weights.scale, jnp.float32))
+        b = weights.b * jnp.reshape(scale, (n,) + (1,) * (weights.b.ndim - 1)).astype(
+            weights.b.dtype)
+        b = jnp.moveaxis(b, 0, -3)                               # (*S, n, r, out)
+        b = jnp.reshape(b, (*b.shape[:-3], n * r, b.shape[-1]))
+        one = LoraWeights(a, b, jnp.ones((), jnp.float32))
+        lw = cls.from_leaf(path, w, one, spec._replace(rank=n * r))
+        router = jnp.reshape(router, (*lw.a.shape[:-1], router.shape[-1]))
+        return dataclasses.replace(lw, router=router, gating=gating)
 
     # -- geometry -------------------------------------------------------------
     @property
@@ -183,6 +221,17 @@ class LazyWeight:
 
     def materialize(self):
         """``W + scale * a @ b`` summed in float32 (DoRA: times ``g``), in the view's dtype."""
+        if self.router is not None:
+            raise error(
+                self.path, "lj.apply_mixture would need this weight dense here, but a mixture "
+                           "of adapters gated per token has no dense weight (W + sum_i g_i(x) "
+                           "s_i a_i b_i depends on each token's input x); it is gated through "
+                           "matmuls that contract the weight's input axes only, and this use "
+                           "is another (an elementwise op, a loop, a custom_vjp, a conv, a "
+                           "row lookup, an expert gather, or the weight as an output)",
+                "use the weight only through matmuls of its input (Dense, DenseGeneral, "
+                "einsum); lj.explain(fn, aset.config, params, lj.select_adapter(aset, 0), "
+                "*args) names each use; or leave this path out of the adapter set")
         w = self.frozen_value(self.w, jnp.float32, self.pending)
         v = w + self.delta()
         if self.g is not None:
@@ -224,8 +273,10 @@ class LazyWeight:
         rank = {kind: {k: i for i, k in enumerate(v)} for kind, v in order.items()}
         dims = tuple((kd, rank[kd][k]) for kd, k in self.dims)
         g = None if self.g is None else jnp.transpose(self.g, b_perm)
+        router = None if self.router is None else jnp.transpose(self.router, a_perm)
         return dataclasses.replace(self, a=jnp.transpose(self.a, a_perm),
-                                   b=jnp.transpose(self.b, b_perm), dims=dims, g=g)
+                                   b=jnp.transpose(self.b, b_perm), dims=dims, g=g,
+                                   router=router)
 
     def astype(self, dtype) -> LazyWeight:
         if not jnp.issubdtype(dtype, jnp.floating):
@@ -274,9 +325,12 @@ class LazyWeight:
         if lw.g is not None:
             ns = sum(1 for kd, _ in new_dims if kd == S)
             g = lax.broadcast_in_dim(lw.g, b_shape[:ns] + (1,) + b_shape[ns + 1:], b_map)
+        router = None
+        if lw.router is not None:
+            router = lax.broadcast_in_dim(lw.router, a_shape[:-1] + lw.router.shape[-1:], a_map)
         return dataclasses.replace(
             lw._with(lambda w: lax.broadcast_in_dim(w, shape, bdims)),
-            a=a, b=b, dims=new_dims, g=g)
+            a=a, b=b, dims=new_dims, g=g, router=router)
 
     def rev(self, dimensions) -> LazyWeight:
         """The view reversed along ``dimensions`` (``lax.rev``): each factor is
@@ -285,8 +339,10 @@ class LazyWeight:
         a_axes = tuple(self.a_axis(self.dims[d]) for d in dims if self.dims[d][0] in (S, A))
         b_axes = tuple(self.b_axis(self.dims[d]) for d in dims if self.dims[d][0] in (S, B))
         g = None if self.g is None else lax.rev(self.g, b_axes)
+        router = None if self.router is None else lax.rev(self.router, a_axes)
         return dataclasses.replace(self._with(lambda w: lax.rev(w, dims)),
-                                   a=lax.rev(self.a, a_axes), b=lax.rev(self.b, b_axes), g=g)
+                                   a=lax.rev(self.a, a_axes), b=lax.rev(self.b, b_axes), g=g,
+                                   router=router)
 
     def window(self, starts, limits, strides=None) -> LazyWeight:
         """Static slice of the view (``lax.slice``)."""
@@ -297,8 +353,12 @@ class LazyWeight:
         g = None
         if self.g is not None:
             g = lax.slice(self.g, *self._factor_window(starts, limits, strides, "b", self.g))
+        router = None
+        if self.router is not None:
+            router = lax.slice(self.router,
+                               *self._factor_window(starts, limits, strides, "a", self.router))
         return dataclasses.replace(lw, a=lax.slice(self.a, *a_args),
-                                   b=lax.slice(self.b, *b_args), g=g)
+                                   b=lax.slice(self.b, *b_args), g=g, router=router)
 
     def _factor_window(self, starts, limits, strides, which, f=None):
         if f is None:
@@ -327,8 +387,9 @@ class LazyWeight:
         lw = self._with(lambda w: lax.dynamic_slice(w, list(starts), sizes,
                                                     allow_negative_indices=False))
         g = None if self.g is None else factor(self.g, self.b_axis, A)
+        router = None if self.router is None else factor(self.router, self.a_axis, B)
         return dataclasses.replace(lw, a=factor(self.a, self.a_axis, B),
-                                   b=factor(self.b, self.b_axis, A), g=g)
+                                   b=factor(self.b, self.b_axis, A), g=g, router=router)
 
     def take_stacked(self, indices, params) -> LazyWeight:
         """``W[ids]`` along the one stacked axis (``lax.gather``): an MoE layer that
@@ -336,6 +397,8 @@ class LazyWeight:
         so ``a[ids]``, ``b[ids]`` are the tokens' own experts' factors; the index
         axes become the view's stacked axes (a product then batches over them).
         Raises `NotLowRank` for any other gather from a stacked weight."""
+        if self.router is not None:
+            raise NotLowRank("an expert gather W[ids] of a mixture of adapters")
         gdn = params["dimension_numbers"]
         sizes = tuple(params["slice_sizes"])
         lw = self.canonical()
@@ -381,16 +444,26 @@ class LazyWeight:
         a = jnp.reshape(self.a, (*sizes[S], *sizes[A], r))
         b = jnp.reshape(self.b, (*sizes[S], r, *sizes[B]))
         g = None if self.g is None else jnp.reshape(self.g, (*sizes[S], 1, *sizes[B]))
-        return dataclasses.replace(self._with(w_op), a=a, b=b, dims=new_dims, g=g)
+        router = None if self.router is None else jnp.reshape(
+            self.router, (*sizes[S], *sizes[A], self.router.shape[-1]))
+        return dataclasses.replace(self._with(w_op), a=a, b=b, dims=new_dims, g=g,
+                                   router=router)
 
     # -- flattening, for control flow -----------------------------------------
     def arrays(self) -> list:
-        """The traced values (``rebuild`` takes them back): w, a, b, scale[, g]."""
-        return [self.w, self.a, self.b, self.scale] + ([] if self.g is None else [self.g])
+        """The traced values (``rebuild`` takes them back): w, a, b, scale[, g][, router].
+
+        The scale is index 3 (scan keeps it whole); every later array is laid
+        out like ``a`` or ``b``, its stacked axes first once `canonical`."""
+        return [self.w, self.a, self.b, self.scale] + [x for x in (self.g, self.router)
+                                                       if x is not None]
 
     def rebuild(self, arrays) -> LazyWeight:
-        w, a, b, scale, *g = arrays
-        return dataclasses.replace(self, w=w, a=a, b=b, scale=scale, g=g[0] if g else None)
+        """This weight's template holding ``arrays`` (the form `arrays` gives)."""
+        w, a, b, scale, *rest = arrays
+        g = rest.pop(0) if self.g is not None else None
+        router = rest.pop(0) if self.router is not None else None
+        return dataclasses.replace(self, w=w, a=a, b=b, scale=scale, g=g, router=router)
 
     def unstack_leading(self) -> LazyWeight:
         """Moves the stacked axis that is view axis 0 to the front of a and b.

@@ -5,7 +5,8 @@ flattens to 2-D), `lowrank_conv` (a conv with an r-channel kernel, then a
 1x1 up-projection), `lowrank_gather` (embedding rows: ``a[ids] @ b``) and
 `lowrank_ragged_dot` (grouped matmuls over expert-stacked weights: MoE).
 Each raises `NotLowRank` when the use has no low-rank form; DoRA's scale
-``g`` is applied here (`dora_scaled`).
+``g`` is applied here (`dora_scaled`), and a mixture's per-token gates
+(`LazyWeight.router`, matmuls of the weight's input only) in `lowrank_dot`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec
 
+from lora_jax._apply.gating import gate_blocks
 from lora_jax._apply.kernel import (
     explicit_spec,
     fuse_concat,
@@ -25,6 +27,7 @@ from lora_jax._apply.kernel import (
 )
 from lora_jax._apply.lazy import A, B, LazyWeight, NotLowRank, S, factor_labels, transpose_to
 from lora_jax._core.dtypes import promote
+from lora_jax._core.errors import error
 
 __all__ = ["lowrank_dot", "lowrank_dot_shared", "lowrank_conv", "lowrank_gather",
            "lowrank_ragged_dot", "dora_scaled"]
@@ -102,6 +105,10 @@ def lowrank_dot(x, lw: LazyWeight, *, x_is_lhs: bool, dimension_numbers, precisi
         raise NotLowRank("the matmul contracts a mix of the weight's input and output axes "
                          "(or none); check LoraConfig.layouts")
     first_is_a = kinds == {A}
+    if lw.router is not None and not first_is_a:
+        raise _mixture_error(lw, "a matmul that contracts the weight's output axes (x @ W.T: "
+                                 "a tied embedding as the output projection), where the "
+                                 "router, which reads the weight's input, has no input to read")
     if lw.g is None:
         return _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
                             preferred_element_type, out_sharding, lora_input, custom_grad)
@@ -147,7 +154,7 @@ def lowrank_dot_shared(x, uses: list) -> list:
     its output, or None for a use that cannot join (it then goes through
     `lowrank_dot` on its own). Products join when they flatten to
     ``(M, K) @ (K, N)`` with the same ``K`` and precision, their factors
-    share a dtype, and they are plain LoRA (no DoRA scale); fewer than two
+    share a dtype, and they are plain LoRA (no DoRA scale, no mixture); fewer than two
     joining products give all None. Equal to separate `lowrank_dot` calls up
     to rounding (one ``x @ [a_1 | a_2 | ...]`` instead of one per product).
     """
@@ -156,7 +163,7 @@ def lowrank_dot_shared(x, uses: list) -> list:
         (lc, rc), (lb, rb) = dn
         plan = None
         kinds = {lw.dims[i][0] for i in rc}
-        if lw.g is None and not lb and not rb and kinds in ({A}, {B}):
+        if lw.g is None and lw.router is None and not lb and not rb and kinds in ({A}, {B}):
             plan = _matmul_plan(x, lw, lc, rc, kinds == {A})
         if plan is not None:
             view, w_src, f1, f2, out_shape = plan
@@ -194,6 +201,8 @@ def _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
     pos1, pos2 = (lw.a_axis, lw.b_axis) if first_is_a else (lw.b_axis, lw.a_axis)
     out_dtype = _out_dtype(preferred_element_type, x.dtype, lw.dtype)
     acc = _acc_dtype(out_dtype, f1.dtype)
+    if lw.router is not None:    # a mixture: its gates live in the generic path, not the kernel
+        custom_grad = False
     if custom_grad and x_is_lhs and not wb:
         plan = _matmul_plan(x, lw, xc, wc, first_is_a)
         if plan is not None:
@@ -228,6 +237,11 @@ def _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
     t_labels: list = [("batch", i) for i in range(nbat)] + [("x", i) for i in x_free] + \
         [lab for p, lab in enumerate(f1_labels) if p not in f1_used]
     r_t = t_labels.index("r")
+    if lw.router is not None:    # a mixture: each token's gates weight its adapters' blocks of t
+        gd = promote(lw.router.dtype, jnp.float32)
+        logits = lax.dot_general(x.astype(gd), lw.router.astype(gd), t_dn, precision=precision,
+                                 preferred_element_type=gd, out_sharding=t_spec)  # t's axes
+        t = gate_blocks(t, logits, r_t, lw.gating)
     f2 = f2 * lw.scale.astype(f2.dtype)
     # Stacked axes the product keeps as free axes (an ensemble on a shared input,
     # per-head copies): t carries them, and the up-projection batches over them.
@@ -260,6 +274,8 @@ def lowrank_conv(x, lw: LazyWeight, *, params, lora_input=None):
     outputs: ``G`` copies of ``a``) and ``b`` per group (group ``g``'s output
     channels take group ``g``'s ``r`` channels): the same FLOPs as ungrouped.
     """
+    if lw.router is not None:
+        raise _mixture_error(lw, "a convolution")
     dn = params["dimension_numbers"]
     if params["batch_group_count"] != 1 or lw.count(S) or lw.count(B) != 1:
         raise NotLowRank("a batch-grouped convolution, or a kernel whose layout is not "
@@ -300,6 +316,14 @@ def lowrank_conv(x, lw: LazyWeight, *, params, lora_input=None):
                         _feature_labels(y_ndim=base.ndim, feat=feat))
 
 
+def _mixture_error(lw: LazyWeight, use: str) -> Exception:
+    """A mixture of adapters used where its per-token gates have no form."""
+    return error(lw.path, f"lj.apply_mixture gates a weight per token in matmuls of its "
+                          f"input only; the model uses this one in {use}",
+                 "leave this path out of the adapter set (build the adapters with "
+                 "LoraConfig(exclude=...)), or serve one adapter at a time with lj.apply")
+
+
 def _feature_labels(y_ndim: int, feat: int) -> list:
     """Labels of a conv/gather result: the weight's one output axis at ``feat``."""
     labels: list = [None] * y_ndim
@@ -320,6 +344,9 @@ def lowrank_gather(lw: LazyWeight, indices, *, params):
     The embedding lookup: rows (``A`` axes) are gathered from ``a``, then
     multiplied by ``b``. Needs one ``B`` axis, taken whole by every slice.
     """
+    if lw.router is not None:
+        raise _mixture_error(lw, "a row lookup (an embedding: its input is an index, not a "
+                                 "vector a router can read)")
     gdn = params["dimension_numbers"]
     sizes = tuple(params["slice_sizes"])
     if lw.count(S) or lw.count(B) != 1 or gdn.operand_batching_dims:
@@ -361,6 +388,8 @@ def lowrank_ragged_dot(x, lw: LazyWeight, group_sizes, *, params, lora_input=Non
     one contracted axis (input or output: a transposed weight works) -- and
     no ``group_offset``; DoRA is not low-rank here.
     """
+    if lw.router is not None:
+        raise _mixture_error(lw, "a grouped matmul (lax.ragged_dot: MoE experts)")
     dn = params["ragged_dot_dimension_numbers"]
     (lc, rc), (lb, rb) = dn.dot_dimension_numbers
     if (x.ndim != 2 or lw.ndim != 3 or lb or rb or tuple(lc) != (1,) or len(rc) != 1

@@ -51,6 +51,12 @@ Where the variants hook in, and where to extend:
 * Mixed-batch serving: an adapter *set* has a leading adapter axis on
   ``a``, ``b``, ``scale``; `lj.apply_mixed` vmaps `apply` over examples.
   `apply` itself rejects sets (`_check_single`).
+* Mixtures of adapters (`lj.apply_mixture`, through `apply_gated`): a set's
+  ``n`` adapters at a weight become one rank ``n r`` pair plus
+  `LazyWeight.router` (moved by every shape op as ``a`` is); the generic path
+  of `lowrank_dot` weights each token's block ``i`` of ``x a`` by its gate
+  (`lora_jax._apply.gating`). Every other product refuses it, and so does
+  `LazyWeight.materialize`: a per-token mixture has no dense weight.
 * Sharding: a ``sharding_constraint`` on a weight stays on the frozen part;
   the kernel names its products' output shardings on meshes with Explicit
   axes.
@@ -78,7 +84,7 @@ from lora_jax._core.leaf import is_container
 from lora_jax._core.paths import flatten_params, unflatten_params
 from lora_jax._core.weights import LoraWeights, check_adapters, flatten_adapters
 
-__all__ = ["apply", "explain", "Explanation"]
+__all__ = ["apply", "apply_gated", "explain", "Explanation"]
 
 # ----------------------------------------------------------------------------- reporting
 
@@ -163,15 +169,18 @@ def _check_single(path, node, spec):
                     "lj.apply_mixed")
 
 
-def _trace_value(leaf, node, spec):
+def _trace_value(leaf, node, spec, router=None, gating=None):
     """What ``fn`` is traced with, and what the interpreter runs with, for one leaf.
 
     A quantized container (`LeafContainer`) is traced as the dense weight it
     stands for; a targeted one becomes a `LazyWeight` that dequantizes where
-    it is used, an untargeted one is dequantized up front.
+    it is used, an untargeted one is dequantized up front. With a ``router``,
+    ``node`` is an adapter set's and the weight their gated mixture.
     """
     if spec is not None:
         traced = jax.ShapeDtypeStruct(spec.shape, spec.dtype) if is_container(leaf) else leaf
+        if router is not None:
+            return traced, LazyWeight.mixture(spec.path, leaf, node, spec, router, gating)
         return traced, LazyWeight.from_leaf(spec.path, leaf, node, spec)
     if node is not None:  # fully trained: the adapter's value replaces the leaf
         return node, node
@@ -181,21 +190,24 @@ def _trace_value(leaf, node, spec):
 
 
 def _rewrite(fn, config, params, adapters, args, kwargs, *, lora_rng, strict,
-             custom_grad=True, check=True):
+             custom_grad=True, check=True, routers=None, gating=None):
     """Traces ``fn`` and evaluates it low-rank; returns ``(output, record, paths)``.
 
     With ``check``, the adapters' layouts are compared with what the program
     implies (`check_layouts`) and adapters the program never reads are refused
-    (`_check_used`) -- `explain` reports instead.
+    (`_check_used`) -- `explain` reports instead. With ``routers`` (``{path:
+    router}`` for every targeted path, see `apply_gated`), each adapted weight
+    is a gated mixture of the set's adapters (`LazyWeight.mixture`).
     """
     entries = check_adapters(params, adapters, config)
     p_treedef = flatten_params(params)[1]
     a_leaves, a_treedef = jax.tree.flatten((args, kwargs))
     traced, run, static, targets = [], [], {}, {}
     for i, (path, leaf, node, spec) in enumerate(entries):
-        if spec is not None:
+        if spec is not None and routers is None:
             _check_single(path, node, spec)
-        t, r = _trace_value(leaf, node, spec)
+        router = None if routers is None or spec is None else routers[path]
+        t, r = _trace_value(leaf, node, spec, router, gating)
         if _is_array(t) or isinstance(t, jax.ShapeDtypeStruct):
             if spec is not None:
                 targets[len(traced)] = spec
@@ -334,6 +346,27 @@ def apply(fn: Callable, config: LoraConfig, *, strict: bool = False,
         return out
 
     return adapted
+
+
+def apply_gated(fn: Callable, config: LoraConfig, gating) -> Callable:
+    """`apply` with every adapted weight a mixture gated per token: the engine of
+    `lj.apply_mixture`.
+
+    Returns ``f(params, adapters, routers, *args, lora_rng=None, **kwargs)``.
+    ``adapters`` is an adapter set's tree (``aset.adapters``, plain LoRA: a
+    leading axis of ``n`` adapters) and ``config`` its config; ``routers`` is
+    ``{path: router (*stacked, in, n)}`` for every adapted path; ``gating`` a
+    `lora_jax._apply.gating.Gating`. Every product goes through the generic
+    low-rank path (``custom_grad=False``: the matmul kernels have no gates), and
+    a use with no gated form raises (a mixture has no dense weight to fall back
+    to).
+    """
+    def gated(params, adapters, routers, *args, lora_rng=None, **kwargs):
+        out, _, _ = _rewrite(fn, config, params, adapters, args, kwargs, lora_rng=lora_rng,
+                             strict=False, custom_grad=False, routers=routers, gating=gating)
+        return out
+
+    return gated
 
 
 def explain(fn: Callable, config: LoraConfig, params, adapters, *args, **kwargs
