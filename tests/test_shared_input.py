@@ -141,6 +141,7 @@ def test_input_gradient_is_shared_too(rng):
     assert_trees_close(dx(shared), ref, rtol=MERGED_TOL)
 
 
+@pytest.mark.slow
 def test_compute_dtype_casts_of_the_kernels_are_evaluated_ahead(rng):
     """float32 params, float64 compute: each kernel's cast comes after the previous
     projection in the jaxpr; it is evaluated ahead of its turn and the three share."""
@@ -171,7 +172,7 @@ def test_dropout_keeps_one_mask_per_projection(rng):
     assert_trees_close(y_s, y_u, rtol=SHARED_TOL)
 
 
-@pytest.mark.parametrize("method", ["nf4", "int8"])
+@pytest.mark.parametrize("method", [pytest.param("nf4", marks=pytest.mark.slow), "int8"])
 def test_quantized_base(rng, method):
     cfg = lj.LoraConfig(rank=5, alpha=10, targets=TARGETS, dtype=F64)
     shared, unshared = QKV(), QKV(share=False)
@@ -196,6 +197,7 @@ class ScannedQKV(nn.Module):
         return body(self, x, None)[0]
 
 
+@pytest.mark.slow
 def test_scanned_layers_share_inside_the_scan_body(rng):
     cfg = lj.LoraConfig(rank=2, alpha=4, targets=r".*/(q|k|v|o)/kernel", dtype=F64,
                         layouts={r"params/.*": lj.Layout(1, 1, 1)})

@@ -172,7 +172,10 @@ def evaluate(trace: Trace, jaxpr, consts, args) -> list:
         env[v] = x
     for v, x in zip(jaxpr.invars, args, strict=True):
         env[v] = x
-    siblings = _siblings(jaxpr, trace.shared)
+    # Products share an input only without dropout (one mask per product) and in
+    # the kernel (custom_grad): otherwise nothing is evaluated out of turn.
+    sharing = trace.shared if trace.custom_grad and not trace.dropout_active else {}
+    siblings = _siblings(jaxpr, sharing)
     producer = {v: k for k, e in enumerate(jaxpr.eqns) for v in e.outvars} if siblings else {}
     done: set = set()
 
@@ -262,6 +265,14 @@ def _run_shared(trace: Trace, eqns, i: int, later: list, producer: dict, env: di
             done.add(k)
 
 
+def _has_body(eqn) -> bool:
+    """A call-like equation (jit, scan, remat, cond): never evaluated out of turn."""
+    return any(isinstance(v, (jcore.Jaxpr, jcore.ClosedJaxpr)) or
+               (isinstance(v, (tuple, list)) and any(isinstance(u, (jcore.Jaxpr, jcore.ClosedJaxpr))
+                                                     for u in v))
+               for v in eqn.params.values())
+
+
 class _Missing:
     pass
 
@@ -277,7 +288,7 @@ def _ahead_of(eqns, j: int, producer: dict, env: dict, blocked: set) -> list | N
     while stack:
         v = stack.pop()
         k = producer.get(v)
-        if k is None or k in blocked or k >= j or eqns[k].effects:
+        if k is None or k in blocked or k >= j or eqns[k].effects or _has_body(eqns[k]):
             return None
         if k in need:
             continue

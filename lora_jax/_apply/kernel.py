@@ -44,8 +44,7 @@ def _tied_to(tree, x):
 
 
 @functools.lru_cache(maxsize=None)
-def matmul_kernel(precision, out_dtype, concat: bool, same_input: bool = False,
-                  out_spec=None):
+def matmul_kernel(precision, out_dtype, concat: bool, out_spec=None):
     """``y = x @ view(w) + (xl @ a) @ (s * b)`` on 2-D operands, with its VJP.
 
     ``view(w)`` is the frozen weight as a (K, N) array: ``w`` is the stored
@@ -54,9 +53,10 @@ def matmul_kernel(precision, out_dtype, concat: bool, same_input: bool = False,
     alive. ``x``: (M, K); ``xl``: the LoRA input (dropout applied); ``a``:
     (K, r); ``b``: (r, N); ``s``: scalar. The low-rank terms are formed in
     the adapters' dtype; ``concat`` (all dtypes equal) computes the training
-    forward as one dot over ``[x | xl a]`` and ``[W ; s b]`` and, when
-    ``same_input`` (no dropout: ``xl`` is ``x``), the input's gradient as one
-    dot over ``[g | dt]`` and ``[W | a]``. ``out_spec``: the 2-D
+    forward as one dot over ``[x | xl a]`` and ``[W ; s b]`` (the backward
+    keeps ``g @ W.T`` and ``dt @ a.T`` apart: one dot over ``[g | dt]`` and
+    ``[W | a]`` copies both, measured no faster and 15% more temporary memory,
+    benchmarks/RESULTS.md "Speed, round two"). ``out_spec``: the 2-D
     PartitionSpec the model named for this product's output (on a mesh with
     Explicit axes; tensor-parallel weights), or None.
     """
@@ -90,14 +90,8 @@ def matmul_kernel(precision, out_dtype, concat: bool, same_input: bool = False,
         ad = a.dtype
         ga = g.astype(ad)
         dt = dot(ga, sb, 1, 1, ad, like=t)                  # (M, r)
-        if concat and same_input and is_array(w_src):
-            # both terms of dx in one product: [g | dt] @ [W | a].T
-            dx = dot(jnp.concatenate([g, dt], 1), jnp.concatenate([w, a], 1), 1, 1, x.dtype,
-                     like=x)
-            dxl = jnp.zeros_like(xl)
-        else:
-            dx = dot(g, w, 1, 1, promote(g.dtype, x.dtype), like=x).astype(x.dtype)
-            dxl = dot(dt, a, 1, 1, ad, like=xl).astype(xl.dtype)
+        dx = dot(g, w, 1, 1, promote(g.dtype, x.dtype), like=x).astype(x.dtype)
+        dxl = dot(dt, a, 1, 1, ad, like=xl).astype(xl.dtype)
         # via (r, K): transposes dt only
         da = dot(dt, xl.astype(ad), 0, 0, ad, like=a, flip=True).T
         db = scaled(s, dot(t, ga, 0, 0, ad, like=b)).astype(b.dtype)  # transposes t only
@@ -230,14 +224,9 @@ def shared_matmul_kernel(precision, out_dtypes: tuple, concat: bool, out_specs: 
             (dw,) = pull(dot(x, g, 0, 0, promote(g.dtype, w.dtype), like=w).astype(w.dtype))
             dws.append(dw)
         dt_cat = jnp.concatenate(dts, 1)
-        if concat and all(is_array(w) for w in w_srcs):
-            # every term of dx in one product: [g_1 | ... | dt] @ [W_1 | ... | a].T
-            dx = dot(jnp.concatenate([*gs, dt_cat], 1), jnp.concatenate([*dense, a_cat], 1),
-                     1, 1, dx_dtype, like=x)
-        else:
-            dx = dot(dt_cat, a_cat, 1, 1, ad, like=x).astype(dx_dtype)
-            for g, w in zip(gs, dense, strict=True):
-                dx = dx + dot(g, w, 1, 1, dx_dtype, like=x)
+        dx = dot(dt_cat, a_cat, 1, 1, ad, like=x).astype(dx_dtype)
+        for g, w in zip(gs, dense, strict=True):
+            dx = dx + dot(g, w, 1, 1, dx_dtype, like=x)
         da_cat = dot(dt_cat, xa, 0, 0, ad, like=a_cat, flip=True).T     # transposes dt only
         das = [da.astype(a.dtype) for da, a in zip(split(da_cat, ranks), as_, strict=True)]
         return (dx.astype(x.dtype), tuple(dws), tuple(das), tuple(dbs),

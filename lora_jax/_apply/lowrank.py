@@ -210,7 +210,7 @@ def _lowrank_dot(x, lw, x_is_lhs, dimension_numbers, first_is_a, precision,
             xl = x if lora_input is None else lora_input(x)
             k = f1_2d.shape[0]
             same = x.dtype == lw.dtype == f1.dtype == f2.dtype == out_dtype
-            kernel = matmul_kernel(precision, out_dtype, same and fuse_concat(), xl is x,
+            kernel = matmul_kernel(precision, out_dtype, same and fuse_concat(),
                                    _spec_2d(out_sharding, x.ndim - len(xc)))
             y = kernel(view, x.reshape(-1, k), xl.reshape(-1, k), w_src, f1_2d, f2_2d,
                        lw.scale)
