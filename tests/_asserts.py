@@ -21,6 +21,16 @@ def rel_err(actual, expected) -> float:
     return float(err / denom) if denom > 0 else float(err)
 
 
+def rel_err64(actual, expected) -> float:
+    """max|a - e| / max|e| in float64 throughout (``rel_err`` rounds both to float32);
+    max|a| where ``expected`` is all zero."""
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    if not e.size:
+        return 0.0
+    denom, err = np.max(np.abs(e)), np.max(np.abs(a - e))
+    return float(err / denom) if denom > 0 else float(err)
+
+
 def assert_close(actual, expected, *, rtol=None, what="value"):
     """Asserts ``rel_err(actual, expected) <= rtol`` (default: by dtype)."""
     actual, expected = jnp.asarray(actual), jnp.asarray(expected)

@@ -22,7 +22,7 @@ import pytest
 
 import lora_jax as lj
 from lora_jax._adalora import _budgets
-from tests._asserts import CompileCounter, rel_err
+from tests._asserts import CompileCounter, rel_err, rel_err64
 from tests.conftest import SEED
 
 D_IN, D_H, D_OUT = 12, 10, 6
@@ -30,11 +30,6 @@ D_IN, D_H, D_OUT = 12, 10, 6
 
 def _gen(k=0):
     return np.random.default_rng(SEED + k)
-
-
-def _rel64(actual, expected) -> float:
-    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(a - e)) / np.max(np.abs(e)))
 
 
 SCHEDULE = dict(target_r=2, total_step=24, tinit=3, tfinal=5, delta_t=2)
@@ -131,9 +126,9 @@ def test_matches_peft_adalora_masks_and_factors():
         for i, n in enumerate(("l1", "l2")):
             np.testing.assert_array_equal(np.asarray(state.mask[i]), final[n])
             layer, node = getattr(net, n), ad[n]["kernel"]
-            assert _rel64(node.a, layer.lora_A["default"].detach().numpy().T) <= 1e-6, n
-            assert _rel64(node.b, layer.lora_B["default"].detach().numpy().T) <= 1e-6, n
-            assert _rel64(node.e, layer.lora_E["default"].detach().numpy()[:, 0]) <= 1e-6, n
+            assert rel_err64(node.a, layer.lora_A["default"].detach().numpy().T) <= 1e-6, n
+            assert rel_err64(node.b, layer.lora_B["default"].detach().numpy().T) <= 1e-6, n
+            assert rel_err64(node.e, layer.lora_E["default"].detach().numpy()[:, 0]) <= 1e-6, n
 
 
 @pytest.mark.torch

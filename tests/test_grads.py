@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
-from tests._asserts import assert_close, assert_trees_close, random_adapters, rel_err
+from tests._asserts import assert_close, assert_trees_close, random_adapters, rel_err, rel_err64
 
 GRAD_RTOL = 1e-5
 # B's std: large enough that s * a @ b is comparable to W, so an adapter the
@@ -287,12 +287,6 @@ def _numpy_reference(params, ad, cfg, x, g):
             "da": s * xf.T @ gf @ b.T, "db": s * (xf @ a).T @ gf}
 
 
-def _rel64(actual, expected) -> float:
-    """max|a - e| / max|e| in float64 throughout (``rel_err`` rounds both to float32)."""
-    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(a - e)) / np.max(np.abs(e)))
-
-
 def _check_float64_apply(rng, custom_grad):
     with jax.enable_x64(True):
         params, ad, cfg, x, g = _float64_case(rng)
@@ -305,7 +299,7 @@ def _check_float64_apply(rng, custom_grad):
             got = {"y": y, "dx": dx, "dW": dp["w"], "da": dad["w"].a, "db": dad["w"].b}
             for what, value in got.items():
                 assert value.dtype == jnp.float64, (what, jit, value.dtype)
-                err = _rel64(value, want[what])
+                err = rel_err64(value, want[what])
                 assert err <= 1e-12, f"{what} (jit={jit}): relative error {err:.3g} > 1e-12"
 
 
@@ -334,6 +328,6 @@ def test_float64_merge_keeps_the_dtype_but_float32_precision(rng):
         assert merged["w"].dtype == jnp.float64
         y_merged = _linear(merged, x)
         assert y_merged.dtype == jnp.float64
-        assert _rel64(y_merged, want) <= 1e-6
+        assert rel_err64(y_merged, want) <= 1e-6
         y_apply = lj.apply(_linear, cfg, custom_grad=False)(params, ad, x)
-        assert _rel64(y_merged, y_apply) <= 1e-6
+        assert rel_err64(y_merged, y_apply) <= 1e-6

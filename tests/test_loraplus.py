@@ -15,14 +15,10 @@ import optax
 import pytest
 
 import lora_jax as lj
+from tests._asserts import rel_err64
 from tests.conftest import SEED
 
 D_IN, D_H, D_OUT, RANK, ALPHA = 16, 24, 8, 4, 8
-
-
-def _rel64(actual, expected) -> float:
-    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(a - e)) / np.max(np.abs(e)))
 
 
 def _gen(k=0):
@@ -94,10 +90,10 @@ def test_matches_peft_loraplus_adamw():
             want_a = layer.lora_A["default"].weight.detach().numpy().T
             want_b = layer.lora_B["default"].weight.detach().numpy().T
             got = plus[f"l{n}"]["kernel"]
-            assert _rel64(got.a, want_a) <= 1e-12, n
-            assert _rel64(got.b, want_b) <= 1e-12, n
+            assert rel_err64(got.a, want_a) <= 1e-12, n
+            assert rel_err64(got.b, want_b) <= 1e-12, n
             # ... and the ratio mattered: plain AdamW's B is far from PEFT's LoRA+ B.
-            assert _rel64(plain[f"l{n}"]["kernel"].b, want_b) > 1e-3, n
+            assert rel_err64(plain[f"l{n}"]["kernel"].b, want_b) > 1e-3, n
 
 
 def _adapters(gen):
