@@ -5,9 +5,9 @@ its ecosystem builds it and adapted with no ``layouts=``.
 For each model: `lj.configure` reads the layouts from the program; outputs equal
 ``fn(lj.merge(...))`` (<= 1e-5 relative, float32); adapter gradients equal the
 merged model's (<= 1e-4 relative, both computed in float64); no use falls back to
-a dense update; the step's FLOPs (XLA's cost analysis) are below both full fine-tuning and merging
-inside the step (no dense weight gradient is formed); and `lj.make_train_step`
-lowers the loss.
+a dense update; the step's FLOPs (XLA's cost analysis) are below both full
+fine-tuning and merging inside the step (no dense weight gradient is formed); and
+`lj.make_train_step` lowers the loss.
 """
 
 import os
